@@ -1,0 +1,45 @@
+# abscess-node — see README.md. `make demo` and `make test` work on a fresh Debian 12 machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install apt venv data demo stop test bench clean
+
+install: apt venv data  ## Debian packages + .venv + sample data (idempotent)
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt setup.cfg
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel setuptools
+	$(PY) -m pip install -q -r requirements.txt
+	@touch $@
+
+data: venv
+	@$(PY) -m dicom_node fetch-data ct_head rider_lung_ct jpeg2000_ct >/dev/null
+
+demo: install  ## start the node, send the sample head-and-neck CT with storescu, print where the SEG is
+	$(PY) -m dicom_node demo
+
+stop:  ## stop the node started by `make demo`
+	$(PY) -m dicom_node demo --stop
+
+test: install  ## the whole test suite
+	$(PY) -m pytest -q -rs
+
+bench: install
+	$(PY) bench/segmentation.py
+	$(PY) bench/index.py --max-vectors 100000
+
+clean:
+	rm -rf runtime .pytest_cache

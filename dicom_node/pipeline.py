@@ -1,0 +1,205 @@
+"""Process one study: choose the series, segment it, store the SEG, forward it.
+
+:func:`process_job` is what a worker runs for every claimed job. It never raises for bad input:
+an :class:`~dicom_node.series.InputError` (or any other failure) ends as a failed job whose
+message names the study/series and what to do. Re-running the same content does nothing; new
+content replaces the objects we stored for that series (the old ones are deleted from Orthanc).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from dicom_node.config import NodeConfig
+from dicom_node.jobs import JobStore
+from dicom_node.orthanc_client import OrthancClient, OrthancError
+from dicom_node.seg import build_segmentation
+from dicom_node.series import InputError, SeriesCandidate, SeriesGeometry, read_geometry, read_hu, select_series
+
+log = logging.getLogger("abscess_node.pipeline")
+
+
+class SegmenterLike(Protocol):
+    """What the pipeline needs of ``models.segmenter.Segmenter``."""
+
+    info: dict[str, Any]
+
+    def run(self, slices_hu: np.ndarray, batch_size: int = 8) -> Any:
+        """Probabilities and embeddings for [n, H, W] HU slices."""
+
+
+class Stopwatch:
+    """Seconds spent per pipeline stage, in order."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the enclosed block under ``name`` (accumulates)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+def series_candidates(client: OrthancClient, orthanc_study_id: str) -> list[SeriesCandidate]:
+    """Describe every series of the study from Orthanc's index (one instance's tags each)."""
+    candidates = []
+    for series in client.series_of_study(orthanc_study_id):
+        tags = series.get("MainDicomTags", {})
+        orientation, thickness = None, None
+        if series.get("Instances"):
+            first = client.instance_tags(series["Instances"][0])
+            with contextlib.suppress(ValueError, TypeError):
+                orientation = tuple(float(v) for v in str(first.get("ImageOrientationPatient", "")).split("\\"))
+            with contextlib.suppress(ValueError, TypeError):
+                thickness = float(first.get("SliceThickness"))
+        candidates.append(SeriesCandidate(
+            series_uid=tags.get("SeriesInstanceUID", series["ID"]), modality=tags.get("Modality", ""),
+            description=tags.get("SeriesDescription", ""), instance_count=len(series.get("Instances", [])),
+            image_orientation=orientation, slice_thickness=thickness, orthanc_id=series["ID"]))
+    return candidates
+
+
+def content_fingerprint(geometry: SeriesGeometry, segmenter_info: dict[str, Any], config: NodeConfig) -> str:
+    """Hash of what determines our output: the slices, the weights and the SEG settings."""
+    digest = hashlib.sha256()
+    for header in geometry.headers:
+        digest.update(str(header.SOPInstanceUID).encode() + b"\n")
+    digest.update(f"{segmenter_info.get('name')}|{segmenter_info.get('version')}|"
+                  f"{config.segmentation_type}|{config.threshold}".encode())
+    return digest.hexdigest()
+
+
+def process_job(job: dict[str, Any], config: NodeConfig, store: JobStore, client: OrthancClient,
+                segmenter: SegmenterLike) -> None:
+    """Run one claimed job to its end state (done, skipped or failed); never raises for bad input."""
+    watch = Stopwatch()
+    job_id = job["id"]
+    work_dir = config.work_directory / f"job-{job_id}"
+    try:
+        state, message, result = _process(job, config, store, client, segmenter, watch, work_dir)
+    except InputError as error:
+        state, message, result = "failed", str(error), None
+    except OrthancError as error:
+        state, message, result = "failed", f"Orthanc REST error: {error}", None
+    except Exception as error:  # a bug or an environment problem: keep the worker alive, report it
+        log.exception("job %s: unexpected error", job_id)
+        state, message, result = "failed", f"internal error ({type(error).__name__}: {error}); see the worker log", None
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    store.finish(job_id, state, error=message, result=result, timings=watch.seconds)
+    log.info("job %s study %s: %s %s", job_id, job.get("study_uid") or job["orthanc_study_id"], state,
+             f"({message})" if message else "")
+
+
+def _process(job: dict[str, Any], config: NodeConfig, store: JobStore, client: OrthancClient,
+             segmenter: SegmenterLike, watch: Stopwatch, work_dir: Path) -> tuple[str, str | None, dict[str, Any] | None]:
+    job_id, orthanc_study_id = job["id"], job["orthanc_study_id"]
+    with watch.stage("select"):
+        study = client.study(orthanc_study_id)
+        study_uid = study["MainDicomTags"].get("StudyInstanceUID", "")
+        store.update(job_id, study_uid=study_uid)
+        candidates = series_candidates(client, orthanc_study_id)
+        eligible, skipped = select_series(candidates, config.series_rules)
+    if not eligible:
+        reasons = "; ".join(f"{uid}: {why}" for uid, why in skipped.items()) or "the study has no series"
+        store.update(job_id, selection={"chosen": None, "skipped": skipped})
+        return "skipped", f"no series to segment in study {study_uid} ({reasons})", None
+
+    geometry, chosen = None, None
+    for candidate in eligible:
+        with watch.stage("download"):
+            instance_ids = client.get_json(f"/series/{candidate.orthanc_id}")["Instances"]
+            if len(instance_ids) > config.series_rules.max_slices:
+                raise InputError(
+                    f"series {candidate.series_uid} has {len(instance_ids)} instances, more than "
+                    f"SeriesRules.MaxSlices={config.series_rules.max_slices}; raise MaxSlices to process it")
+            paths = client.download_instances(instance_ids, work_dir / candidate.orthanc_id)
+        with watch.stage("geometry"):
+            try:
+                geometry = read_geometry(paths, config.series_rules.max_slices)
+                chosen = candidate
+                break
+            except InputError as error:
+                skipped[candidate.series_uid] = f"unusable: {error}"
+                if candidate is eligible[-1]:
+                    store.update(job_id, selection={"chosen": None, "skipped": skipped})
+                    raise
+    assert geometry is not None and chosen is not None
+    skipped.pop(chosen.series_uid, None)
+    selection = {"chosen": chosen.series_uid, "why": f"{chosen.modality}, {geometry.shape[0]} slices, axial, "
+                 f"ranked first by {config.series_rules.prefer}", "skipped": skipped, "warnings": geometry.warnings}
+    store.update(job_id, series_uid=chosen.series_uid, selection=selection)
+
+    fingerprint = content_fingerprint(geometry, segmenter.info, config)
+    previous = store.output_for(chosen.series_uid)
+    if (previous and previous["fingerprint"] == fingerprint and not job.get("force")
+            and all(client.instance_exists(i) for i in previous["objects"].get("orthanc_ids", []))):
+        return "skipped", None, {"unchanged": True, "note": "same content as already processed; nothing to do",
+                                 **previous["objects"]}
+
+    with watch.stage("segment"):
+        mask, probabilities = _segment(geometry, segmenter, config)
+    with watch.stage("seg"):
+        seg_values = probabilities if config.segmentation_type == "FRACTIONAL" else mask
+        seg = build_segmentation(geometry.headers, seg_values, segmenter.info, config.segmentation_type)
+        buffer = io.BytesIO()
+        seg.save_as(buffer, enforce_file_format=True)
+    with watch.stage("store"):
+        stored = client.store(buffer.getvalue())
+        new_ids = [stored["ID"]]
+        replaced = []
+        for old_id in (previous or {}).get("objects", {}).get("orthanc_ids", []):
+            if old_id not in new_ids and client.delete_instance(old_id):
+                replaced.append(old_id)
+        objects = {"orthanc_ids": new_ids,
+                   "seg": {"orthanc_id": stored["ID"], "sop_instance_uid": seg.SOPInstanceUID,
+                           "series_uid": seg.SeriesInstanceUID, "url": f"/instances/{stored['ID']}"}}
+        store.record_output(chosen.series_uid, study_uid, fingerprint, objects)
+    forwarded = []
+    with watch.stage("forward"):
+        for modality in config.forward_to:
+            forwarded.append(client.send_to_modality(modality, new_ids, retries=config.forward_retries))
+    result = {**objects, "replaced": replaced, "forwarded": forwarded, "frames": int(mask.shape[0]),
+              "lesion_voxels": int(mask.sum()), "slices_with_lesion": int(mask.any(axis=(1, 2)).sum()),
+              "algorithm": segmenter.info}
+    failed_forwards = [f for f in forwarded if f["state"] != "Success"]
+    if failed_forwards:
+        names = ", ".join(f"{f['modality']} ({f['error'] or 'failed'})" for f in failed_forwards)
+        return "failed", f"SEG stored, but forwarding failed after {config.forward_retries} attempt(s) to: {names}", result
+    return "done", None, result
+
+
+def _segment(geometry: SeriesGeometry, segmenter: SegmenterLike, config: NodeConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Run the network chunk by chunk; only one chunk of HU is in memory at a time.
+
+    Returns:
+        ``(mask bool [n,H,W], probabilities uint8-quantised as float32 [n,H,W] or an empty array
+        when BINARY)``.
+    """
+    n = geometry.shape[0]
+    mask = np.zeros(geometry.shape, dtype=bool)
+    keep_probabilities = config.segmentation_type == "FRACTIONAL"
+    probabilities_u8 = np.zeros(geometry.shape, dtype=np.uint8) if keep_probabilities else None
+    for start in range(0, n, config.chunk_slices):
+        stop = min(n, start + config.chunk_slices)
+        slices_hu = read_hu(geometry, start, stop)
+        output = segmenter.run(slices_hu, batch_size=config.inference_batch_size)
+        mask[start:stop] = output.probabilities > config.threshold
+        if probabilities_u8 is not None:
+            probabilities_u8[start:stop] = np.rint(output.probabilities * 255).astype(np.uint8)
+    probabilities = (probabilities_u8.astype(np.float32) / 255.0) if probabilities_u8 is not None else np.empty(0, np.float32)
+    return mask, probabilities

@@ -1,0 +1,102 @@
+"""Write the abscess mask of one CT series as a DICOM Segmentation (highdicom).
+
+One segment "Abscess" (SNOMED CT 44132006, morphologic abnormality; category "Morphologically abnormal structure"
+49755003), a frame for every source slice (empty frames are kept: OHIF misplaces overlays when
+they are omitted), the source's Patient/Study modules and Frame of Reference, the algorithm
+(VM-UNet + weights name/version, and the demo wording when demo weights run) in the segment's
+AlgorithmIdentificationSequence, and this node as ContributingEquipment.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from dicom_node.convert import UID_ROOT
+
+NODE_NAME = "abscess-node"
+NODE_VERSION = "0.1.0"
+SEG_SERIES_NUMBER = 9901
+ABSCESS = hd.sr.CodedConcept("44132006", "SCT", "Abscess")  # morphologic abnormality
+MORPHOLOGICALLY_ABNORMAL = hd.sr.CodedConcept("49755003", "SCT", "Morphologically abnormal structure")
+
+
+def algorithm_identification(algorithm: Mapping[str, object]) -> hd.AlgorithmIdentificationSequence:
+    """VM-UNet with the weights' name/version (and the demo wording) as DICOM algorithm identification.
+
+    Args:
+        algorithm: ``Segmenter.info`` (name, version, description, demo, scan_backend).
+    """
+    parameters = {"weights": f"{algorithm.get('name', '?')} v{algorithm.get('version', '?')}"}
+    if algorithm.get("description"):
+        parameters["weights_description"] = str(algorithm["description"])[:64]
+    return hd.AlgorithmIdentificationSequence(
+        name="VM-UNet", version=f"{algorithm.get('name', '?')}-{algorithm.get('version', '?')}",
+        family=codes.cid7162.ArtificialIntelligence,
+        source=f"{NODE_NAME} {NODE_VERSION}", parameters=parameters)
+
+
+def contributing_equipment() -> hd.ContributingEquipment:
+    """This node as the equipment that derived the object."""
+    return hd.ContributingEquipment(
+        manufacturer=NODE_NAME, purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name="abscess-node VM-UNet", software_versions=NODE_VERSION,
+        institution_name=None)
+
+
+def build_segmentation(source_images: Sequence[pydicom.Dataset], mask: np.ndarray,
+                       algorithm: Mapping[str, object], segmentation_type: str = "BINARY",
+                       uid_seed: str | None = None) -> hd.seg.Segmentation:
+    """Build the SEG for one series.
+
+    Args:
+        source_images: the series' datasets (headers suffice), sorted as the mask's first axis.
+        mask: bool [n, rows, columns] for BINARY; float probabilities in [0, 1] for FRACTIONAL.
+        algorithm: ``Segmenter.info``.
+        segmentation_type: ``"BINARY"`` or ``"FRACTIONAL"``.
+        uid_seed: derive the SEG's UIDs from it (same content -> same UIDs); random if None.
+
+    Raises:
+        ValueError: the mask does not match the source images.
+    """
+    n, rows, columns = len(source_images), int(source_images[0].Rows), int(source_images[0].Columns)
+    if mask.shape != (n, rows, columns):
+        raise ValueError(f"mask shape {mask.shape} does not match the {n} source slices of {rows}x{columns}")
+    if segmentation_type == "FRACTIONAL":
+        pixel_array = np.clip(mask.astype(np.float32), 0.0, 1.0)
+    elif segmentation_type == "BINARY":
+        pixel_array = mask.astype(bool)
+    else:
+        raise ValueError(f"segmentation_type must be BINARY or FRACTIONAL, not {segmentation_type!r}")
+    description = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="Abscess",
+        segmented_property_category=MORPHOLOGICALLY_ABNORMAL, segmented_property_type=ABSCESS,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm_identification(algorithm),
+        tracking_uid=generate_uid(UID_ROOT, [uid_seed, "tracking"]) if uid_seed else generate_uid(UID_ROOT),
+        tracking_id="abscess")
+    demo = bool(algorithm.get("demo"))
+    seg = hd.seg.Segmentation(
+        source_images=list(source_images), pixel_array=pixel_array,
+        segmentation_type=segmentation_type, segment_descriptions=[description],
+        series_instance_uid=generate_uid(UID_ROOT, [uid_seed, "seg-series"]) if uid_seed else generate_uid(UID_ROOT),
+        series_number=SEG_SERIES_NUMBER,
+        sop_instance_uid=generate_uid(UID_ROOT, [uid_seed, "seg-instance"]) if uid_seed else generate_uid(UID_ROOT),
+        instance_number=1, manufacturer=NODE_NAME, manufacturer_model_name="abscess-node VM-UNet",
+        software_versions=NODE_VERSION, device_serial_number=NODE_NAME,
+        content_description=("VM-UNet abscess; demo weights, not for clinical use" if demo
+                             else "VM-UNet neck abscess segmentation"),
+        content_creator_name="abscess-node^VM-UNet", content_label="ABSCESS",
+        omit_empty_frames=False, contributing_equipment=[contributing_equipment()],
+        max_fractional_value=255)
+    seg.SeriesDescription = "Abscess SEG (VM-UNet) DEMO - not for clinical use" if demo else "Abscess SEG (VM-UNet)"
+    now = dt.datetime.now()
+    seg.SeriesDate = now.strftime("%Y%m%d")
+    seg.SeriesTime = now.strftime("%H%M%S")
+    return seg

@@ -1,0 +1,1066 @@
+"""The case index: FAISS HNSW vector indexes + SQLite metadata, with crash-safe persistence.
+
+Layout of an index directory::
+
+    index.sqlite    studies, slices, rois, lesions, meta (sqlite-utils, WAL mode)
+    slices.faiss    IndexIDMap2(IndexHNSWFlat, inner product) over the slice embeddings
+    rois.faiss      the same over the ROI embeddings (slices with a predicted mask only)
+
+**SQLite is the source of truth.** Every slice and ROI row keeps its float32 embedding, so
+both FAISS files can always be rebuilt. A vector's id is its row id (AUTOINCREMENT: never
+reused). Re-indexing a study marks its old rows dead (``live = 0``) in the same transaction
+that inserts the new ones: HNSW cannot delete, so dead vectors stay in the graph as
+tombstones and every search excludes them (a FAISS ``IDSelector`` on the HNSW search, so the
+graph walk continues past them instead of returning fewer results). When tombstones exceed
+``compact_fraction`` of a FAISS index, it is rebuilt from the live embeddings (compaction) and
+the dead rows are deleted.
+
+**Crash safety.** A study is committed to SQLite first, then added to the in-memory indexes,
+then the FAISS files are written atomically (temp file, fsync, ``os.replace``, fsync of the
+directory). At open a consistency check compares the ids in each FAISS file with the rows:
+ids missing from the file (a crash after the commit) are added from the stored embeddings;
+an unreadable file, a count mismatch (ntotal vs id map) or ids the database does not know
+(a stale file) make it rebuild the index from the stored embeddings. A ``kill -9`` at any
+point therefore leaves an index that opens, passes the check and answers queries.
+
+**GPU.** When the installed faiss has GPUs (``faiss.get_num_gpus() > 0``) and CAGRA, full
+rebuilds of large indexes are built on the GPU with ``GpuIndexCagra`` and converted to a CPU
+HNSW graph (``IndexHNSWCagra``); otherwise, and whenever that fails, the CPU HNSW build runs.
+The path taken is logged. Searches always run on the CPU graph.
+
+Several processes may open one directory: a reader notices writes by the ``generation``
+counter in ``meta`` and catches up from SQLite before it searches. Use one writer at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import sqlite_utils
+
+from index.retrieval import (
+    DEFAULT_IMAGE_WEIGHT,
+    LOCALIZATION_L,
+    LesionFilter,
+    SliceHit,
+    StudyHit,
+    count_based_ranking,
+    descriptor_similarity,
+    late_interaction,
+    mixed_score,
+    normalize_rows,
+    parse_filters,
+    study_passes,
+)
+
+log = logging.getLogger(__name__)
+
+DB_FILE = "index.sqlite"
+SPACES = ("slice", "roi")
+"""Vector spaces: whole-slice embeddings and ROI (mask-pooled) embeddings."""
+GPU_BUILD_MIN_VECTORS = 50_000
+"""Full rebuilds of at least this many vectors use the GPU CAGRA build when a GPU is present."""
+_ADD_BATCH = 65_536
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY,
+    series_uid TEXT, patient_id TEXT, patient_name TEXT, patient_sex TEXT, patient_birth_date TEXT,
+    study_date TEXT, study_description TEXT, modalities TEXT, accession_number TEXT,
+    orthanc_study_id TEXT, orthanc_series_id TEXT, content_fingerprint TEXT, extra TEXT,
+    slice_count INTEGER NOT NULL, roi_count INTEGER NOT NULL, indexed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS slices (
+    vector_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_uid TEXT NOT NULL, slice_index INTEGER NOT NULL, sop_instance_uid TEXT,
+    z_position_mm REAL, live INTEGER NOT NULL, embedding BLOB
+);
+CREATE INDEX IF NOT EXISTS slices_study ON slices (study_uid, live);
+CREATE TABLE IF NOT EXISTS rois (
+    vector_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_uid TEXT NOT NULL, slice_index INTEGER NOT NULL, live INTEGER NOT NULL, embedding BLOB
+);
+CREATE INDEX IF NOT EXISTS rois_study ON rois (study_uid, live);
+CREATE TABLE IF NOT EXISTS lesions (
+    study_uid TEXT NOT NULL, label INTEGER NOT NULL,
+    volume_ml REAL, longest_axial_diameter_mm REAL, core_mean_hu REAL, core_sd_hu REAL,
+    loculi INTEGER, first_slice INTEGER, last_slice INTEGER, space TEXT,
+    descriptors TEXT NOT NULL,
+    PRIMARY KEY (study_uid, label)
+);
+"""
+_LESION_COLUMNS = (
+    "volume_ml",
+    "longest_axial_diameter_mm",
+    "core_mean_hu",
+    "core_sd_hu",
+    "loculi",
+    "first_slice",
+    "last_slice",
+    "space",
+)
+_STUDY_TEXT_FIELDS = (
+    "series_uid",
+    "patient_id",
+    "patient_name",
+    "patient_sex",
+    "patient_birth_date",
+    "study_date",
+    "study_description",
+    "accession_number",
+    "orthanc_study_id",
+    "orthanc_series_id",
+    "content_fingerprint",
+)
+
+
+class CaseIndexError(Exception):
+    """Base class of the errors callers of the case index handle."""
+
+
+class StudyNotIndexed(CaseIndexError, KeyError):
+    """The study (by StudyInstanceUID) is not in the index."""
+
+    def __str__(self) -> str:
+        return f"study {self.args[0]} is not in the case index; index it first (replace_study)"
+
+
+class DimensionMismatch(CaseIndexError, ValueError):
+    """Embeddings have a different dimension than the index holds."""
+
+
+@dataclass
+class StudyRecord:
+    """Metadata of one indexed study (values from the DICOM header, read by the caller).
+
+    Attributes:
+        study_uid: StudyInstanceUID (required).
+        series_uid: SeriesInstanceUID of the CT series that was indexed.
+        patient_id, patient_name, patient_sex, patient_birth_date: Patient module values.
+        study_date: StudyDate (DA, YYYYMMDD).
+        study_description: StudyDescription.
+        modalities: ModalitiesInStudy, e.g. ("CT", "SEG", "SR").
+        accession_number: AccessionNumber.
+        orthanc_study_id, orthanc_series_id: Orthanc's resource ids.
+        content_fingerprint: Hash of the indexed content (lets callers skip unchanged studies).
+        extra: Any further JSON-serialisable values.
+    """
+
+    study_uid: str
+    series_uid: str = ""
+    patient_id: str = ""
+    patient_name: str = ""
+    patient_sex: str = ""
+    patient_birth_date: str = ""
+    study_date: str = ""
+    study_description: str = ""
+    modalities: tuple[str, ...] = ()
+    accession_number: str = ""
+    orthanc_study_id: str = ""
+    orthanc_series_id: str = ""
+    content_fingerprint: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.study_uid, str) or not self.study_uid.strip():
+            raise ValueError("StudyRecord.study_uid must be a non-empty StudyInstanceUID")
+        if isinstance(self.modalities, str):
+            self.modalities = tuple(m for m in self.modalities.replace(",", "\\").split("\\") if m)
+        self.modalities = tuple(str(m) for m in self.modalities)
+        for name in _STUDY_TEXT_FIELDS:
+            value = getattr(self, name)
+            setattr(self, name, "" if value is None else str(value))
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the record as a plain JSON-serialisable dict."""
+        record = asdict(self)
+        record["modalities"] = list(self.modalities)
+        return record
+
+
+@dataclass(frozen=True)
+class SliceRecord:
+    """One slice of an indexed series.
+
+    Attributes:
+        slice_index: Index of the slice in the volume (axis 0 of the arrays).
+        sop_instance_uid: SOPInstanceUID of the slice's instance.
+        z_position_mm: Position along the slice normal (mm), when known.
+    """
+
+    slice_index: int
+    sop_instance_uid: str = ""
+    z_position_mm: float | None = None
+
+
+@dataclass(frozen=True)
+class ConsistencyReport:
+    """Result of comparing one FAISS index with its SQLite rows.
+
+    Attributes:
+        space: "slice" or "roi".
+        faiss_count: Vectors in the FAISS index (tombstones included).
+        live_rows: Live rows in SQLite.
+        missing: Live ids absent from the FAISS index.
+        unknown: FAISS ids with no row in SQLite (a stale or foreign file).
+        broken: Why the FAISS index is unusable (unreadable, count mismatch ...), else "".
+    """
+
+    space: str
+    faiss_count: int
+    live_rows: int
+    missing: int
+    unknown: int
+    broken: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """True when every live row is searchable and nothing else is in the index."""
+        return not (self.missing or self.unknown or self.broken)
+
+
+class _VectorSpace:
+    """One FAISS index (slices or ROIs) mirrored from a SQLite table."""
+
+    def __init__(self, owner: CaseIndex, name: str) -> None:
+        self.owner = owner
+        self.name = name
+        self.table = "slices" if name == "slice" else "rois"
+        self.path = owner.directory / f"{self.table}.faiss"
+        self.index: faiss.IndexIDMap2 | None = None
+        self.dead_ids = np.empty(0, dtype=np.int64)
+        self.broken = ""
+        self.file_stamp: tuple[int, int] | None = None
+
+    def file_changed(self) -> bool:
+        """Whether the file on disk differs from the one last loaded or saved here."""
+        return _stamp(self.path) != self.file_stamp
+
+    # -- loading and checking ------------------------------------------------------------
+    def load(self, dim: int) -> None:
+        """Read the FAISS file (remembering why it is unusable, if it is)."""
+        self.index, self.broken = None, ""
+        self.file_stamp = _stamp(self.path)
+        if not self.path.exists():
+            self.broken = "file missing"
+            return
+        try:
+            loaded = faiss.read_index(str(self.path))
+        except RuntimeError as error:
+            self.broken = f"unreadable ({str(error).splitlines()[0][:120]})"
+            return
+        if not isinstance(loaded, faiss.IndexIDMap2) or loaded.d != dim:
+            self.broken = f"not an IndexIDMap2 of dimension {dim}"
+        elif loaded.ntotal != loaded.id_map.size() or loaded.index.ntotal != loaded.ntotal:
+            self.broken = "count mismatch between the vectors and the id map"
+        else:
+            self.index = loaded
+
+    def faiss_ids(self) -> np.ndarray:
+        if self.index is None:
+            return np.empty(0, dtype=np.int64)
+        return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+
+    def row_ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """(all row ids, live row ids) of the table."""
+        rows = self.owner._db.execute(f"SELECT vector_id, live FROM {self.table}").fetchall()
+        if not rows:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+        table = np.asarray(rows, dtype=np.int64)
+        return table[:, 0], table[table[:, 1] == 1, 0]
+
+    def check(self) -> ConsistencyReport:
+        known, live = self.row_ids()
+        in_faiss = self.faiss_ids()
+        unique = np.unique(in_faiss)
+        broken = self.broken or ("duplicate ids" if unique.size != in_faiss.size else "")
+        return ConsistencyReport(
+            space=self.name,
+            faiss_count=int(in_faiss.size),
+            live_rows=int(live.size),
+            missing=int(np.count_nonzero(~np.isin(live, unique))),
+            unknown=int(np.count_nonzero(~np.isin(unique, known))),
+            broken=broken,
+        )
+
+    def sync(self, dim: int, *, save: bool) -> ConsistencyReport:
+        """Check against SQLite and repair: add missing vectors, or rebuild when unusable."""
+        report = self.check()
+        fresh = report.broken == "file missing" and not report.live_rows and not report.faiss_count
+        if fresh:
+            self.index = new_hnsw_index(dim, self.owner.hnsw_m, self.owner.ef_construction)
+            if save:
+                self.save()
+        elif report.broken or report.unknown:
+            log.warning(
+                "%s index %s: %s; rebuilding from %d stored embeddings",
+                self.name, self.path, report.broken or f"{report.unknown} unknown ids", report.live_rows,
+            )
+            self.rebuild(dim)
+            if save:
+                self.save()
+        elif report.missing:
+            if self.index is None:
+                self.index = new_hnsw_index(dim, self.owner.hnsw_m, self.owner.ef_construction)
+            in_faiss = self.faiss_ids()
+            _, live = self.row_ids()
+            missing = live[~np.isin(live, in_faiss)]
+            log.warning("%s index %s: adding %d vectors missing from the file", self.name, self.path, missing.size)
+            for ids, vectors in self.owner._embeddings_by_id(self.table, missing):
+                self.index.add_with_ids(vectors, ids)
+            if save:
+                self.save()
+        elif self.index is None:
+            self.index = new_hnsw_index(dim, self.owner.hnsw_m, self.owner.ef_construction)
+        known_live = self.row_ids()[1]
+        in_faiss = self.faiss_ids()
+        self.dead_ids = in_faiss[~np.isin(in_faiss, known_live)]
+        return report
+
+    # -- writing --------------------------------------------------------------------------
+    def rebuild(self, dim: int) -> None:
+        """Build a fresh index from the live embeddings in SQLite (tombstones dropped)."""
+        started = time.perf_counter()
+        _, live = self.row_ids()
+        self.index, path = None, "cpu-hnsw"
+        if live.size >= GPU_BUILD_MIN_VECTORS and faiss.get_num_gpus() > 0:
+            vectors = np.concatenate([v for _, v in self.owner._embeddings_by_id(self.table, live)])
+            self.index = _build_on_gpu(vectors, live, self.owner.hnsw_m)
+            path = "gpu-cagra->hnsw" if self.index is not None else "cpu-hnsw (GPU build failed)"
+        if self.index is None:
+            self.index = new_hnsw_index(dim, self.owner.hnsw_m, self.owner.ef_construction)
+            for ids, vectors in self.owner._embeddings_by_id(self.table, live):
+                self.index.add_with_ids(vectors, ids)
+        self.dead_ids = np.empty(0, dtype=np.int64)
+        self.broken = ""
+        log.info(
+            "%s index rebuilt on %s: %d vectors in %.2f s", self.name, path, live.size,
+            time.perf_counter() - started,
+        )
+
+    def save(self) -> None:
+        """Write the index atomically: temp file, fsync, os.replace, fsync of the directory."""
+        temporary = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        faiss.write_index(self.index, str(temporary))
+        _fsync_path(temporary)
+        os.replace(temporary, self.path)
+        _fsync_path(self.path.parent)
+        self.file_stamp = _stamp(self.path)
+
+    # -- searching ------------------------------------------------------------------------
+    def search(
+        self, queries: np.ndarray, k: int, exclude_ids: np.ndarray, ef_search: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """kNN over live vectors, skipping tombstones and ``exclude_ids``; -1 ids are padding."""
+        if self.index is None or self.index.ntotal == 0:
+            return np.zeros((len(queries), k), np.float32), np.full((len(queries), k), -1, np.int64)
+        excluded = np.union1d(self.dead_ids, exclude_ids).astype(np.int64)
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = max(ef_search, k)
+        if excluded.size:
+            batch = faiss.IDSelectorBatch(excluded)
+            selector = faiss.IDSelectorNot(batch)
+            params.sel = selector
+        similarities, ids = self.index.search(queries, k, params=params)
+        # Defensive post-filter: the selector already removed these.
+        ids[np.isin(ids, excluded)] = -1
+        return similarities, ids
+
+
+class CaseIndex:
+    """FAISS HNSW + SQLite case index of slice and ROI embeddings and lesion descriptors.
+
+    Open with :meth:`open`; write with :meth:`replace_study`; query with :meth:`search_slices`,
+    :meth:`search_studies` and :meth:`similar_studies`. Thread-safe within a process.
+    """
+
+    @classmethod
+    def open(
+        cls,
+        directory: str | os.PathLike[str],
+        dim: int | None = None,
+        hnsw_m: int = 32,
+        ef_construction: int = 200,
+        ef_search: int = 128,
+        compact_fraction: float = 0.25,
+    ) -> CaseIndex:
+        """Open (or create) the index in ``directory`` and check/repair it against SQLite.
+
+        Same arguments as the constructor, which it calls.
+        """
+        return cls(directory, dim, hnsw_m, ef_construction, ef_search, compact_fraction)
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        dim: int | None = None,
+        hnsw_m: int = 32,
+        ef_construction: int = 200,
+        ef_search: int = 128,
+        compact_fraction: float = 0.25,
+    ) -> None:
+        """Open (or create) the index in ``directory`` and check/repair it against SQLite.
+
+        Args:
+            directory: Folder of the index files (created when missing).
+            dim: Embedding dimension; None takes it from the index, or from the first study.
+            hnsw_m: HNSW graph degree M for new builds.
+            ef_construction: HNSW efConstruction for new builds.
+            ef_search: HNSW efSearch at query time (raised to k when k is larger).
+            compact_fraction: Compact an index when its tombstones exceed this fraction.
+
+        Raises:
+            DimensionMismatch: If ``dim`` differs from the stored dimension.
+        """
+        if not 0.0 < compact_fraction <= 1.0:
+            raise ValueError(f"compact_fraction must be in (0, 1], got {compact_fraction}")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.hnsw_m, self.ef_construction, self.ef_search = hnsw_m, ef_construction, ef_search
+        self.compact_fraction = compact_fraction
+        self._lock = threading.RLock()
+        connection = sqlite3.connect(self.directory / DB_FILE, check_same_thread=False, timeout=60)
+        self._db = sqlite_utils.Database(connection)
+        self._db.enable_wal()
+        self._db.execute("PRAGMA synchronous = FULL")
+        self._db.executescript(_SCHEMA)
+        _remove_orphaned_temporaries(self.directory)
+        self._spaces = {name: _VectorSpace(self, name) for name in SPACES}
+        stored_dim = self._meta("dim")
+        if stored_dim is not None and dim is not None and int(stored_dim) != dim:
+            raise DimensionMismatch(f"index in {self.directory} holds {stored_dim}-d embeddings, not {dim}-d")
+        self.dim = int(stored_dim) if stored_dim is not None else dim
+        self.last_check: list[ConsistencyReport] = []
+        with self._lock:
+            self._generation = self._meta("generation")
+            if self.dim is not None:
+                self._set_meta("dim", str(self.dim))
+                for space in self._spaces.values():
+                    space.load(self.dim)
+                self.last_check = [space.sync(self.dim, save=True) for space in self._spaces.values()]
+
+    def close(self) -> None:
+        """Close the SQLite connection (the FAISS files are already on disk)."""
+        self._db.conn.close()
+
+    def __enter__(self) -> CaseIndex:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- writing ----------------------------------------------------------------------------
+    def replace_study(
+        self,
+        study: StudyRecord,
+        slices: Sequence[SliceRecord],
+        slice_embeddings: np.ndarray,
+        roi_embeddings: np.ndarray | None = None,
+        lesions: Iterable[Mapping[str, Any] | Any] = (),
+    ) -> None:
+        """Index a study, replacing whatever was indexed for its StudyInstanceUID before.
+
+        Old vectors become tombstones, the new ones are added; the study never appears twice.
+
+        Args:
+            study: Study metadata.
+            slices: One record per embedding row.
+            slice_embeddings: float [n, D] slice embeddings (normalised here; no zero rows).
+            roi_embeddings: float [n, D] ROI embeddings; all-zero rows mean "no ROI on that
+                slice" and are not indexed. None: no ROI vectors.
+            lesions: Lesion descriptors (dicts such as ``Lesion.as_dict()``, or Lesions).
+
+        Raises:
+            ValueError: If the shapes disagree or embeddings are not finite / are zero.
+            DimensionMismatch: If D differs from the index's dimension.
+        """
+        slice_vectors, roi_vectors, roi_rows = self._validate(study, slices, slice_embeddings, roi_embeddings)
+        lesion_dicts = [dict(lesion.as_dict() if hasattr(lesion, "as_dict") else lesion) for lesion in lesions]
+        with self._lock:
+            self._sync_if_stale()
+            if self.dim is None:
+                self.dim = slice_vectors.shape[1]
+                self._set_meta("dim", str(self.dim))
+                for space in self._spaces.values():
+                    space.sync(self.dim, save=False)
+            with self._db.atomic():
+                old_ids = {name: self._live_ids(space.table, study.study_uid) for name, space in self._spaces.items()}
+                for space in self._spaces.values():
+                    self._db.execute(
+                        f"UPDATE {space.table} SET live = 0, embedding = NULL WHERE study_uid = ? AND live = 1",
+                        [study.study_uid],
+                    )
+                self._db.execute("DELETE FROM lesions WHERE study_uid = ?", [study.study_uid])
+                self._db["studies"].upsert(self._study_row(study, len(slices), len(roi_rows)), pk="study_uid")
+                self._db["slices"].insert_all(
+                    {
+                        "study_uid": study.study_uid,
+                        "slice_index": int(record.slice_index),
+                        "sop_instance_uid": record.sop_instance_uid,
+                        "z_position_mm": record.z_position_mm,
+                        "live": 1,
+                        "embedding": vector.tobytes(),
+                    }
+                    for record, vector in zip(slices, slice_vectors)
+                )
+                self._db["rois"].insert_all(
+                    {
+                        "study_uid": study.study_uid,
+                        "slice_index": int(slices[row].slice_index),
+                        "live": 1,
+                        "embedding": vector.tobytes(),
+                    }
+                    for row, vector in zip(roi_rows, roi_vectors)
+                )
+                self._db["lesions"].insert_all(
+                    {
+                        "study_uid": study.study_uid,
+                        "label": int(lesion.get("label", number)),
+                        **{column: lesion.get(column) for column in _LESION_COLUMNS},
+                        "descriptors": json.dumps(lesion),
+                    }
+                    for number, lesion in enumerate(lesion_dicts, start=1)
+                )
+                new_ids = {name: self._live_ids(space.table, study.study_uid) for name, space in self._spaces.items()}
+                self._generation = self._bump_generation()
+            # Committed: SQLite is now the truth. Mirror it into FAISS and persist.
+            for name, vectors in (("slice", slice_vectors), ("roi", roi_vectors)):
+                space = self._spaces[name]
+                if new_ids[name].size:
+                    space.index.add_with_ids(vectors, new_ids[name])
+                space.dead_ids = np.union1d(space.dead_ids, old_ids[name])
+            self._save_indexes()
+            self._compact_if_needed()
+
+    def delete_study(self, study_uid: str) -> None:
+        """Remove a study from the index (its vectors become tombstones).
+
+        Raises:
+            StudyNotIndexed: If the study is not indexed.
+        """
+        with self._lock:
+            self._sync_if_stale()
+            with self._db.atomic():
+                if self._db.execute("DELETE FROM studies WHERE study_uid = ?", [study_uid]).rowcount == 0:
+                    raise StudyNotIndexed(study_uid)
+                old_ids = {name: self._live_ids(space.table, study_uid) for name, space in self._spaces.items()}
+                for space in self._spaces.values():
+                    self._db.execute(
+                        f"UPDATE {space.table} SET live = 0, embedding = NULL WHERE study_uid = ?", [study_uid]
+                    )
+                self._db.execute("DELETE FROM lesions WHERE study_uid = ?", [study_uid])
+                self._generation = self._bump_generation()
+            for name, space in self._spaces.items():
+                space.dead_ids = np.union1d(space.dead_ids, old_ids[name])
+            self._compact_if_needed()
+
+    def compact(self) -> None:
+        """Rebuild both FAISS indexes from the live embeddings and delete the dead rows."""
+        with self._lock:
+            if self.dim is None:
+                return
+            for space in self._spaces.values():
+                space.rebuild(self.dim)
+            self._save_indexes()
+            with self._db.atomic():
+                for space in self._spaces.values():
+                    self._db.execute(f"DELETE FROM {space.table} WHERE live = 0")
+
+    def check_consistency(self) -> list[ConsistencyReport]:
+        """Compare each FAISS index with its SQLite rows (no repair).
+
+        Returns:
+            One report per vector space ("slice", "roi").
+        """
+        with self._lock:
+            return [space.check() for space in self._spaces.values()]
+
+    # -- reading ----------------------------------------------------------------------------
+    def get_study(self, study_uid: str) -> StudyRecord:
+        """Metadata of an indexed study.
+
+        Raises:
+            StudyNotIndexed: If the study is not indexed.
+        """
+        rows = self._studies([study_uid])
+        if study_uid not in rows:
+            raise StudyNotIndexed(study_uid)
+        return rows[study_uid]
+
+    def study_uids(self) -> list[str]:
+        """StudyInstanceUIDs of all indexed studies, sorted."""
+        return [row[0] for row in self._db.execute("SELECT study_uid FROM studies ORDER BY study_uid")]
+
+    def lesions(self, study_uid: str) -> list[dict[str, Any]]:
+        """Lesion descriptor dicts of a study, by label (empty when it has none)."""
+        return self._lesions([study_uid]).get(study_uid, [])
+
+    def study_embeddings(self, study_uid: str, space: str = "slice") -> tuple[np.ndarray, np.ndarray]:
+        """The stored embeddings of an indexed study.
+
+        Args:
+            study_uid: StudyInstanceUID.
+            space: "slice" or "roi".
+
+        Returns:
+            (slice_indices int [m], embeddings float32 [m, D]) ordered by slice index.
+
+        Raises:
+            StudyNotIndexed: If the study is not indexed.
+        """
+        table = self._space(space).table
+        rows = self._db.execute(
+            f"SELECT slice_index, embedding FROM {table} WHERE study_uid = ? AND live = 1 ORDER BY slice_index",
+            [study_uid],
+        ).fetchall()
+        if not rows and study_uid not in self._studies([study_uid]):
+            raise StudyNotIndexed(study_uid)
+        return self._unpack(rows)
+
+    def vector_count(self, space: str = "slice", *, live_only: bool = True) -> int:
+        """Number of vectors in a space: live rows, or everything in the FAISS index."""
+        with self._lock:
+            vector_space = self._space(space)
+            if live_only:
+                return int(self._db.execute(f"SELECT count(*) FROM {vector_space.table} WHERE live = 1").fetchone()[0])
+            return 0 if vector_space.index is None else int(vector_space.index.ntotal)
+
+    def tombstone_count(self, space: str = "slice") -> int:
+        """Number of dead vectors still in a FAISS index (until compaction)."""
+        return int(self._space(space).dead_ids.size)
+
+    # -- queries ----------------------------------------------------------------------------
+    def search_slices(
+        self,
+        query_embeddings: np.ndarray,
+        k: int = 10,
+        *,
+        space: str = "slice",
+        query_slice_indices: Sequence[int] | None = None,
+        exclude_study_uid: str | None = None,
+    ) -> list[list[SliceHit]]:
+        """Slice-wise kNN (Khun Jush et al., eq. 1): the ``k`` most similar database slices.
+
+        Args:
+            query_embeddings: [n, D] (or [D]) query slice embeddings (normalised here).
+            k: Neighbours per query slice.
+            space: "slice" (whole-slice embeddings) or "roi" (ROI embeddings).
+            query_slice_indices: Slice index of each query row (default 0..n-1).
+            exclude_study_uid: A study whose slices are never returned (the query's own).
+
+        Returns:
+            Per query row, its hits best first (fewer than k when the index is small).
+        """
+        queries = np.atleast_2d(np.asarray(query_embeddings, dtype=np.float32))
+        positions = list(range(len(queries))) if query_slice_indices is None else list(query_slice_indices)
+        if len(positions) != len(queries):
+            raise ValueError(f"{len(positions)} query_slice_indices for {len(queries)} query embeddings")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        with self._lock:
+            self._sync_if_stale()
+            if self.dim is None:
+                return [[] for _ in positions]
+            if queries.shape[1] != self.dim:
+                raise DimensionMismatch(f"query embeddings are {queries.shape[1]}-d, the index holds {self.dim}-d")
+            vector_space = self._space(space)
+            excluded = (
+                self._live_ids(vector_space.table, exclude_study_uid)
+                if exclude_study_uid
+                else np.empty(0, np.int64)
+            )
+            similarities, ids = vector_space.search(normalize_rows(queries), k, excluded, self.ef_search)
+            slice_rows = self._slice_rows(vector_space.table, ids[ids >= 0])
+        hits = []
+        for position, row_similarities, row_ids in zip(positions, similarities, ids):
+            hits.append(
+                [
+                    SliceHit(int(position), *slice_rows[int(vector_id)], float(similarity))
+                    for similarity, vector_id in zip(row_similarities, row_ids)
+                    if vector_id >= 0 and int(vector_id) in slice_rows
+                ]
+            )
+        return hits
+
+    def search_studies(
+        self,
+        query_embeddings: np.ndarray,
+        *,
+        space: str = "slice",
+        query_slice_indices: Sequence[int] | None = None,
+        slice_range: tuple[int, int] | None = None,
+        exclude_study_uid: str | None = None,
+        k: int = 10,
+        top: int = 10,
+        rerank: bool = True,
+        filters: Iterable[str | LesionFilter] = (),
+        query_descriptors: Mapping[str, Any] | None = None,
+        image_weight: float = DEFAULT_IMAGE_WEIGHT,
+        localization_l: int = LOCALIZATION_L,
+        max_candidates: int = 100,
+    ) -> list[StudyHit]:
+        """Rank studies for a query volume, sub-volume (region) or ROI set.
+
+        Steps (Khun Jush et al.): slice-wise kNN (eq. 1) for every query slice; the hit table
+        and count-based ranking (sec. 2.4.1); then, with ``rerank``, the late-interaction score
+        RS (eq. 5) of every candidate study with at least one hit and its L best-matching slices
+        (eq. 6). Region-based / localized retrieval (sec. 2.4.2-2.4.3): pass ``slice_range`` (or
+        only the region's rows). ROI queries: ``space="roi"`` searches the ROI index (all-zero
+        query rows, i.e. slices without ROI, are dropped) and re-ranks against the candidates'
+        ROI embeddings. Filters are post-filters on the lesion descriptors; with
+        ``query_descriptors`` the ranking uses the mixed score
+        ``w * image_score + (1 - w) * descriptor_similarity``.
+
+        Args:
+            query_embeddings: [n, D] query embeddings (slice or ROI), one row per query slice.
+            space: "slice" or "roi".
+            query_slice_indices: Slice index of each row (default 0..n-1).
+            slice_range: (first, last) slice indices, inclusive: keep only those query rows.
+            exclude_study_uid: The query's own study, never returned.
+            k: Neighbours retrieved per query slice for the hit table.
+            top: Number of studies returned.
+            rerank: Re-rank by late interaction (True) or keep the count-based order (False).
+            filters: Lesion-descriptor filters, e.g. ``["loculi>=2", "space=parapharyngeal"]``.
+            query_descriptors: Descriptors of the query lesion for the mixed score.
+            image_weight: w of the mixed score.
+            localization_l: L best-matching slices per result (eq. 6).
+            max_candidates: Re-rank at most this many candidates (the ones with most hits), to
+                bound the cost; the paper re-ranks all studies with a hit.
+
+        Returns:
+            Up to ``top`` hits, rank 1 first.
+
+        Raises:
+            ValueError: On a bad filter, weight, range or shape.
+        """
+        parsed_filters = parse_filters(filters)
+        if query_descriptors is not None:
+            mixed_score(0.0, 0.0, image_weight)  # validates the weight up front
+        queries = np.atleast_2d(np.asarray(query_embeddings, dtype=np.float32))
+        positions = np.arange(len(queries)) if query_slice_indices is None else np.asarray(query_slice_indices)
+        if positions.shape != (len(queries),):
+            raise ValueError(f"{positions.size} query_slice_indices for {len(queries)} query embeddings")
+        keep = np.linalg.norm(queries, axis=1) > 0
+        if slice_range is not None:
+            first, last = slice_range
+            if first > last:
+                raise ValueError(f"slice_range {slice_range} is empty: first > last")
+            keep &= (positions >= first) & (positions <= last)
+        queries, positions = queries[keep], positions[keep]
+        if len(queries) == 0:
+            return []
+        with self._lock:
+            slice_hits = self.search_slices(
+                queries, k, space=space, query_slice_indices=positions.tolist(), exclude_study_uid=exclude_study_uid
+            )
+            table = count_based_ranking(hit for row in slice_hits for hit in row)
+            candidates = [row.study_uid for row in table]
+            lesions = self._lesions(candidates)
+            if parsed_filters:
+                table = [row for row in table if study_passes(lesions.get(row.study_uid, []), parsed_filters)]
+            mode = f"{space}:{'late_interaction' if rerank else 'count'}"
+            results = []
+            for row in table[: max_candidates if rerank else None]:
+                hit = StudyHit(
+                    study_uid=row.study_uid,
+                    rank=0,
+                    score=0.0,
+                    mode=mode,
+                    hit_count=row.hit_count,
+                    image_score=row.hit_count / (len(queries) * k),
+                    best_slices=row.hits,
+                    lesions=lesions.get(row.study_uid, []),
+                )
+                if rerank:
+                    candidate_positions, candidate_matrix = self.study_embeddings(row.study_uid, space)
+                    hit.late_interaction_score, hit.best_slices = late_interaction(
+                        queries, candidate_matrix, positions, candidate_positions, localization_l
+                    )
+                    hit.image_score = min(max(hit.late_interaction_score / len(queries), 0.0), 1.0)
+                hit.score = hit.image_score
+                if query_descriptors is not None:
+                    hit.descriptor_score = descriptor_similarity(query_descriptors, hit.lesions)
+                    hit.score = mixed_score(hit.image_score, hit.descriptor_score, image_weight)
+                results.append(hit)
+            if rerank or query_descriptors is not None:
+                # Stable sort: equal scores keep the hit-table order.
+                results.sort(key=lambda hit: -hit.score)
+            results = results[:top]
+            studies = self._studies([hit.study_uid for hit in results])
+            for rank, hit in enumerate(results, start=1):
+                hit.rank = rank
+                hit.mode = mode + ("+descriptors" if query_descriptors is not None else "")
+                hit.study = studies[hit.study_uid].as_dict() if hit.study_uid in studies else {}
+            return results
+
+    def similar_studies(
+        self,
+        study_uid: str,
+        *,
+        space: str = "slice",
+        slice_range: tuple[int, int] | None = None,
+        use_descriptors: bool = False,
+        **options: Any,
+    ) -> list[StudyHit]:
+        """Studies similar to an indexed study, queried with its stored embeddings.
+
+        The study itself is never returned. With ``use_descriptors`` the mixed score uses the
+        descriptors of the study's largest lesion (label 1).
+
+        Args:
+            study_uid: The query study (must be indexed).
+            space: "slice" or "roi".
+            slice_range: Region query: (first, last) slice indices of the query study.
+            use_descriptors: Blend in the descriptor similarity of its largest lesion.
+            **options: Further keyword arguments of :meth:`search_studies` (k, top, rerank, ...).
+
+        Raises:
+            StudyNotIndexed: If the study is not indexed.
+        """
+        positions, matrix = self.study_embeddings(study_uid, space)
+        if use_descriptors:
+            own_lesions = self.lesions(study_uid)
+            options["query_descriptors"] = own_lesions[0] if own_lesions else {}
+        return self.search_studies(
+            matrix,
+            space=space,
+            query_slice_indices=positions,
+            slice_range=slice_range,
+            exclude_study_uid=study_uid,
+            **options,
+        )
+
+    # -- internals ---------------------------------------------------------------------------
+    def _validate(
+        self,
+        study: StudyRecord,
+        slices: Sequence[SliceRecord],
+        slice_embeddings: np.ndarray,
+        roi_embeddings: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not isinstance(study, StudyRecord):
+            raise TypeError(f"study must be a StudyRecord, got {type(study).__name__}")
+        slice_embeddings = np.asarray(slice_embeddings, dtype=np.float32)
+        where = f"study {study.study_uid}"
+        if slice_embeddings.ndim != 2 or slice_embeddings.shape[0] != len(slices) or slice_embeddings.shape[0] == 0:
+            raise ValueError(
+                f"{where}: slice_embeddings must be [n, D] with one row per slice record "
+                f"({len(slices)} records), got shape {slice_embeddings.shape}"
+            )
+        dim = slice_embeddings.shape[1]
+        if self.dim is not None and dim != self.dim:
+            raise DimensionMismatch(f"{where}: embeddings are {dim}-d, the index holds {self.dim}-d")
+        if not np.isfinite(slice_embeddings).all():
+            raise ValueError(f"{where}: slice_embeddings contain NaN or infinite values")
+        if (np.linalg.norm(slice_embeddings, axis=1) == 0).any():
+            raise ValueError(f"{where}: slice_embeddings contain all-zero rows")
+        indices = [int(record.slice_index) for record in slices]
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"{where}: slice records repeat a slice_index")
+        if roi_embeddings is None:
+            roi_embeddings = np.zeros_like(slice_embeddings)
+        roi_embeddings = np.asarray(roi_embeddings, dtype=np.float32)
+        if roi_embeddings.shape != slice_embeddings.shape:
+            raise ValueError(
+                f"{where}: roi_embeddings shape {roi_embeddings.shape} differs from slice_embeddings "
+                f"{slice_embeddings.shape}"
+            )
+        if not np.isfinite(roi_embeddings).all():
+            raise ValueError(f"{where}: roi_embeddings contain NaN or infinite values")
+        roi_rows = np.flatnonzero(np.linalg.norm(roi_embeddings, axis=1) > 0)
+        return normalize_rows(slice_embeddings), normalize_rows(roi_embeddings[roi_rows]), roi_rows
+
+    def _space(self, name: str) -> _VectorSpace:
+        if name not in self._spaces:
+            raise ValueError(f"unknown vector space {name!r}; use one of {', '.join(SPACES)}")
+        return self._spaces[name]
+
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+        return None if row is None else row[0]
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [key, value])
+
+    def _bump_generation(self) -> str:
+        generation = str(int(self._meta("generation") or 0) + 1)
+        self._set_meta("generation", generation)
+        return generation
+
+    def _sync_if_stale(self) -> None:
+        """Catch up with writes made by another process (or a reopened database)."""
+        generation = self._meta("generation")
+        if generation == self._generation:
+            return
+        stored_dim = self._meta("dim")
+        if self.dim is None and stored_dim is not None:
+            self.dim = int(stored_dim)
+        if self.dim is not None:
+            for space in self._spaces.values():
+                if space.index is None or space.file_changed():
+                    space.load(self.dim)
+                space.sync(self.dim, save=False)
+        self._generation = generation
+
+    def _save_indexes(self) -> None:
+        for space in self._spaces.values():
+            space.save()
+
+    def _compact_if_needed(self) -> None:
+        for space in self._spaces.values():
+            total = 0 if space.index is None else space.index.ntotal
+            if total and space.dead_ids.size / total > self.compact_fraction:
+                log.info("%s index: %d of %d vectors are tombstones: compacting", space.name, space.dead_ids.size, total)
+                self.compact()
+                return
+
+    def _live_ids(self, table: str, study_uid: str) -> np.ndarray:
+        rows = self._db.execute(
+            f"SELECT vector_id FROM {table} WHERE study_uid = ? AND live = 1 ORDER BY vector_id", [study_uid]
+        ).fetchall()
+        return np.asarray([row[0] for row in rows], dtype=np.int64)
+
+    def _embeddings_by_id(self, table: str, ids: np.ndarray) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+        """Stored embeddings for ``ids``, in batches of (ids, float32 [b, D])."""
+        ids = np.sort(np.asarray(ids, dtype=np.int64))
+        for start in range(0, ids.size, _ADD_BATCH):
+            chunk = ids[start : start + _ADD_BATCH]
+            rows = self._db.execute(
+                f"SELECT vector_id, embedding FROM {table} WHERE vector_id IN (SELECT value FROM json_each(?)) "
+                "ORDER BY vector_id",
+                [json.dumps(chunk.tolist())],
+            ).fetchall()
+            found, vectors = self._unpack(rows)
+            if found.size:
+                yield found.astype(np.int64), vectors
+
+    def _unpack(self, rows: Sequence[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray]:
+        if not rows:
+            return np.empty(0, dtype=np.int64), np.empty((0, self.dim or 0), dtype=np.float32)
+        keys = np.asarray([row[0] for row in rows], dtype=np.int64)
+        vectors = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.float32).reshape(len(rows), -1)
+        return keys, vectors
+
+    def _slice_rows(self, table: str, ids: np.ndarray) -> dict[int, tuple[str, int, str]]:
+        """vector id -> (study_uid, slice_index, sop_instance_uid) for slice or ROI vectors."""
+        rows = self._db.execute(
+            f"SELECT v.vector_id, v.study_uid, v.slice_index, s.sop_instance_uid FROM {table} AS v "
+            "LEFT JOIN slices AS s ON s.study_uid = v.study_uid AND s.slice_index = v.slice_index AND s.live = 1 "
+            "WHERE v.vector_id IN (SELECT value FROM json_each(?))",
+            [json.dumps(np.unique(ids).tolist())],
+        ).fetchall()
+        return {row[0]: (row[1], row[2], row[3] or "") for row in rows}
+
+    def _lesions(self, study_uids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        rows = self._db.execute(
+            "SELECT study_uid, descriptors FROM lesions WHERE study_uid IN (SELECT value FROM json_each(?)) "
+            "ORDER BY study_uid, label",
+            [json.dumps(list(study_uids))],
+        ).fetchall()
+        lesions: dict[str, list[dict[str, Any]]] = {}
+        for study_uid, descriptors in rows:
+            lesions.setdefault(study_uid, []).append(json.loads(descriptors))
+        return lesions
+
+    def _studies(self, study_uids: Sequence[str]) -> dict[str, StudyRecord]:
+        rows = self._db.execute_returning_dicts(
+            "SELECT * FROM studies WHERE study_uid IN (SELECT value FROM json_each(?))",
+            [json.dumps(list(study_uids))],
+        )
+        records = {}
+        for row in rows:
+            records[row["study_uid"]] = StudyRecord(
+                study_uid=row["study_uid"],
+                modalities=tuple(json.loads(row["modalities"] or "[]")),
+                extra=json.loads(row["extra"] or "{}"),
+                **{name: row[name] or "" for name in _STUDY_TEXT_FIELDS},
+            )
+        return records
+
+    @staticmethod
+    def _study_row(study: StudyRecord, slice_count: int, roi_count: int) -> dict[str, Any]:
+        row = {name: getattr(study, name) for name in _STUDY_TEXT_FIELDS}
+        row.update(
+            study_uid=study.study_uid,
+            modalities=json.dumps(list(study.modalities)),
+            extra=json.dumps(study.extra),
+            slice_count=slice_count,
+            roi_count=roi_count,
+            indexed_at=time.time(),
+        )
+        return row
+
+
+def new_hnsw_index(dim: int, hnsw_m: int, ef_construction: int) -> faiss.IndexIDMap2:
+    """An empty IndexIDMap2(IndexHNSWFlat) with inner-product metric (cosine on unit vectors)."""
+    hnsw = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    hnsw.hnsw.efConstruction = ef_construction
+    return faiss.IndexIDMap2(hnsw)
+
+
+def _build_on_gpu(vectors: np.ndarray, ids: np.ndarray, hnsw_m: int) -> faiss.IndexIDMap2 | None:
+    """Build a CAGRA graph on the GPU and convert it to a CPU HNSW index (None if unsupported).
+
+    Only called when ``faiss.get_num_gpus() > 0``; the GPU classes are looked up lazily so a
+    CPU-only faiss never touches them.
+    """
+    if not hasattr(faiss, "GpuIndexCagra") or not hasattr(faiss, "IndexHNSWCagra"):
+        log.info("faiss has GPUs but no CAGRA support: building HNSW on the CPU")
+        return None
+    try:
+        resources = faiss.StandardGpuResources()
+        config = faiss.GpuIndexCagraConfig()
+        config.graph_degree = 2 * hnsw_m
+        config.intermediate_graph_degree = 4 * hnsw_m
+        gpu_index = faiss.GpuIndexCagra(resources, vectors.shape[1], faiss.METRIC_INNER_PRODUCT, config)
+        gpu_index.train(vectors)
+        cpu_graph = faiss.IndexHNSWCagra(vectors.shape[1], hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        # Keep the upper HNSW levels so that later incremental adds work on the CPU graph.
+        cpu_graph.base_level_only = False
+        index = faiss.IndexIDMap2(cpu_graph)  # wrap while empty, then fill graph and id map
+        gpu_index.copyTo(cpu_graph)
+        faiss.copy_array_to_vector(ids.astype(np.int64), index.id_map)
+        index.ntotal = cpu_graph.ntotal
+        index.construct_rev_map()
+        return index
+    except (RuntimeError, AttributeError, TypeError) as error:
+        log.warning("GPU CAGRA build failed (%s): building HNSW on the CPU", error)
+        return None
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return None
+    return status.st_mtime_ns, status.st_size
+
+
+def _remove_orphaned_temporaries(directory: Path) -> None:
+    """Delete index temp files left by writers that died (a kill -9 during a save)."""
+    for temporary in directory.glob("*.faiss.tmp-*"):
+        try:
+            os.kill(int(temporary.name.rsplit("-", 1)[1]), 0)
+        except (ValueError, ProcessLookupError):
+            temporary.unlink(missing_ok=True)
+        except PermissionError:  # a live process of another user
+            pass
+
+
+def _fsync_path(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

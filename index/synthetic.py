@@ -1,0 +1,73 @@
+"""Seeded synthetic embeddings for the index tests and benchmarks (no real data needed).
+
+Real slice embeddings are not uniform on the sphere: neighbouring slices and similar anatomy
+form clusters, and their variation spans few directions. These generators draw cluster
+centres and add noise, then project to the unit sphere, so that HNSW and exact search are
+compared on data that resembles embeddings.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from index.retrieval import normalize_rows
+
+
+class ClusteredEmbeddings:
+    """A distribution of unit vectors around cluster centres.
+
+    A sample is ``normalize(centre + noise * offset)`` with a random centre and an offset of
+    expected norm 1: isotropic, or (with ``intrinsic_dim``) 90 % in one random subspace of that
+    dimension shared by all samples and 10 % isotropic.
+
+    Args:
+        dim: Dimension.
+        rng: Seeded generator (also used by :meth:`sample`).
+        clusters: Number of random centres (ignored when ``centres`` is given).
+        noise: Norm of the offset relative to the unit-norm centres.
+        centres: Optional [c, dim] centres, e.g. real embeddings.
+        intrinsic_dim: Dimension of the shared subspace of the offsets (None: isotropic).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        rng: np.random.Generator,
+        clusters: int = 100,
+        noise: float = 0.5,
+        centres: np.ndarray | None = None,
+        intrinsic_dim: int | None = None,
+    ) -> None:
+        self.dim, self.rng, self.noise = dim, rng, noise
+        if centres is None:
+            centres = rng.standard_normal((clusters, dim))
+        self.centres = normalize_rows(np.asarray(centres, dtype=np.float32))
+        self.basis = None
+        if intrinsic_dim is not None:
+            self.basis = np.linalg.qr(rng.standard_normal((dim, intrinsic_dim)))[0].T.astype(np.float32)
+
+    def sample(self, count: int) -> np.ndarray:
+        """Draw ``count`` vectors: float32 [count, dim] with unit-norm rows."""
+        rng = self.rng
+        assignment = rng.integers(0, len(self.centres), size=count)
+        offsets = rng.standard_normal((count, self.dim), dtype=np.float32) / np.sqrt(self.dim)
+        if self.basis is not None:
+            rank = len(self.basis)
+            in_subspace = rng.standard_normal((count, rank), dtype=np.float32) / np.sqrt(rank)
+            offsets = 0.9 * (in_subspace @ self.basis) + 0.1 * offsets
+        return normalize_rows(self.centres[assignment] + self.noise * offsets)
+
+
+def clustered_unit_vectors(
+    count: int, dim: int, rng: np.random.Generator, clusters: int = 100, noise: float = 0.5
+) -> np.ndarray:
+    """``count`` unit vectors around ``clusters`` fresh random centres (isotropic noise).
+
+    Args:
+        count: Number of vectors.
+        dim: Dimension.
+        rng: Seeded generator.
+        clusters: Number of random centres.
+        noise: Norm of the noise relative to the centres (0.5: cosine ~0.9 to the centre).
+    """
+    return ClusteredEmbeddings(dim, rng, clusters, noise).sample(count)

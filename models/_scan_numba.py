@@ -1,0 +1,245 @@
+"""Numba kernel of the selective scan (CPU, float32, forward only).
+
+Imported lazily by :mod:`models.scan` so that ``import models`` does not pull numba in.
+See :mod:`models.scan` for the recurrence.
+
+One kernel, :func:`scan_channels_last`, serves both callers:
+
+- the generic scan with mamba-ssm's shapes (every group has its own input channels and
+  output channels, time runs in storage order);
+- VM-UNet's four-direction scan (SS2D), where the four directions share the input
+  channels, walk the same feature map in different orders (``positions``) and their
+  outputs are summed into one map. Reading and writing through the position tables
+  replaces the stacked, transposed and flipped copies of the feature map.
+
+Tensors are channel-last so that the channels of one position are contiguous. A parallel
+job owns a block of ``CHANNEL_BLOCK`` channels of one batch element; time runs
+sequentially in tiles of ``TIME_TILE`` steps gathered into small buffers, so that the
+innermost loop runs over the channels of the block with unit stride and a compile-time
+trip count (SIMD code). Softplus and the decays ``exp(dt * A)`` use vectorisable
+exponential/logarithm approximations (``math.exp`` is one scalar call per element).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
+
+CHANNEL_BLOCK = 16  # channels per job, the SIMD dimension (two AVX2 float32 vectors)
+TIME_TILE = 64  # steps transposed at once
+
+# float32 constants keep numba's arithmetic in float32 (a Python float literal would
+# promote it to float64 and halve the SIMD width).
+LOG2_E = np.float32(1.4426950408889634)
+LN_2 = np.float32(0.6931471805599453)
+MIN_EXPONENT = np.float32(-126.0)  # 2**-126, the smallest normal float32, is the smallest decay
+HALF = np.float32(0.5)
+ONE = np.float32(1.0)
+EXP_C2 = np.float32(1.0 / 2.0)  # Taylor coefficients 1/k! of exp
+EXP_C3 = np.float32(1.0 / 6.0)
+EXP_C4 = np.float32(1.0 / 24.0)
+EXP_C5 = np.float32(1.0 / 120.0)
+EXP_C6 = np.float32(1.0 / 720.0)
+ZERO = np.float32(0.0)
+TWO = np.float32(2.0)
+LOG_C3 = np.float32(1.0 / 3.0)  # 2 atanh(s) = 2 (s + s**3/3 + s**5/5 + ...)
+LOG_C5 = np.float32(1.0 / 5.0)
+LOG_C7 = np.float32(1.0 / 7.0)
+LOG_C9 = np.float32(1.0 / 9.0)
+LOG_C11 = np.float32(1.0 / 11.0)
+FLOAT32_EXPONENT_BIAS = np.int32(127)
+FLOAT32_MANTISSA_BITS = np.int32(23)
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """Reinterpret the bits of an int32 as a float32 (an LLVM ``bitcast``)."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@numba.njit(fastmath=True, inline="always")
+def _exp2_nonpositive(z: np.float32) -> np.float32:
+    """``2**z`` for ``z <= 0`` (clamped at -126): ``2**round(z)`` from the exponent bits
+    times ``exp(f * ln 2)``, ``|f| <= 0.5``, from a degree-6 Taylor polynomial (relative
+    error below 2e-7)."""
+    z = max(z, MIN_EXPONENT)
+    rounded = np.floor(z + HALF)
+    g = (z - rounded) * LN_2
+    mantissa = ONE + g * (ONE + g * (EXP_C2 + g * (EXP_C3 + g * (EXP_C4 + g * (EXP_C5 + g * EXP_C6)))))
+    power_of_two = _float32_from_bits(np.int32((np.int32(rounded) + FLOAT32_EXPONENT_BIAS) << FLOAT32_MANTISSA_BITS))
+    return mantissa * power_of_two
+
+
+@numba.njit(fastmath=True, inline="always")
+def _softplus(x: np.float32) -> np.float32:
+    """``log(1 + exp(x))`` as ``max(x, 0) + log1p(exp(-|x|))``; log1p(y), y in (0, 1], from
+    ``2 atanh(s)``, ``s = y / (2 + y) <= 1/3``, series to s**11 (error below 1e-7)."""
+    y = _exp2_nonpositive(-abs(x) * LOG2_E)
+    s = y / (TWO + y)
+    s2 = s * s
+    series = ONE + s2 * (LOG_C3 + s2 * (LOG_C5 + s2 * (LOG_C7 + s2 * (LOG_C9 + s2 * LOG_C11))))
+    return max(x, ZERO) + TWO * s * series
+
+
+@numba.njit(fastmath=True, cache=True, nogil=True)
+def _scan_block(
+    u: np.ndarray,
+    u_first: int,
+    dt: np.ndarray,
+    dt_first: int,
+    a_log2: np.ndarray,
+    dt_bias: np.ndarray,
+    skip: np.ndarray,
+    B_rows: np.ndarray,
+    C_rows: np.ndarray,
+    positions: np.ndarray,
+    delta_softplus: bool,
+    out: np.ndarray,
+    out_first: int,
+) -> None:
+    """Scan one block of up to ``CHANNEL_BLOCK`` channels along one direction; add to ``out``.
+
+    Args:
+        u: Inputs of this batch element [L, channels], channel-last.
+        u_first: First input channel of the block.
+        dt: Raw step sizes of this batch element and direction [L, channels_of_direction].
+        dt_first: First channel of the block in ``dt``.
+        a_log2: ``A * log2(e)`` of the block [n, CHANNEL_BLOCK] (padded lanes 0).
+        dt_bias: Step bias of the block [CHANNEL_BLOCK] (padded lanes 0).
+        skip: D of the block [CHANNEL_BLOCK] (padded lanes 0).
+        B_rows: Input projection rows [L, n] (position-major).
+        C_rows: Output projection rows [L, n].
+        positions: Position of every time step [L].
+        delta_softplus: Apply softplus to ``dt + dt_bias``.
+        out: Output of this batch element [L, out_channels]; the block's result is added.
+        out_first: First output channel of the block.
+    """
+    length = positions.shape[0]
+    state_size = a_log2.shape[0]
+    width = min(CHANNEL_BLOCK, dt.shape[1] - dt_first)
+    state = np.zeros((state_size, CHANNEL_BLOCK), dtype=np.float32)
+    dt_tile = np.zeros((TIME_TILE, CHANNEL_BLOCK), dtype=np.float32)
+    u_tile = np.zeros((TIME_TILE, CHANNEL_BLOCK), dtype=np.float32)
+    drive_tile = np.zeros((TIME_TILE, CHANNEL_BLOCK), dtype=np.float32)  # dt * u
+    y_tile = np.zeros((TIME_TILE, CHANNEL_BLOCK), dtype=np.float32)
+    y = np.zeros(CHANNEL_BLOCK, dtype=np.float32)
+    for start in range(0, length, TIME_TILE):
+        steps = min(TIME_TILE, length - start)
+        for i in range(steps):
+            position = positions[start + i]
+            for c in range(width):
+                dt_tile[i, c] = dt[position, dt_first + c]
+                u_tile[i, c] = u[position, u_first + c]
+            for c in range(CHANNEL_BLOCK):
+                raw = dt_tile[i, c] + dt_bias[c]
+                step = _softplus(raw) if delta_softplus else raw
+                dt_tile[i, c] = step
+                drive_tile[i, c] = step * u_tile[i, c]
+        if width < CHANNEL_BLOCK:  # padded lanes must not move: dt = 0 keeps their state at 0
+            for i in range(steps):
+                for c in range(width, CHANNEL_BLOCK):
+                    dt_tile[i, c] = 0.0
+                    drive_tile[i, c] = 0.0
+        for i in range(steps):
+            position = positions[start + i]
+            dt_step = dt_tile[i]
+            drive_step = drive_tile[i]
+            b_step = B_rows[position]
+            c_step = C_rows[position]
+            y[:] = 0.0
+            for n in range(state_size):
+                b_value = b_step[n]
+                c_value = c_step[n]
+                a_n = a_log2[n]
+                state_n = state[n]
+                for c in range(CHANNEL_BLOCK):
+                    decay = _exp2_nonpositive(dt_step[c] * a_n[c])
+                    state_n[c] = decay * state_n[c] + drive_step[c] * b_value
+                    y[c] += state_n[c] * c_value
+            for c in range(CHANNEL_BLOCK):
+                y_tile[i, c] = y[c] + skip[c] * u_tile[i, c]
+        for i in range(steps):
+            position = positions[start + i]
+            for c in range(width):
+                out[position, out_first + c] += y_tile[i, c]
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def scan_channels_last(
+    u: np.ndarray,
+    dt: np.ndarray,
+    A: np.ndarray,
+    B_rows: np.ndarray,
+    C_rows: np.ndarray,
+    D: np.ndarray,
+    dt_bias: np.ndarray,
+    positions: np.ndarray,
+    shared_input: bool,
+    summed_output: bool,
+    delta_softplus: bool,
+) -> np.ndarray:
+    """Selective scan of ``G`` directions (groups), parallel over (batch, channel block).
+
+    Args:
+        u: Inputs [b, L, Du] float32 (``Du = Dg`` if ``shared_input`` else ``G * Dg``).
+        dt: Raw step sizes [G, b, L, Dg] float32 (before bias and softplus).
+        A: State matrices [G, Dg, n] float32 (entries < 0).
+        B_rows: Input projection [G, b, L, n] float32 (any strides).
+        C_rows: Output projection [G, b, L, n] float32 (any strides).
+        D: Skip weights [G, Dg] float32.
+        dt_bias: Step bias [G, Dg] float32.
+        positions: int64 [G, L]: storage position of time step t of direction g.
+        shared_input: All directions read input channels 0..Dg (SS2D); otherwise group
+            g reads channels g*Dg .. (g+1)*Dg (mamba-ssm's grouped layout).
+        summed_output: Sum the directions into Dg output channels (SS2D); otherwise group
+            g writes channels g*Dg .. (g+1)*Dg.
+        delta_softplus: Apply softplus to ``dt + dt_bias``.
+
+    Returns:
+        Outputs [b, L, Dg if summed_output else G*Dg] float32 (channel-last, storage order).
+    """
+    groups, batch, length, channels_per_group = dt.shape
+    state_size = A.shape[2]
+    out_channels = channels_per_group if summed_output else groups * channels_per_group
+    out = np.zeros((batch, length, out_channels), dtype=np.float32)
+    blocks = (channels_per_group + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+    for job in numba.prange(batch * blocks):
+        b = job // blocks
+        first = (job % blocks) * CHANNEL_BLOCK
+        width = min(CHANNEL_BLOCK, channels_per_group - first)
+        a_log2 = np.zeros((state_size, CHANNEL_BLOCK), dtype=np.float32)
+        bias = np.zeros(CHANNEL_BLOCK, dtype=np.float32)
+        skip = np.zeros(CHANNEL_BLOCK, dtype=np.float32)
+        for g in range(groups):
+            for c in range(width):
+                bias[c] = dt_bias[g, first + c]
+                skip[c] = D[g, first + c]
+                for n in range(state_size):
+                    a_log2[n, c] = A[g, first + c, n] * LOG2_E
+            _scan_block(
+                u[b],
+                first if shared_input else g * channels_per_group + first,
+                dt[g, b],
+                first,
+                a_log2,
+                bias,
+                skip,
+                B_rows[g, b],
+                C_rows[g, b],
+                positions[g],
+                delta_softplus,
+                out[b],
+                first if summed_output else g * channels_per_group + first,
+            )
+    return out

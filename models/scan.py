@@ -1,0 +1,444 @@
+"""Selective scan (the S6 recurrence of Mamba) with automatic backend choice.
+
+For every batch element b and channel d, with ``dt = softplus(delta + delta_bias)``::
+
+    h[t] = exp(dt[t] * A[d]) * h[t-1] + dt[t] * B[t] * u[t]      # h: [d_state]
+    y[t] = <C[t], h[t]> + D[d] * u[t]
+
+Shapes follow mamba-ssm's ``selective_scan_fn``: ``u``, ``delta`` ``[b, d, l]``; ``A``
+``[d, n]``; ``B``, ``C`` ``[b, n, l]`` or grouped ``[b, k, n, l]`` (channel ``d`` uses
+group ``d // (d_total / k)``); ``D``, ``delta_bias`` ``[d]``. Output ``[b, d, l]`` float32.
+
+Backends (:func:`selective_scan` picks one and logs it once):
+
+``"cuda"``
+    mamba-ssm's fused kernel, imported lazily when the tensors are on a CUDA device.
+``"numba"``
+    CPU inference (no gradient needed): a compiled, parallel, float32 forward kernel.
+``"torch"``
+    CPU autograd (training, tests): a chunked scan in PyTorch that only exponentiates
+    non-positive sums of ``dt * A`` over segments inside a chunk, so it cannot overflow
+    however long the sequence or large the step (VMamba's ``selective_scan_easy``
+    exponentiates an unbounded cumulative sum and returns NaN).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "selective_scan",
+    "selective_scan_reference",
+    "selective_scan_chunked",
+    "selective_scan_numba",
+    "selective_scan_cuda",
+    "four_direction_scan_numba",
+    "four_direction_positions",
+    "log_backend",
+    "available_backends",
+    "choose_backend",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_LENGTH = 32
+_logged_backends: set[str] = set()
+_cuda_kernel: Callable | None = None
+_cuda_import_error: str | None = None
+
+
+def _grouped(state_projection: torch.Tensor) -> torch.Tensor:
+    """View B or C as grouped [b, k, n, l] (an ungrouped [b, n, l] is one group)."""
+    if state_projection.ndim == 3:
+        return state_projection.unsqueeze(1)
+    if state_projection.ndim != 4:
+        raise ValueError(f"B and C must be [b, n, l] or [b, k, n, l], got shape {tuple(state_projection.shape)}")
+    return state_projection
+
+
+def _step_sizes(delta: torch.Tensor, delta_bias: torch.Tensor | None, delta_softplus: bool) -> torch.Tensor:
+    if delta_bias is not None:
+        delta = delta + delta_bias[None, :, None]
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def _check_shapes(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> int:
+    """Validate shapes; return the number of channels per group."""
+    if u.ndim != 3 or delta.shape != u.shape:
+        raise ValueError(f"u and delta must both be [b, d, l], got {tuple(u.shape)} and {tuple(delta.shape)}")
+    batch, channels, length = u.shape
+    if A.ndim != 2 or A.shape[0] != channels:
+        raise ValueError(f"A must be [d={channels}, n], got {tuple(A.shape)}")
+    state_size = A.shape[1]
+    for name, projection in (("B", _grouped(B)), ("C", _grouped(C))):
+        if projection.shape[0] != batch or projection.shape[2] != state_size or projection.shape[3] != length:
+            raise ValueError(f"{name} must be [b={batch}, k, n={state_size}, l={length}], got {tuple(projection.shape)}")
+        if channels % projection.shape[1]:
+            raise ValueError(f"channels d={channels} must be divisible by the {name} groups k={projection.shape[1]}")
+    return channels // _grouped(B).shape[1]
+
+
+def selective_scan_reference(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = True,
+) -> torch.Tensor:
+    """Straightforward sequential loop over time (ground truth for the tests; slow).
+
+    Args:
+        u: Inputs [b, d, l].
+        delta: Raw step sizes [b, d, l].
+        A: State matrix (diagonal, negative) [d, n].
+        B: Input projection [b, n, l] or [b, k, n, l].
+        C: Output projection [b, n, l] or [b, k, n, l].
+        D: Skip weights [d], or None.
+        delta_bias: Bias added to ``delta`` [d], or None.
+        delta_softplus: Apply softplus to ``delta + delta_bias``.
+
+    Returns:
+        Outputs [b, d, l] float32.
+    """
+    channels_per_group = _check_shapes(u, delta, A, B, C)
+    u, delta, A = u.float(), delta.float(), A.float()
+    dt = _step_sizes(delta, None if delta_bias is None else delta_bias.float(), delta_softplus)
+    B_per_channel = _grouped(B).float().repeat_interleave(channels_per_group, dim=1)  # [b, d, n, l]
+    C_per_channel = _grouped(C).float().repeat_interleave(channels_per_group, dim=1)
+    state = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    outputs = []
+    for step in range(u.shape[2]):
+        dt_step = dt[:, :, step, None]
+        state = torch.exp(dt_step * A) * state + dt_step * B_per_channel[..., step] * u[:, :, step, None]
+        outputs.append((state * C_per_channel[..., step]).sum(-1))
+    y = torch.stack(outputs, dim=-1)
+    if D is not None:
+        y = y + D.float()[None, :, None] * u
+    return y
+
+
+def selective_scan_chunked(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = True,
+    chunk_length: int = DEFAULT_CHUNK_LENGTH,
+) -> torch.Tensor:
+    """Numerically stable chunked scan in PyTorch (differentiable; any device).
+
+    Inside a chunk of ``T`` steps the state is computed in closed form:
+    ``h[t] = exp(S[t, -1]) * h_in + sum_{s <= t} exp(S[t, s]) * dt[s] * B[s] * u[s]`` with
+    the segment sums ``S[t, s] = sum_{s < r <= t} dt[r] * A`` built by a masked cumulative
+    sum (no difference of two large cumulative sums, so no cancellation). Every
+    exponentiated value is <= 0; entries with ``s > t`` are masked to ``-inf`` before
+    ``exp``. The chunk's last state carries over to the next chunk. Work is
+    ``O(l * T * n)`` per channel, memory ``O(T^2 * n)`` per channel and chunk.
+
+    Args:
+        u: Inputs [b, d, l].
+        delta: Raw step sizes [b, d, l].
+        A: State matrix (diagonal, negative) [d, n].
+        B: Input projection [b, n, l] or [b, k, n, l].
+        C: Output projection [b, n, l] or [b, k, n, l].
+        D: Skip weights [d], or None.
+        delta_bias: Bias added to ``delta`` [d], or None.
+        delta_softplus: Apply softplus to ``delta + delta_bias``.
+        chunk_length: Steps per chunk ``T``.
+
+    Returns:
+        Outputs [b, d, l] float32.
+    """
+    channels_per_group = _check_shapes(u, delta, A, B, C)
+    batch, channels, length = u.shape
+    B_grouped, C_grouped = _grouped(B).float(), _grouped(C).float()
+    groups, state_size = B_grouped.shape[1], A.shape[1]
+    u32 = u.float()
+    dt = _step_sizes(delta.float(), None if delta_bias is None else delta_bias.float(), delta_softplus)
+
+    # Work in [b, k, d_per_group, l, n] / [b, k, 1, l, n] layouts so B and C broadcast over channels.
+    u_g = u32.view(batch, groups, channels_per_group, length)
+    dt_g = dt.view(batch, groups, channels_per_group, length)
+    A_g = A.float().view(groups, channels_per_group, 1, state_size)
+    B_g = B_grouped.transpose(2, 3).unsqueeze(2)  # [b, k, 1, l, n]
+    C_g = C_grouped.transpose(2, 3).unsqueeze(2)
+
+    state = u32.new_zeros(batch, groups, channels_per_group, state_size)
+    outputs = []
+    for start in range(0, length, chunk_length):
+        stop = min(start + chunk_length, length)
+        steps = stop - start
+        dt_chunk = dt_g[..., start:stop]  # [b, k, c, T]
+        log_decay = dt_chunk.unsqueeze(-1) * A_g  # [b, k, c, T, n], <= 0
+        # segment[t, s] = sum_{s < r <= t} log_decay[r]  (t, s index the chunk)
+        strictly_lower = torch.ones(steps, steps, dtype=torch.bool, device=u.device).tril(-1)
+        repeated = log_decay.unsqueeze(-2).expand(*log_decay.shape[:-2], steps, steps, state_size)  # [.., r, s, n]
+        segment = torch.cumsum(repeated.masked_fill(~strictly_lower[:, :, None], 0.0), dim=-3)  # [.., t, s, n]
+        lower = torch.ones(steps, steps, dtype=torch.bool, device=u.device).tril()
+        decay = torch.exp(segment.masked_fill(~lower[:, :, None], float("-inf")))  # [b, k, c, T, T, n]
+
+        drive = (dt_chunk * u_g[..., start:stop]).unsqueeze(-1) * B_g[..., start:stop, :]  # [b, k, c, T, n]
+        within = torch.einsum("bkctsn,bkcsn->bkctn", decay, drive)
+        # decay from the chunk start to t: sum_{r <= t} log_decay[r] = segment[t, 0] + log_decay[0]
+        from_start = torch.exp(segment[..., :, 0, :] + log_decay[..., :1, :])  # [b, k, c, T, n]
+        states = within + from_start * state.unsqueeze(-2)
+        outputs.append((states * C_g[..., start:stop, :]).sum(-1))
+        state = states[..., -1, :]
+    y = torch.cat(outputs, dim=-1).reshape(batch, channels, length)
+    if D is not None:
+        y = y + D.float()[None, :, None] * u32
+    return y
+
+
+def selective_scan_numba(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = True,
+) -> torch.Tensor:
+    """CPU forward-only scan with the compiled Numba kernel (no autograd).
+
+    Args and returns as :func:`selective_scan_reference`; tensors must be on the CPU.
+    """
+    from models import _scan_numba  # imported lazily: keeps numba out of `import models`
+
+    channels_per_group = _check_shapes(u, delta, A, B, C)
+    batch, channels, length = u.shape
+    B_grouped, C_grouped = _grouped(B), _grouped(C)
+    groups, state_size = B_grouped.shape[1], A.shape[1]
+    with torch.no_grad():
+        y_channels_last = _scan_numba.scan_channels_last(
+            _numpy(u.transpose(1, 2)),
+            _numpy(delta.view(batch, groups, channels_per_group, length).permute(1, 0, 3, 2)),
+            _numpy(A.view(groups, channels_per_group, state_size)),
+            _numpy(B_grouped.permute(1, 0, 3, 2)),
+            _numpy(C_grouped.permute(1, 0, 3, 2)),
+            _numpy(D.view(groups, channels_per_group) if D is not None else u.new_zeros(groups, channels_per_group)),
+            _numpy(
+                delta_bias.view(groups, channels_per_group)
+                if delta_bias is not None
+                else u.new_zeros(groups, channels_per_group)
+            ),
+            np.broadcast_to(np.arange(length, dtype=np.int64), (groups, length)),
+            False,
+            False,
+            bool(delta_softplus),
+        )
+    return torch.from_numpy(y_channels_last).transpose(1, 2).contiguous()
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    """Contiguous float32 numpy view (or copy) of a CPU tensor, detached."""
+    return tensor.detach().to(torch.float32).contiguous().numpy()
+
+
+def four_direction_positions(height: int, width: int) -> np.ndarray:
+    """Storage position of every step of SS2D's four scan directions.
+
+    Returns:
+        int64 [4, H*W]: row-major, column-major, reversed row-major, reversed
+        column-major — the order of VM-UNet's ``xs`` stack (Ruan et al. 2024).
+    """
+    return _four_direction_positions(int(height), int(width))
+
+
+@functools.lru_cache(maxsize=32)
+def _four_direction_positions(height: int, width: int) -> np.ndarray:
+    grid = np.arange(height * width, dtype=np.int64).reshape(height, width)
+    row_major, column_major = grid.reshape(-1), grid.T.reshape(-1)
+    positions = np.stack([row_major, column_major, row_major[::-1], column_major[::-1]])
+    positions.setflags(write=False)
+    return positions
+
+
+def four_direction_scan_numba(
+    x_channels_last: torch.Tensor,
+    dt_raw: torch.Tensor,
+    A: torch.Tensor,
+    B_rows: torch.Tensor,
+    C_rows: torch.Tensor,
+    D: torch.Tensor,
+    delta_bias: torch.Tensor,
+    delta_softplus: bool = True,
+) -> torch.Tensor:
+    """SS2D's four selective scans, summed, in one Numba call (CPU inference).
+
+    Equivalent to scanning the stacked, transposed and flipped copies of the feature
+    map with :func:`selective_scan` and adding the four outputs back in row-major
+    order, but reads and writes the feature map in place.
+
+    Args:
+        x_channels_last: Features [b, H, W, d].
+        dt_raw: Step sizes per direction [4, b, H*W, d] (before bias and softplus),
+            indexed by row-major position.
+        A: State matrices [4, d, n].
+        B_rows: Input projections [4, b, H*W, n] (any strides), by position.
+        C_rows: Output projections [4, b, H*W, n], by position.
+        D: Skip weights [4, d].
+        delta_bias: Step bias [4, d].
+        delta_softplus: Apply softplus to ``dt + delta_bias``.
+
+    Returns:
+        Sum of the four directions [b, H, W, d] float32.
+    """
+    from models import _scan_numba
+
+    batch, height, width, channels = x_channels_last.shape
+    with torch.no_grad():
+        y_channels_last = _scan_numba.scan_channels_last(
+            _numpy(x_channels_last.reshape(batch, height * width, channels)),
+            _numpy(dt_raw),
+            _numpy(A),
+            B_rows.detach().float().numpy(),
+            C_rows.detach().float().numpy(),
+            _numpy(D),
+            _numpy(delta_bias),
+            four_direction_positions(height, width),
+            True,
+            True,
+            bool(delta_softplus),
+        )
+    return torch.from_numpy(y_channels_last).view(batch, height, width, channels)
+
+
+def _load_cuda_kernel() -> Callable | None:
+    global _cuda_kernel, _cuda_import_error
+    if _cuda_kernel is None and _cuda_import_error is None:
+        try:
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        except Exception as error:  # ImportError, or a broken CUDA extension
+            _cuda_import_error = f"{type(error).__name__}: {error}"
+        else:
+            _cuda_kernel = selective_scan_fn
+    return _cuda_kernel
+
+
+def selective_scan_cuda(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = True,
+) -> torch.Tensor:
+    """mamba-ssm's fused CUDA kernel (``pip install .[gpu]``); differentiable.
+
+    Raises:
+        RuntimeError: mamba-ssm cannot be imported.
+    """
+    kernel = _load_cuda_kernel()
+    if kernel is None:
+        raise RuntimeError(f"mamba-ssm's CUDA selective scan is not available ({_cuda_import_error})")
+    return kernel(
+        u, delta, A, B.contiguous(), C.contiguous(), D, z=None, delta_bias=delta_bias, delta_softplus=delta_softplus
+    )
+
+
+def _numba_available() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this process: a subset of ``["cuda", "numba", "torch"]``."""
+    backends = []
+    if torch.cuda.is_available() and _load_cuda_kernel() is not None:
+        backends.append("cuda")
+    if _numba_available():
+        backends.append("numba")
+    backends.append("torch")
+    return backends
+
+
+def choose_backend(device: torch.device | str, needs_grad: bool) -> str:
+    """Name of the backend :func:`selective_scan` uses for tensors on ``device``.
+
+    Args:
+        device: Device of the inputs.
+        needs_grad: Whether a gradient must flow through the scan.
+
+    Returns:
+        ``"cuda"``, ``"numba"`` or ``"torch"``.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and _load_cuda_kernel() is not None:
+        return "cuda"
+    if device.type == "cpu" and not needs_grad and _numba_available():
+        return "numba"
+    return "torch"
+
+
+def log_backend(backend: str, device: torch.device | str) -> None:
+    """Log the scan backend the first time it runs in this process (and flush CPU
+    denormals for the CPU inference backend)."""
+    device = torch.device(device)
+    if backend not in _logged_backends:
+        _logged_backends.add(backend)
+        reason = "" if backend != "torch" or device.type == "cpu" else f" (mamba-ssm unavailable: {_cuda_import_error})"
+        logger.info("selective scan backend: %s on %s%s", backend, device.type, reason)
+    if backend == "numba":
+        torch.set_flush_denormal(True)
+
+
+_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
+    "cuda": selective_scan_cuda,
+    "numba": selective_scan_numba,
+    "torch": selective_scan_chunked,
+}
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = True,
+) -> torch.Tensor:
+    """Selective scan with the best available backend (see the module docstring).
+
+    CUDA tensors use mamba-ssm when it is installed; CPU tensors use the Numba kernel
+    when no gradient is needed and the PyTorch chunked scan otherwise (which also serves
+    CUDA without mamba-ssm). The chosen backend is logged once per process.
+
+    Args:
+        u: Inputs [b, d, l].
+        delta: Raw step sizes [b, d, l].
+        A: State matrix (diagonal, negative) [d, n].
+        B: Input projection [b, n, l] or [b, k, n, l].
+        C: Output projection [b, n, l] or [b, k, n, l].
+        D: Skip weights [d], or None.
+        delta_bias: Bias added to ``delta`` [d], or None.
+        delta_softplus: Apply softplus to ``delta + delta_bias``.
+
+    Returns:
+        Outputs [b, d, l] float32.
+    """
+    tensors = [t for t in (u, delta, A, B, C, D, delta_bias) if t is not None]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    backend = choose_backend(u.device, needs_grad)
+    log_backend(backend, u.device)
+    return _BACKENDS[backend](u, delta, A, B, C, D, delta_bias, delta_softplus)

@@ -1,0 +1,489 @@
+"""The measurement and similar-cases SRs: content read back with pydicom/highdicom, dciodvfy
+clean, readable by dcmtk's dsrdump, unchanged through a BytesIO round trip."""
+
+from __future__ import annotations
+
+import io
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+from pydicom.uid import ComprehensiveSRStorage, CTImageStorage, generate_uid
+from sr_fixtures import make_abscess_mask, make_abscess_seg, make_ct_series
+
+from dicom_node import dciodvfy, sr
+
+DEMO_ALGORITHM = {
+    "name": "VM-UNet",
+    "version": "0.1.0",
+    "description": "demo weights, trained on synthetic lesions in real CT, not for clinical use",
+    "demo": True,
+}
+CLINICAL_ALGORITHM = {**DEMO_ALGORITHM, "description": "trained on 412 annotated neck CTs", "demo": False}
+
+LESION_1 = {
+    "label": "Abscess 1",
+    "volume_ml": 0.288,  # 3 slices x 10 x 12 px x 0.8 x 0.8 x 2.5 mm
+    "longest_axial_diameter_mm": 12.5,
+    "core_mean_hu": 18.5,
+    "core_sd_hu": 9.25,
+    "loculi": 2,
+    "first_slice": 2,
+    "last_slice": 4,
+    "space": "parapharyngeal",
+}
+LESION_2 = {
+    "label": "Abscess 2",
+    "volume_ml": 0.05,
+    "longest_axial_diameter_mm": 4.0,
+    "core_mean_hu": None,  # core too small to measure
+    "core_sd_hu": None,
+    "loculi": 1,
+    "first_slice": 3,
+    "last_slice": 3,
+    "space": "submandibular",
+}
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("dciodvfy") is None or shutil.which("dsrdump") is None,
+    reason="needs dicom3tools (dciodvfy) and dcmtk (dsrdump): make install",
+)
+
+
+@pytest.fixture(scope="module")
+def ct_series() -> list[pydicom.Dataset]:
+    return make_ct_series()
+
+
+@pytest.fixture(scope="module")
+def segmentation(ct_series: list[pydicom.Dataset]) -> hd.seg.Segmentation:
+    return make_abscess_seg(ct_series, make_abscess_mask())
+
+
+def build_measurements(ct_series, segmentation, lesions=(LESION_1, LESION_2), algorithm=DEMO_ALGORITHM, **kwargs):
+    arguments = {
+        "series_number": 91,
+        "instance_number": 1,
+        "manufacturer": "abscess-node",
+        "device_name": "ABSCESS_NODE",
+        **kwargs,
+    }
+    return sr.build_measurement_report(
+        source_images=ct_series, segmentation=segmentation, lesions=list(lesions), algorithm=algorithm, **arguments
+    )
+
+
+def similar_results(ct_series: list[pydicom.Dataset]) -> list[dict]:
+    """Three results: matched instances fully known, known by UID only, known by index only."""
+    return [
+        {
+            "rank": 2,  # given out of order on purpose: the report lists them by rank
+            "score": 0.81,
+            "mode": "study-rerank",
+            "study_uid": generate_uid(),
+            "study_date": "20230105",
+            "study_description": "CT NECK",
+            "accession_number": None,
+            "patient_id": "PSEUDO-2",
+            "best_slices": [(4, generate_uid(), 0.88)],
+            "lesions": [],
+        },
+        {
+            "rank": 1,
+            "score": 0.93,
+            "mode": "study-rerank",
+            "study_uid": generate_uid(),
+            "study_date": "20220811",
+            "study_description": "CT HALS MIT KM",
+            "accession_number": "A1001",
+            "patient_id": "PSEUDO-1",
+            "series_uid": generate_uid(),
+            "sop_class_uid": CTImageStorage,
+            "best_slices": [(2, generate_uid(), 0.97), (3, generate_uid(), 0.95)],
+            "lesions": [{**LESION_1, "first_slice": 40, "last_slice": 47, "space": "retropharyngeal"}],
+        },
+        {
+            "rank": 3,
+            "score": 0.77,
+            "mode": "slice",
+            "study_uid": generate_uid(),
+            "study_date": None,
+            "study_description": None,
+            "accession_number": "A1003",
+            "patient_id": "PSEUDO-3",
+            "best_slices": [(1, 42, 0.8)],
+            "lesions": [LESION_2],
+        },
+    ]
+
+
+QUERY = {"mode": "study-rerank", "k": 3, "filters": "modality=CT; age>=18", "requested_by": "VIEWER1"}
+
+
+def build_similar(ct_series, results, query=QUERY, **kwargs):
+    return sr.build_similar_cases_report(
+        query_images=ct_series,
+        results=results,
+        query=query,
+        algorithm=DEMO_ALGORITHM,
+        series_number=92,
+        instance_number=1,
+        manufacturer="abscess-node",
+        device_name="ABSCESS_NODE",
+        **kwargs,
+    )
+
+
+def write_checked(document: pydicom.Dataset, path: Path) -> str:
+    """Write, require dciodvfy to be clean, and return dsrdump's output (which must succeed)."""
+    document.save_as(path, enforce_file_format=True)
+    result = dciodvfy.assert_valid(path)
+    assert result.iod == "ComprehensiveSR"
+    dump = subprocess.run(["dsrdump", str(path)], check=False, capture_output=True, text=True, timeout=30)
+    assert dump.returncode == 0, dump.stderr
+    assert dump.stderr == "", dump.stderr  # no dcmtk warning either
+    return dump.stdout
+
+
+def content_items(item: pydicom.Dataset, meaning: str) -> list[pydicom.Dataset]:
+    """Direct children of ``item`` whose concept name has this meaning."""
+    return [
+        child for child in item.get("ContentSequence", []) if child.ConceptNameCodeSequence[0].CodeMeaning == meaning
+    ]
+
+
+def only(item: pydicom.Dataset, meaning: str) -> pydicom.Dataset:
+    matches = content_items(item, meaning)
+    assert len(matches) == 1, f"{len(matches)} items named {meaning!r}"
+    return matches[0]
+
+
+def num(item: pydicom.Dataset, meaning: str) -> float:
+    return float(only(item, meaning).MeasuredValueSequence[0].NumericValue)
+
+
+def check_common_header(document: pydicom.Dataset, ct_series: list[pydicom.Dataset]) -> None:
+    source = ct_series[0]
+    assert document.SOPClassUID == ComprehensiveSRStorage
+    assert document.Modality == "SR"
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "StudyID",
+    ):
+        assert document[keyword].value == source[keyword].value, keyword
+    assert document.SeriesInstanceUID != source.SeriesInstanceUID
+    assert document.CompletionFlag == "COMPLETE"
+    assert document.VerificationFlag == "UNVERIFIED"
+    assert document.Manufacturer == "abscess-node"
+    assert document.ContentDate and document.ContentTime
+    schemes = {item.CodingSchemeDesignator for item in document.CodingSchemeIdentificationSequence}
+    assert sr.PRIVATE_CODING_SCHEME in schemes
+    current = document.CurrentRequestedProcedureEvidenceSequence
+    assert current[0].StudyInstanceUID == source.StudyInstanceUID
+    referenced = {
+        instance.ReferencedSOPInstanceUID
+        for study in current
+        for series in study.ReferencedSeriesSequence
+        for instance in series.ReferencedSOPSequence
+    }
+    assert {image.SOPInstanceUID for image in ct_series} <= referenced
+
+
+def test_fixture_series_and_seg_are_valid(ct_series, segmentation, tmp_path):
+    ct_path = tmp_path / "ct.dcm"
+    ct_series[0].save_as(ct_path, enforce_file_format=True)
+    assert dciodvfy.assert_valid(ct_path).iod == "CTImage"
+    assert dciodvfy.assert_valid(segmentation).iod == "Segmentation"
+
+
+def test_measurement_report_content(ct_series, segmentation, tmp_path):
+    document = build_measurements(ct_series, segmentation)
+    dump = write_checked(document, tmp_path / "measurements.dcm")
+    assert '"Imaging Measurement Report"' in dump
+    assert 'NUM:(,,"Volume")="0.288" (ml,UCUM,"milliliter")' in dump
+    assert 'NUM:(,,"Number of loculi")="2" ({loculi},UCUM,"loculi")' in dump
+
+    check_common_header(document, ct_series)
+    assert document.SeriesDescription == "Abscess measurements (VM-UNet, DEMO)"
+    assert segmentation.SOPInstanceUID in {
+        instance.ReferencedSOPInstanceUID
+        for study in document.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for instance in series.ReferencedSOPSequence
+    }
+
+    read_back = hd.sr.srread(tmp_path / "measurements.dcm")
+    assert isinstance(read_back.content, hd.sr.MeasurementReport)
+    observer = read_back.content.get_observer_contexts()[0]
+    assert observer.observer_type == codes.DCM.Device
+    groups = {group.tracking_identifier: group for group in read_back.content.get_volumetric_roi_measurement_groups()}
+    assert set(groups) == {"Abscess 1", "Abscess 2"}
+
+    first = groups["Abscess 1"]
+    assert first.finding_type == sr.ABSCESS
+    assert first.finding_sites[0].value == sr.NECK  # parapharyngeal space has no DICOM-listed code
+    assert first.referenced_segment is not None
+    segment_item = content_items(first[0], "Referenced Segment")[0].ReferencedSOPSequence[0]
+    assert segment_item.ReferencedSOPInstanceUID == segmentation.SOPInstanceUID
+    assert segment_item.ReferencedSegmentNumber == 1
+    assert [
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for item in content_items(first[0], "Source Image for Segmentation")
+    ] == [image.SOPInstanceUID for image in ct_series[2:5]]
+
+    def value(group, name, derivation=None):
+        matches = [m for m in group.get_measurements(name=name) if m.derivation == derivation]
+        assert len(matches) == 1
+        return matches[0]
+
+    assert value(first, sr.VOLUME).value == pytest.approx(0.288)
+    assert value(first, sr.VOLUME).unit == sr.UNIT_ML
+    assert value(first, sr.LONG_AXIS, sr.MAXIMUM).value == pytest.approx(12.5)
+    mean = value(first, sr.ATTENUATION_COEFFICIENT, sr.MEAN)
+    assert mean.value == pytest.approx(18.5) and mean.unit == sr.UNIT_HU
+    assert value(first, sr.ATTENUATION_COEFFICIENT, sr.STANDARD_DEVIATION).value == pytest.approx(9.25)
+    assert value(first, sr.NUMBER_OF_LOCULI).value == 2
+    first_slice = value(first, sr.FIRST_SLICE_INDEX)
+    assert first_slice.value == 2
+    assert first_slice.referenced_images[0].referenced_sop_instance_uid == ct_series[2].SOPInstanceUID
+    assert value(first, sr.LAST_SLICE_INDEX).referenced_images[0].referenced_sop_instance_uid == (
+        ct_series[4].SOPInstanceUID
+    )
+    for measurement in first.get_measurements():
+        assert only(measurement[0], "Algorithm Name").TextValue == "VM-UNet"
+        assert only(measurement[0], "Algorithm Version").TextValue == "0.1.0"
+    assert only(first[0], "Deep neck space").TextValue == "parapharyngeal"
+    comment = only(first[0], "Comment").TextValue
+    assert comment.startswith(sr.DEMO_NOTICE) and DEMO_ALGORITHM["description"] in comment
+
+    second = groups["Abscess 2"]
+    assert second.finding_sites[0].value == sr.DEEP_NECK_SPACE_SITES["submandibular"]
+    assert second.get_measurements(name=sr.ATTENUATION_COEFFICIENT) == []  # core not measurable
+    assert value(second, sr.VOLUME).value == pytest.approx(0.05)
+
+
+def test_measurement_report_without_demo_weights_has_no_demo_wording(ct_series, segmentation, tmp_path):
+    document = build_measurements(ct_series, segmentation, algorithm=CLINICAL_ALGORITHM)
+    dump = write_checked(document, tmp_path / "clinical.dcm")
+    assert "DEMO" not in dump and "DEMO" not in document.SeriesDescription
+    group = document.ContentSequence[-1].ContentSequence[0]
+    assert only(group, "Comment").TextValue == CLINICAL_ALGORITHM["description"]
+
+
+@pytest.mark.parametrize("with_seg", [True, False], ids=["empty-seg", "no-seg"])
+def test_zero_lesion_report_says_no_abscess(ct_series, segmentation, tmp_path, with_seg):
+    document = build_measurements(ct_series, segmentation if with_seg else None, lesions=())
+    dump = write_checked(document, tmp_path / "none.dcm")
+    assert 'CODE:(,,"Abscess")=(272519000,SCT,"Absent")' in dump
+    check_common_header(document, ct_series)
+
+    read_back = hd.sr.srread(tmp_path / "none.dcm")
+    assert read_back.content.get_volumetric_roi_measurement_groups() == []
+    (group,) = read_back.content.get_image_measurement_groups()
+    evaluations = [e for e in group.get_qualitative_evaluations(name=sr.ABSCESS)]
+    assert [e.value for e in evaluations] == [sr.ABSENT]
+    comments = [item.TextValue for item in content_items(group[0], "Comment")]
+    assert sr.NO_LESION_TEXT in comments
+    assert any(text.startswith(sr.DEMO_NOTICE) for text in comments)
+
+
+def test_similar_cases_report_with_three_results(ct_series, tmp_path):
+    results = similar_results(ct_series)
+    document = build_similar(ct_series, results)
+    dump = write_checked(document, tmp_path / "similar.dcm")
+    assert '<CONTAINER:(,,"Similar cases")' in dump
+    assert 'NUM:(,,"Similarity score")="0.93"' in dump
+
+    check_common_header(document, ct_series)
+    assert document.SeriesDescription == "Similar cases (abscess-node)"
+    title = document.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator) == ("SIMCASES", "99ABSCESS")
+
+    query = only(document, "Similar-case query")
+    assert only(query, "Retrieval mode").TextValue == "study-rerank"
+    assert num(query, "Number of results requested") == 3
+    assert only(query, "Query filters").TextValue == QUERY["filters"]
+    assert only(query, "Requesting AE title").TextValue == "VIEWER1"
+    assert only(query, "Algorithm Name").TextValue == "VM-UNet"
+    assert only(query, "Comment").TextValue.startswith(sr.DEMO_NOTICE)
+    assert num(document, "Number of similar cases found") == 3
+
+    cases = content_items(document, "Similar case")
+    assert [num(case, "Rank") for case in cases] == [1, 2, 3]
+    by_rank = {result["rank"]: result for result in results}
+    for case in cases:
+        expected = by_rank[int(num(case, "Rank"))]
+        assert num(case, "Similarity score") == pytest.approx(expected["score"])
+        assert only(case, "Retrieval mode").TextValue == expected["mode"]
+        assert only(case, "Study Instance UID").UID == expected["study_uid"]
+        pairs = content_items(case, "Best-matching slice pair")
+        assert len(pairs) == len(expected["best_slices"])
+        for pair, (query_slice, matched, similarity) in zip(pairs, expected["best_slices"]):
+            query_image = only(pair, "Query image").ReferencedSOPSequence[0]
+            assert query_image.ReferencedSOPInstanceUID == ct_series[query_slice].SOPInstanceUID
+            assert num(pair, "Query slice index (0-based)") == query_slice
+            assert num(pair, "Slice similarity") == pytest.approx(similarity)
+        assert len(content_items(case, "Matched lesion")) == len(expected["lesions"])
+
+    first, second, third = cases
+    assert str(only(first, "Study Date").Date) == "20220811"
+    assert only(first, "Procedure Description").TextValue == "CT HALS MIT KM"
+    assert only(first, "Accession Number").TextValue == "A1001"
+    assert only(first, "Subject ID").TextValue == "PSEUDO-1"
+    matched = only(content_items(first, "Best-matching slice pair")[0], "Matched image").ReferencedSOPSequence[0]
+    assert matched.ReferencedSOPClassUID == CTImageStorage
+    assert matched.ReferencedSOPInstanceUID == by_rank[1]["best_slices"][0][1]
+    lesion = only(first, "Matched lesion")
+    assert only(lesion, "Tracking Identifier").TextValue == "Abscess 1"
+    assert num(lesion, "Volume") == pytest.approx(0.288)
+    assert num(lesion, "Number of loculi") == 2
+    assert num(lesion, "First slice index (0-based, series order)") == 40
+    assert only(lesion, "Deep neck space").TextValue == "retropharyngeal"
+    # The matched instances of rank 1 are evidence from another study.
+    other = document.PertinentOtherEvidenceSequence
+    assert [study.StudyInstanceUID for study in other] == [by_rank[1]["study_uid"]]
+    assert {i.ReferencedSOPInstanceUID for i in other[0].ReferencedSeriesSequence[0].ReferencedSOPSequence} == {
+        pair[1] for pair in by_rank[1]["best_slices"]
+    }
+
+    assert content_items(second, "Accession Number") == []  # None is left out, not written empty
+    assert (
+        only(content_items(second, "Best-matching slice pair")[0], "Matched SOP Instance UID").UID
+        == (by_rank[2]["best_slices"][0][1])
+    )
+    assert content_items(third, "Study Date") == []
+    assert num(content_items(third, "Best-matching slice pair")[0], "Matched slice index (0-based)") == 42
+
+
+def test_similar_cases_report_with_no_result(ct_series, tmp_path):
+    document = build_similar(ct_series, [])
+    dump = write_checked(document, tmp_path / "similar-none.dcm")
+    assert '<CONTAINER:(,,"Similar cases")' in dump
+    assert sr.NO_SIMILAR_CASE_TEXT in dump
+    assert num(document, "Number of similar cases found") == 0
+    assert only(document, "Comment").TextValue == sr.NO_SIMILAR_CASE_TEXT
+    query = only(document, "Similar-case query")
+    assert only(query, "Query filters").TextValue == QUERY["filters"]
+    assert only(query, "Series Instance UID").UID == ct_series[0].SeriesInstanceUID
+    assert content_items(document, "Similar case") == []
+    assert "PertinentOtherEvidenceSequence" not in document
+
+
+def encode(document: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    document.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_round_trip_through_bytesio(ct_series, segmentation):
+    for document in (
+        build_measurements(ct_series, segmentation),
+        build_measurements(ct_series, None, lesions=()),
+        build_similar(ct_series, similar_results(ct_series)),
+        build_similar(ct_series, []),
+    ):
+        encoded = encode(document)
+        read_back = hd.sr.srread(io.BytesIO(encoded))
+        assert isinstance(read_back, hd.sr.ComprehensiveSR)
+        assert read_back.SOPInstanceUID == document.SOPInstanceUID
+        assert read_back.ConceptNameCodeSequence[0].CodeMeaning == document.ConceptNameCodeSequence[0].CodeMeaning
+        assert encode(read_back) == encoded  # nothing lost or changed on the way
+
+
+def test_stable_uids_for_a_reprocessed_study(ct_series, segmentation):
+    """Same SOP Instance UID in -> same tracking UIDs and device UID out (reports replace, not add)."""
+    sop_uid = generate_uid()
+    first = build_measurements(ct_series, segmentation, sop_instance_uid=sop_uid)
+    second = build_measurements(ct_series, segmentation, sop_instance_uid=sop_uid)
+    first, second = (hd.sr.ComprehensiveSR.from_dataset(document) for document in (first, second))
+    assert [group.tracking_uid for group in first.content.get_volumetric_roi_measurement_groups()] == [
+        group.tracking_uid for group in second.content.get_volumetric_roi_measurement_groups()
+    ]
+    device_uid = only(first, "Device Observer UID").UID
+    assert device_uid == only(second, "Device Observer UID").UID
+
+
+def bad(**changes):
+    return {**LESION_1, **changes}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lesions": [{"label": "x"}]}, r"lesions\[0\] lacks key\(s\) \['space', 'volume_ml'"),
+        ({"lesions": [bad(first_slice=4, last_slice=2)]}, "first_slice 4 is after last_slice 2"),
+        ({"lesions": [bad(last_slice=6)]}, r"last_slice 6 is outside the 6 source images"),
+        ({"lesions": [bad(core_mean_hu=math.nan)]}, r"core_mean_hu'\] must be finite.*pass None"),
+        ({"lesions": [bad(volume_ml=-1.0)]}, r"volume_ml'\] must be >= 0"),
+        ({"lesions": [bad(loculi=1.5)]}, r"loculi'\] must be a whole number"),
+        ({"lesions": [LESION_1, LESION_1]}, "labels must be unique"),
+        ({"segmentation": None}, "segmentation is required when there are lesions"),
+        ({"algorithm": {"name": "VM-UNet", "version": "1"}}, r"algorithm mapping lacks key\(s\) \['demo'\]"),
+        ({"segment_number": 2}, r"has no segment 2 \(its segments: \[1\]\)"),
+        ({"series_number": 0}, "series_number must be a positive integer"),
+    ],
+)
+def test_measurement_report_rejects_bad_input(ct_series, segmentation, kwargs, message):
+    arguments = {"lesions": [LESION_1], "segmentation": segmentation, **kwargs}
+    lesions = arguments.pop("lesions")
+    seg = arguments.pop("segmentation")
+    with pytest.raises(sr.SrInputError, match=message):
+        build_measurements(ct_series, seg, lesions=lesions, **arguments)
+
+
+def test_measurement_report_rejects_images_of_two_series(ct_series, segmentation):
+    other = make_ct_series(n_slices=1, study_uid=ct_series[0].StudyInstanceUID)
+    with pytest.raises(sr.SrInputError, match=r"source_images\[6\] belongs to series"):
+        build_measurements([*ct_series, *other], segmentation)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rank": 1}, r"result ranks must be unique, got \[1, 1, 3\]"),
+        ({"best_slices": [(6, generate_uid(), 0.5)]}, r"\['best_slices'\]\[0\]\[0\] is 6, outside the 6 query images"),
+        ({"best_slices": [(0, "not-a-uid", 0.5)]}, r"\['best_slices'\]\[0\]\[1\] must be a valid DICOM UID"),
+        ({"best_slices": [(0, 1)]}, r"must be \(query_slice_index, matched SOP Instance UID or slice index"),
+        ({"score": float("inf")}, r"results\[0\]\['score'\] must be a finite number"),
+        ({"study_date": "2023-01-05"}, r"study_date'\] must be a datetime.date or a DICOM DA string"),
+    ],
+)
+def test_similar_cases_report_rejects_bad_results(ct_series, change, message):
+    results = similar_results(ct_series)
+    results[0].update(change)
+    with pytest.raises(sr.SrInputError, match=message):
+        build_similar(ct_series, results)
+
+
+def test_similar_cases_report_rejects_bad_query(ct_series):
+    with pytest.raises(sr.SrInputError, match=r"query\['k'\] must be a positive integer, got 0"):
+        build_similar(ct_series, [], query={**QUERY, "k": 0})
+    with pytest.raises(sr.SrInputError, match=r"query lacks key\(s\) \['mode'\]"):
+        build_similar(ct_series, [], query={"k": 3})
+
+
+def test_dciodvfy_reports_errors_and_undeclared_private_codes(ct_series, tmp_path):
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(b"not DICOM at all")
+    result = dciodvfy.validate(garbage)
+    assert result.errors and not result.ok
+
+    document = build_similar(ct_series, [])
+    tolerated = dciodvfy.assert_valid(document).tolerated_warnings
+    assert tolerated and all("<99ABSCESS>" in line for line in tolerated)
+    del document.CodingSchemeIdentificationSequence  # private codes now undeclared: warnings count
+    with pytest.raises(dciodvfy.DicomValidationError, match="Unrecognized defined term <99ABSCESS>"):
+        dciodvfy.assert_valid(document)
+    assert dciodvfy.assert_valid(document, allow_warnings=True).warnings
