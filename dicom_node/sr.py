@@ -100,7 +100,7 @@ def _private(value: str, meaning: str) -> Code:
 NUMBER_OF_LOCULI = _private("LOCULI", "Number of loculi")
 FIRST_SLICE_INDEX = _private("FIRSTSLICE", "First slice index (0-based, series order)")
 LAST_SLICE_INDEX = _private("LASTSLICE", "Last slice index (0-based, series order)")
-LESION_CORE = _private("CORE", "Within abscess core")
+LESION_CORE = _private("CORE", "Lesion core (boundary shell excluded)")
 DEEP_NECK_SPACE = _private("NECKSPACE", "Deep neck space")
 SIMILAR_CASES = _private("SIMCASES", "Similar cases")
 SIMILAR_CASE = _private("SIMCASE", "Similar case")
@@ -162,7 +162,6 @@ NO_LESION_TEXT = "No abscess detected by the algorithm."
 NO_SIMILAR_CASE_TEXT = "No similar case found."
 
 CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS
-HAS_CONCEPT_MOD = hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD
 HAS_OBS_CONTEXT = hd.sr.RelationshipTypeValues.HAS_OBS_CONTEXT
 
 
@@ -271,14 +270,16 @@ class _Lesion:
     def from_mapping(cls, lesion: Mapping[str, Any], where: str, n_slices: int | None) -> _Lesion:
         if not isinstance(lesion, Mapping):
             raise SrInputError(f"{where} must be a mapping, not {type(lesion).__name__}")
-        required = ["label", "space", *(q.key for q in LESION_QUANTITIES)]
+        required = ["label", *(q.key for q in LESION_QUANTITIES)]
         missing = [key for key in required if key not in lesion]
         if missing:
             raise SrInputError(f"{where} lacks key(s) {missing}; got {sorted(lesion)}")
         label = lesion["label"]
-        if not isinstance(label, str) or not label.strip():
-            raise SrInputError(f"{where}['label'] must be a non-empty string, got {label!r}")
-        space = lesion["space"]
+        if isinstance(label, int) and not isinstance(label, bool) and label >= 1:
+            label = f"Abscess {label}"  # index.lesions numbers lesions 1..n
+        elif not isinstance(label, str) or not label.strip():
+            raise SrInputError(f"{where}['label'] must be a positive integer or a non-empty string, got {label!r}")
+        space = lesion.get("space")
         if space is not None and (not isinstance(space, str) or not space.strip()):
             raise SrInputError(f"{where}['space'] must be a non-empty string or None, got {space!r}")
         values: dict[str, int | float | None] = {}
@@ -340,6 +341,15 @@ def _check_series(images: Sequence[pydicom.Dataset], argument: str) -> None:
         seen.add(image.SOPInstanceUID)
 
 
+_UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def _check_uid(value: Any, where: str) -> str:
+    if not isinstance(value, str) or len(value) > 64 or not _UID_PATTERN.fullmatch(value):
+        raise SrInputError(f"{where} must be a valid DICOM UID, got {value!r}")
+    return value
+
+
 def _check_positive_int(value: Any, argument: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise SrInputError(f"{argument} must be a positive integer, got {value!r}")
@@ -370,8 +380,14 @@ _TYPE2_HEADER = (
 
 
 def _header_source(image: pydicom.Dataset) -> pydicom.Dataset:
-    """Shallow copy of ``image`` with every type 2 patient/study attribute present."""
-    header = pydicom.Dataset(image)
+    """A new dataset with the elements of ``image`` and every type 2 patient/study attribute.
+
+    (``pydicom.Dataset(image)`` and ``copy.copy(image)`` share the element dict with ``image``;
+    adding to them would change the caller's dataset.)
+    """
+    header = pydicom.Dataset()
+    for element in image:
+        header.add(element)
     for keyword in _TYPE2_HEADER:
         if keyword not in header:
             setattr(header, keyword, "")
@@ -557,10 +573,11 @@ def build_measurement_report(
         source_images: The CT series the SEG was computed on, in the order lesion slice
             indices refer to.
         segmentation: The node's DICOM SEG of those images; may be None only without lesions.
-        lesions: One mapping per lesion with keys ``label``, ``volume_ml``,
+        lesions: One mapping per lesion (e.g. ``index.lesions.Lesion.as_dict()``) with keys
+            ``label`` (int n, written "Abscess n", or a string), ``volume_ml``,
             ``longest_axial_diameter_mm``, ``core_mean_hu``, ``core_sd_hu`` (both may be None),
             ``loculi``, ``first_slice``, ``last_slice`` (0-based indices into
-            ``source_images``) and ``space`` (deep neck space name or None).
+            ``source_images``) and optionally ``space`` (deep neck space name or None).
         algorithm: ``name``, ``version``, ``description``, ``demo`` (bool) and optionally
             ``parameters`` (sequence of strings).
         series_number: Series Number of the new SR series.
@@ -707,15 +724,6 @@ def _optional_text(value: Any, where: str, max_length: int = 64) -> str | None:
     if value is None or value == "":
         return None
     return _check_text(value, where, max_length)
-
-
-_UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
-
-
-def _check_uid(value: Any, where: str) -> str:
-    if not isinstance(value, str) or len(value) > 64 or not _UID_PATTERN.fullmatch(value):
-        raise SrInputError(f"{where} must be a valid DICOM UID, got {value!r}")
-    return value
 
 
 def _parse_date(value: Any, where: str) -> datetime.date | None:

@@ -93,9 +93,7 @@ def knn_recall(approximate_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> fl
     _check_k(k)
     approximate_ids = np.asarray(approximate_ids)[:, :k]
     exact_ids = np.asarray(exact_ids)[:, :k]
-    found = sum(
-        len(set(a[a >= 0].tolist()) & set(e[e >= 0].tolist())) for a, e in zip(approximate_ids, exact_ids)
-    )
+    found = sum(len(set(a[a >= 0].tolist()) & set(e[e >= 0].tolist())) for a, e in zip(approximate_ids, exact_ids))
     return found / (k * len(exact_ids)) if len(exact_ids) else 0.0
 
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 import math
 import operator
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -257,9 +257,7 @@ class LesionFilter:
             try:
                 object.__setattr__(self, "value", float(self.value))
             except (TypeError, ValueError):
-                raise ValueError(
-                    f"filter on {self.descriptor!r} needs a number, got {self.value!r}"
-                ) from None
+                raise ValueError(f"filter on {self.descriptor!r} needs a number, got {self.value!r}") from None
         elif self.descriptor in TEXT_DESCRIPTORS:
             if self.op not in ("=", "==", "!="):
                 raise ValueError(f"filter on {self.descriptor!r} supports only '=' and '!=', got {self.op!r}")
@@ -277,9 +275,7 @@ class LesionFilter:
         """
         found = _FILTER_PATTERN.match(text)
         if found is None:
-            raise ValueError(
-                f"cannot parse filter {text!r}; write it as <descriptor><op><value>, e.g. 'loculi>=2'"
-            )
+            raise ValueError(f"cannot parse filter {text!r}; write it as <descriptor><op><value>, e.g. 'loculi>=2'")
         return cls(found.group(1), found.group(2), found.group(3))
 
     def matches(self, lesion: Mapping[str, Any]) -> bool:
@@ -311,9 +307,7 @@ def study_passes(lesions: Sequence[Mapping[str, Any]], filters: Sequence[LesionF
     return any(all(f.matches(lesion) for f in filters) for lesion in lesions)
 
 
-def descriptor_similarity(
-    query_descriptors: Mapping[str, Any], lesions: Sequence[Mapping[str, Any]]
-) -> float:
+def descriptor_similarity(query_descriptors: Mapping[str, Any], lesions: Sequence[Mapping[str, Any]]) -> float:
     """Similarity in [0, 1] of a query's lesion descriptors to a study's best-matching lesion.
 
     Per descriptor given in the query (unknown keys and None values are ignored):
@@ -331,9 +325,7 @@ def descriptor_similarity(
         lesions: The candidate study's lesion descriptor dicts.
     """
     keys = [
-        key
-        for key in (*_RELATIVE_DESCRIPTORS, *_HU_SCALE, *TEXT_DESCRIPTORS)
-        if query_descriptors.get(key) is not None
+        key for key in (*_RELATIVE_DESCRIPTORS, *_HU_SCALE, *TEXT_DESCRIPTORS) if query_descriptors.get(key) is not None
     ]
     if not keys or not lesions:
         return 0.0

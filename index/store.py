@@ -43,7 +43,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import faiss
 import numpy as np
@@ -305,7 +305,10 @@ class _VectorSpace:
         elif report.broken or report.unknown:
             log.warning(
                 "%s index %s: %s; rebuilding from %d stored embeddings",
-                self.name, self.path, report.broken or f"{report.unknown} unknown ids", report.live_rows,
+                self.name,
+                self.path,
+                report.broken or f"{report.unknown} unknown ids",
+                report.live_rows,
             )
             self.rebuild(dim)
             if save:
@@ -345,7 +348,10 @@ class _VectorSpace:
         self.dead_ids = np.empty(0, dtype=np.int64)
         self.broken = ""
         log.info(
-            "%s index rebuilt on %s: %d vectors in %.2f s", self.name, path, live.size,
+            "%s index rebuilt on %s: %d vectors in %.2f s",
+            self.name,
+            path,
+            live.size,
             time.perf_counter() - started,
         )
 
@@ -454,7 +460,7 @@ class CaseIndex:
         """Close the SQLite connection (the FAISS files are already on disk)."""
         self._db.conn.close()
 
-    def __enter__(self) -> CaseIndex:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -576,6 +582,7 @@ class CaseIndex:
             with self._db.atomic():
                 for space in self._spaces.values():
                     self._db.execute(f"DELETE FROM {space.table} WHERE live = 0")
+                self._generation = self._bump_generation()  # readers reload the compacted files
 
     def check_consistency(self) -> list[ConsistencyReport]:
         """Compare each FAISS index with its SQLite rows (no repair).
@@ -593,18 +600,21 @@ class CaseIndex:
         Raises:
             StudyNotIndexed: If the study is not indexed.
         """
-        rows = self._studies([study_uid])
+        with self._lock:
+            rows = self._studies([study_uid])
         if study_uid not in rows:
             raise StudyNotIndexed(study_uid)
         return rows[study_uid]
 
     def study_uids(self) -> list[str]:
         """StudyInstanceUIDs of all indexed studies, sorted."""
-        return [row[0] for row in self._db.execute("SELECT study_uid FROM studies ORDER BY study_uid")]
+        with self._lock:
+            return [row[0] for row in self._db.execute("SELECT study_uid FROM studies ORDER BY study_uid")]
 
     def lesions(self, study_uid: str) -> list[dict[str, Any]]:
         """Lesion descriptor dicts of a study, by label (empty when it has none)."""
-        return self._lesions([study_uid]).get(study_uid, [])
+        with self._lock:
+            return self._lesions([study_uid]).get(study_uid, [])
 
     def study_embeddings(self, study_uid: str, space: str = "slice") -> tuple[np.ndarray, np.ndarray]:
         """The stored embeddings of an indexed study.
@@ -620,12 +630,13 @@ class CaseIndex:
             StudyNotIndexed: If the study is not indexed.
         """
         table = self._space(space).table
-        rows = self._db.execute(
-            f"SELECT slice_index, embedding FROM {table} WHERE study_uid = ? AND live = 1 ORDER BY slice_index",
-            [study_uid],
-        ).fetchall()
-        if not rows and study_uid not in self._studies([study_uid]):
-            raise StudyNotIndexed(study_uid)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT slice_index, embedding FROM {table} WHERE study_uid = ? AND live = 1 ORDER BY slice_index",
+                [study_uid],
+            ).fetchall()
+            if not rows and study_uid not in self._studies([study_uid]):
+                raise StudyNotIndexed(study_uid)
         return self._unpack(rows)
 
     def vector_count(self, space: str = "slice", *, live_only: bool = True) -> int:
@@ -676,9 +687,7 @@ class CaseIndex:
                 raise DimensionMismatch(f"query embeddings are {queries.shape[1]}-d, the index holds {self.dim}-d")
             vector_space = self._space(space)
             excluded = (
-                self._live_ids(vector_space.table, exclude_study_uid)
-                if exclude_study_uid
-                else np.empty(0, np.int64)
+                self._live_ids(vector_space.table, exclude_study_uid) if exclude_study_uid else np.empty(0, np.int64)
             )
             similarities, ids = vector_space.search(normalize_rows(queries), k, excluded, self.ef_search)
             slice_rows = self._slice_rows(vector_space.table, ids[ids >= 0])
@@ -728,7 +737,8 @@ class CaseIndex:
             query_slice_indices: Slice index of each row (default 0..n-1).
             slice_range: (first, last) slice indices, inclusive: keep only those query rows.
             exclude_study_uid: The query's own study, never returned.
-            k: Neighbours retrieved per query slice for the hit table.
+            k: Neighbours retrieved per query slice for the hit table (``k=1`` is the paper's
+                setting: only the most similar slice of each query slice counts).
             top: Number of studies returned.
             rerank: Re-rank by late interaction (True) or keep the count-based order (False).
             filters: Lesion-descriptor filters, e.g. ``["loculi>=2", "space=parapharyngeal"]``.
@@ -921,7 +931,9 @@ class CaseIndex:
         for space in self._spaces.values():
             total = 0 if space.index is None else space.index.ntotal
             if total and space.dead_ids.size / total > self.compact_fraction:
-                log.info("%s index: %d of %d vectors are tombstones: compacting", space.name, space.dead_ids.size, total)
+                log.info(
+                    "%s index: %d of %d vectors are tombstones: compacting", space.name, space.dead_ids.size, total
+                )
                 self.compact()
                 return
 

@@ -235,7 +235,7 @@ def selective_scan_numba(
                 if delta_bias is not None
                 else u.new_zeros(groups, channels_per_group)
             ),
-            np.broadcast_to(np.arange(length, dtype=np.int64), (groups, length)),
+            np.tile(np.arange(length, dtype=np.int64), (groups, 1)),
             False,
             False,
             bool(delta_softplus),
@@ -263,7 +263,6 @@ def _four_direction_positions(height: int, width: int) -> np.ndarray:
     grid = np.arange(height * width, dtype=np.int64).reshape(height, width)
     row_major, column_major = grid.reshape(-1), grid.T.reshape(-1)
     positions = np.stack([row_major, column_major, row_major[::-1], column_major[::-1]])
-    positions.setflags(write=False)
     return positions
 
 
@@ -288,7 +287,7 @@ def four_direction_scan_numba(
         dt_raw: Step sizes per direction [4, b, H*W, d] (before bias and softplus),
             indexed by row-major position.
         A: State matrices [4, d, n].
-        B_rows: Input projections [4, b, H*W, n] (any strides), by position.
+        B_rows: Input projections [4, b, H*W, n], by position.
         C_rows: Output projections [4, b, H*W, n], by position.
         D: Skip weights [4, d].
         delta_bias: Step bias [4, d].
@@ -305,8 +304,8 @@ def four_direction_scan_numba(
             _numpy(x_channels_last.reshape(batch, height * width, channels)),
             _numpy(dt_raw),
             _numpy(A),
-            B_rows.detach().float().numpy(),
-            C_rows.detach().float().numpy(),
+            _numpy(B_rows),
+            _numpy(C_rows),
             _numpy(D),
             _numpy(delta_bias),
             four_direction_positions(height, width),

@@ -18,7 +18,9 @@ Layout: tensors between blocks are channel-last ``[B, H, W, C]`` as in the refer
   1x1 convolution to ``num_classes`` logits.
 
 The selective scan of the SS2D module runs through :func:`models.scan.selective_scan`,
-which picks the CUDA kernel of mamba-ssm, a Numba kernel or a PyTorch chunked scan.
+which picks the CUDA kernel of mamba-ssm or the PyTorch chunked scan (training); CPU
+inference uses the fused four-direction Numba kernel
+(:func:`models.scan.four_direction_scan_numba`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.scan import selective_scan
+from models.scan import choose_backend, four_direction_scan_numba, log_backend, selective_scan
 
 __all__ = ["VMUNet", "VSSBlock", "SS2D", "DropPath", "trunc_normal_"]
 
@@ -209,7 +211,7 @@ class SS2D(nn.Module):
         row_major = features.reshape(batch, channels, length)
         column_major = features.transpose(2, 3).reshape(batch, channels, length)
         forward_pair = torch.stack([row_major, column_major], dim=1)
-        sequences = torch.cat([forward_pair, forward_pair.flip(-1)], dim=1)  # [B, 4, D, L]
+        sequences = torch.cat([forward_pair, forward_pair.flip(-1)], dim=1).contiguous()  # [B, 4, D, L]
 
         projected = torch.einsum("bkdl,kcd->bkcl", sequences, self.x_proj_weight)
         dt_low_rank, b_state, c_state = torch.split(projected, [self.dt_rank, self.d_state, self.d_state], dim=2)
@@ -232,13 +234,46 @@ class SS2D(nn.Module):
         column_sum = column_sum.view(batch, channels, width, height).transpose(2, 3).reshape(batch, channels, length)
         return row_sum + column_sum
 
+    def _scan_four_directions_fused(self, features: torch.Tensor) -> torch.Tensor:
+        """CPU inference path of :meth:`_scan_four_directions` (same result, no autograd).
+
+        The projections are computed once per position (a projection commutes with the
+        reordering of the positions) and the Numba kernel walks the feature map in the
+        four orders itself, adding the four outputs: no stacked, transposed or flipped
+        copies. Returns [B, H, W, D] (channel-last).
+        """
+        batch, channels, height, width = features.shape
+        length = height * width
+        directions = NUM_SCAN_DIRECTIONS
+        features_last = features.permute(0, 2, 3, 1).reshape(batch * length, channels)
+        projected = (features_last @ self.x_proj_weight.reshape(-1, channels).t()).view(batch * length, directions, -1)
+        dt_low_rank = projected[..., : self.dt_rank].transpose(0, 1)  # [4, B*L, R]
+        dt = torch.bmm(dt_low_rank, self.dt_projs_weight.transpose(1, 2))  # [4, B*L, D]
+        state_rows = projected[..., self.dt_rank :].transpose(0, 1).reshape(directions, batch, length, -1)
+        return four_direction_scan_numba(
+            features_last.view(batch, height, width, channels),
+            dt.view(directions, batch, length, channels),
+            -torch.exp(self.A_logs.float()).view(directions, channels, self.d_state),
+            state_rows[..., : self.d_state],
+            state_rows[..., self.d_state :],
+            self.Ds.view(directions, channels),
+            self.dt_projs_bias,
+            delta_softplus=True,
+        )
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, H, W, d_model] -> [B, H, W, d_model]."""
         batch, height, width, _ = tokens.shape
         branch, gate = self.in_proj(tokens).chunk(2, dim=-1)
-        branch = self.act(self.conv2d(branch.permute(0, 3, 1, 2).contiguous()))
-        scanned = self._scan_four_directions(branch)  # [B, D, L]
-        scanned = scanned.transpose(1, 2).reshape(batch, height, width, self.d_inner)
+        branch = self.act(self.conv2d(branch.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)))
+        needs_grad = torch.is_grad_enabled() and (tokens.requires_grad or self.A_logs.requires_grad)
+        backend = choose_backend(branch.device, needs_grad)
+        if backend == "numba":
+            log_backend(backend, branch.device)
+            scanned = self._scan_four_directions_fused(branch)
+        else:
+            scanned = self._scan_four_directions(branch)  # [B, D, L]
+            scanned = scanned.transpose(1, 2).reshape(batch, height, width, self.d_inner)
         return self.out_proj(self.out_norm(scanned) * F.silu(gate))
 
 

@@ -50,7 +50,7 @@ def _answer(output: Any, answer: rest.Answer) -> None:
     if status == 200:
         output.AnswerBuffer(body, "application/json")
     else:
-        output.SendHttpStatus(status, body)
+        output.SendHttpStatus(status, body.decode(), len(body))
 
 
 def on_jobs(output: Any, uri: str, **request: Any) -> None:

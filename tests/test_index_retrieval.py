@@ -51,7 +51,9 @@ class Cohort:
         slices = self.anatomy + self.protocols[protocol] + noise
         slices[lesion] += self.lesion_types[lesion_type]
         rois = np.zeros_like(slices)
-        rois[lesion] = self.lesion_types[lesion_type] + 0.4 * self.rng.standard_normal((LESION_SLICES, DIM)) / np.sqrt(DIM) * 4
+        rois[lesion] = (
+            self.lesion_types[lesion_type] + 0.4 * self.rng.standard_normal((LESION_SLICES, DIM)) / np.sqrt(DIM) * 4
+        )
         return {
             "protocol": protocol,
             "lesion_type": lesion_type,
@@ -159,7 +161,11 @@ def test_region_query_finds_the_lesion_type_and_localises_it(cohort_index, reran
     ratios, runs = [], []
     for query in queries(cohort):
         results = index.search_studies(
-            query["slices"], slice_range=query["lesion_range"], k=10, top=len(studies), rerank=rerank,
+            query["slices"],
+            slice_range=query["lesion_range"],
+            k=10,
+            top=len(studies),
+            rerank=rerank,
             localization_l=LESION_SLICES,
         )
         same_type = relevant(studies, "lesion_type", query["lesion_type"])
@@ -213,7 +219,10 @@ def test_similar_studies_by_region_of_an_indexed_study(cohort_index):
         (["loculi>=2"], lambda lesion: lesion["loculi"] >= 2),
         (["volume_ml > 5"], lambda lesion: lesion["volume_ml"] > 5),
         (["space=Parapharyngeal"], lambda lesion: lesion["space"] == "parapharyngeal"),
-        (["space!=parapharyngeal", "loculi<2"], lambda lesion: lesion["space"] != "parapharyngeal" and lesion["loculi"] < 2),
+        (
+            ["space!=parapharyngeal", "loculi<2"],
+            lambda lesion: lesion["space"] != "parapharyngeal" and lesion["loculi"] < 2,
+        ),
     ],
 )
 def test_descriptor_post_filters(cohort_index, filters, check):
@@ -276,8 +285,12 @@ def test_filter_parsing_and_same_lesion_semantics():
     assert study_passes(lesions, filters[:1]) and study_passes(lesions, filters[1:])
     assert not study_passes(lesions, filters)  # no single lesion satisfies both
     assert not study_passes([], filters[:1]) and study_passes([], [])
-    for bad, message in [("loculi", "cannot parse"), ("size>3", "unknown lesion descriptor"),
-                         ("loculi>=many", "needs a number"), ("space>a", "only")]:
+    for bad, message in [
+        ("loculi", "cannot parse"),
+        ("size>3", "unknown lesion descriptor"),
+        ("loculi>=many", "needs a number"),
+        ("space>a", "only"),
+    ]:
         with pytest.raises(ValueError, match=message):
             LesionFilter.parse(bad)
 
@@ -308,5 +321,5 @@ def test_localization_ratio_eq_2_and_eq_7():
     assert localization_ratio(hit_slices, set(range(12))) == pytest.approx(0.25)
     assert localization_ratio([1, 1, 2, 9], {1, 2}) == pytest.approx(2 / 3)  # distinct hit slices
     best_first = [5, 6, 7, 40, 41] + list(range(20, 30))
-    assert localization_ratio(best_first, set(range(0, 10)), 15) == pytest.approx(3 / 15)
-    assert localization_ratio(best_first, set(range(0, 10)), 3) == 1.0
+    assert localization_ratio(best_first, set(range(10)), 15) == pytest.approx(3 / 15)
+    assert localization_ratio(best_first, set(range(10)), 3) == 1.0

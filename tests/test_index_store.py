@@ -312,3 +312,75 @@ def test_sqlite_is_in_wal_mode(filled):
     index, _ = filled
     assert index._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert os.path.exists(index.directory / "index.sqlite")
+
+
+@pytest.mark.skipif(faiss.get_num_gpus() == 0, reason="needs faiss with GPU support and a GPU (device machine)")
+def test_gpu_rebuild_gives_a_searchable_hnsw_graph(tmp_path, caplog, monkeypatch):
+    import index.store
+
+    monkeypatch.setattr(index.store, "GPU_BUILD_MIN_VECTORS", 1000)
+    distribution = ClusteredEmbeddings(32, np.random.default_rng(11), clusters=50, noise=0.8)
+    vectors = distribution.sample(5000)
+    case_index = CaseIndex.open(tmp_path)
+    for number in range(50):
+        rows = vectors[number * 100 : (number + 1) * 100]
+        case_index.replace_study(StudyRecord(f"4.{number}"), [SliceRecord(i) for i in range(100)], rows)
+    with caplog.at_level("INFO", logger="index.store"):
+        case_index.compact()
+    assert "rebuilt on gpu-cagra->hnsw" in caplog.text
+    queries = distribution.sample(100)
+    exact = faiss.IndexFlatIP(32)
+    exact.add(vectors)
+    _, exact_rows = exact.search(queries, 10)
+    to_row = {(f"4.{n}", s): n * 100 + s for n in range(50) for s in range(100)}
+    found = case_index.search_slices(queries, k=10)
+    assert (
+        knn_recall(np.array([[to_row[(h.study_uid, h.slice_index)] for h in row] for row in found]), exact_rows, 10)
+        >= 0.9
+    )
+    extra = distribution.sample(10)  # incremental add on the converted graph
+    case_index.replace_study(StudyRecord("4.extra"), [SliceRecord(i) for i in range(10)], extra)
+    assert case_index.search_slices(extra[0], k=1)[0][0].study_uid == "4.extra"
+    case_index.close()
+
+
+def test_a_reader_catches_up_with_another_writer(tmp_path):
+    writer = CaseIndex.open(tmp_path, compact_fraction=0.3)
+    add_study(writer, 0)
+    reader = CaseIndex.open(tmp_path)  # its own connection and in-memory FAISS, like another process
+    new = add_study(writer, 1)
+    assert reader.search_slices(new[0], k=1)[0][0].study_uid == "1.2.826.0.1.1"
+    replaced = add_study(writer, 1, seed=77)  # 12 of 36 dead -> the writer compacts
+    assert writer.tombstone_count() == 0
+    (hit,) = reader.search_slices(replaced[3], k=1)[0]
+    assert (hit.study_uid, hit.slice_index, round(hit.similarity, 4)) == ("1.2.826.0.1.1", 3, 1.0)
+    assert reader.vector_count() == 2 * SLICES
+    assert all(report.ok for report in reader.check_consistency())
+    reader.close()
+    writer.close()
+
+
+def test_measured_lesions_are_stored_and_filterable(tmp_path):
+    from index.lesions import measure_lesions
+
+    shape = (SLICES, 40, 60)
+    grid = np.indices(shape)
+
+    def blob(x):
+        return ((grid[0] - 6) ** 2 + (grid[1] - 20) ** 2 + (grid[2] - x) ** 2) <= 25
+
+    mask = blob(15) | blob(45)
+    mask[6, 20, 15:46] = True  # two loculi joined by a channel
+    lesions = measure_lesions(mask, np.full(shape, 20.0, np.float32), (2.0, 1.0, 1.0), space="retropharyngeal")
+    index = CaseIndex.open(tmp_path)
+    slice_embeddings, _ = study_vectors(5)
+    index.replace_study(StudyRecord("5.1"), [SliceRecord(i) for i in range(SLICES)], slice_embeddings, None, lesions)
+    add_study(index, 6)
+    (stored,) = index.lesions("5.1")
+    assert stored == lesions[0].as_dict() and stored["loculi"] == 2
+    query = slice_embeddings + 0.05
+    assert [hit.study_uid for hit in index.search_studies(query, filters=["loculi>=2", "space=retropharyngeal"])] == [
+        "5.1"
+    ]
+    assert index.vector_count("roi") == 3  # study 5.1 has no ROI rows
+    index.close()

@@ -3,6 +3,7 @@ clean, readable by dcmtk's dsrdump, unchanged through a BytesIO round trip."""
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import shutil
@@ -10,11 +11,12 @@ import subprocess
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage, CTImageStorage, generate_uid
-from sr_fixtures import make_abscess_mask, make_abscess_seg, make_ct_series
+from sr_fixtures import PIXEL_SPACING_MM, SLICE_SPACING_MM, make_abscess_mask, make_abscess_seg, make_ct_series
 
 from dicom_node import dciodvfy, sr
 
@@ -139,10 +141,11 @@ def build_similar(ct_series, results, query=QUERY, **kwargs):
     )
 
 
-def write_checked(document: pydicom.Dataset, path: Path) -> str:
+def write_checked(document: pydicom.Dataset, path: Path, expected_warnings: tuple[str, ...] = ()) -> str:
     """Write, require dciodvfy to be clean, and return dsrdump's output (which must succeed)."""
     document.save_as(path, enforce_file_format=True)
-    result = dciodvfy.assert_valid(path)
+    result = dciodvfy.assert_valid(path, allow_warnings=bool(expected_warnings))
+    assert result.warnings == list(expected_warnings)
     assert result.iod == "ComprehensiveSR"
     dump = subprocess.run(["dsrdump", str(path)], check=False, capture_output=True, text=True, timeout=30)
     assert dump.returncode == 0, dump.stderr
@@ -274,6 +277,41 @@ def test_measurement_report_content(ct_series, segmentation, tmp_path):
     assert value(second, sr.VOLUME).value == pytest.approx(0.05)
 
 
+def test_measurement_report_from_index_lesions(ct_series, segmentation, tmp_path):
+    """The descriptors index.lesions measures on the SEG's mask go into the SR as they are."""
+    from index.lesions import measure_lesions
+
+    volume_hu = np.stack([image.pixel_array * image.RescaleSlope + image.RescaleIntercept for image in ct_series])
+    spacing = (SLICE_SPACING_MM, *PIXEL_SPACING_MM)
+    lesions = measure_lesions(make_abscess_mask(), volume_hu, spacing, space="peritonsillar")
+    assert len(lesions) == 1
+    document = build_measurements(ct_series, segmentation, lesions=[lesion.as_dict() for lesion in lesions])
+    dump = write_checked(document, tmp_path / "measured.dcm")
+    assert 'TEXT:(,,"Tracking Identifier")="Abscess 1"' in dump
+    (group,) = hd.sr.ComprehensiveSR.from_dataset(document).content.get_volumetric_roi_measurement_groups()
+    (volume,) = group.get_measurements(name=sr.VOLUME)
+    assert volume.value == pytest.approx(3 * 10 * 12 * 0.8 * 0.8 * 2.5 / 1000)
+    assert [m.value for m in group.get_measurements(name=sr.FIRST_SLICE_INDEX)] == [2]
+    assert [m.value for m in group.get_measurements(name=sr.LAST_SLICE_INDEX)] == [4]
+
+
+def test_source_without_optional_type2_attributes(ct_series, segmentation, tmp_path):
+    """A CT without AccessionNumber/StudyID/... still gets a valid SR, with them empty."""
+    stripped = [copy.deepcopy(image) for image in ct_series]
+    for keyword in ("AccessionNumber", "StudyID", "ReferringPhysicianName", "PatientBirthDate"):
+        del stripped[0][keyword]
+    document = build_measurements(stripped, segmentation)
+    # Empty is what the source says and legal for these type 2 attributes; dciodvfy only notes
+    # that a DICOMDIR could not be built without a Study ID.
+    write_checked(
+        document,
+        tmp_path / "stripped.dcm",
+        expected_warnings=("Warning - Missing attribute or value that would be needed to build DICOMDIR - Study ID",),
+    )
+    assert document.AccessionNumber == "" and document.StudyID == ""
+    assert "AccessionNumber" not in stripped[0]  # the caller's datasets are left alone
+
+
 def test_measurement_report_without_demo_weights_has_no_demo_wording(ct_series, segmentation, tmp_path):
     document = build_measurements(ct_series, segmentation, algorithm=CLINICAL_ALGORITHM)
     dump = write_checked(document, tmp_path / "clinical.dcm")
@@ -282,7 +320,7 @@ def test_measurement_report_without_demo_weights_has_no_demo_wording(ct_series, 
     assert only(group, "Comment").TextValue == CLINICAL_ALGORITHM["description"]
 
 
-@pytest.mark.parametrize("with_seg", [True, False], ids=["empty-seg", "no-seg"])
+@pytest.mark.parametrize("with_seg", [True, False], ids=["with-seg", "without-seg"])
 def test_zero_lesion_report_says_no_abscess(ct_series, segmentation, tmp_path, with_seg):
     document = build_measurements(ct_series, segmentation if with_seg else None, lesions=())
     dump = write_checked(document, tmp_path / "none.dcm")
@@ -422,7 +460,8 @@ def bad(**changes):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"lesions": [{"label": "x"}]}, r"lesions\[0\] lacks key\(s\) \['space', 'volume_ml'"),
+        ({"lesions": [{"label": "x"}]}, r"lesions\[0\] lacks key\(s\) \['volume_ml', 'longest_axial_diameter_mm'"),
+        ({"lesions": [bad(label=0)]}, r"\['label'\] must be a positive integer or a non-empty string, got 0"),
         ({"lesions": [bad(first_slice=4, last_slice=2)]}, "first_slice 4 is after last_slice 2"),
         ({"lesions": [bad(last_slice=6)]}, r"last_slice 6 is outside the 6 source images"),
         ({"lesions": [bad(core_mean_hu=math.nan)]}, r"core_mean_hu'\] must be finite.*pass None"),
