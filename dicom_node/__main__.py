@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--once", action="store_true", help="process at most one job, then exit")
     fetch = commands.add_parser("fetch-data", help="download the registry sample data into .cache/data")
     fetch.add_argument("names", nargs="*", help="sample names (default: all)")
+    demo = commands.add_parser("demo", help="start the node and send it the sample head-and-neck CT (make demo)")
+    demo.add_argument("--stop", action="store_true", help="stop the node the demo started")
     convert = commands.add_parser("convert", help="NIfTI CT -> DICOM CT series")
     convert.add_argument("nifti", type=Path)
     convert.add_argument("out", type=Path)
@@ -33,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
 
         for name in args.names or SAMPLES:
             print(f"{name}: {fetch_sample(name)}")
+    elif args.command == "demo":
+        from dicom_node import demo as demo_module
+
+        return demo_module.stop() if args.stop else demo_module.run()
     elif args.command == "convert":
         from dicom_node.convert import nifti_to_ct_series, write_series
 

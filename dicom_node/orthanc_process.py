@@ -47,8 +47,9 @@ class OrthancProcess:
         directory: where the configuration file and the log are written.
     """
 
-    def __init__(self, config: dict[str, Any], directory: Path) -> None:
+    def __init__(self, config: dict[str, Any], directory: Path, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.directory = Path(directory)
         self.process: subprocess.Popen | None = None
         self.url = f"http://127.0.0.1:{config.get('HttpPort', 8042)}"
@@ -60,14 +61,17 @@ class OrthancProcess:
         """Start Orthanc and wait until its REST API answers.
 
         Args:
+            timeout: seconds to wait for the REST API.
             detach: run in its own session so it survives the calling process (the demo).
 
         Raises:
             RuntimeError: Orthanc exited or did not answer in time; the message ends with its log.
         """
         self.directory.mkdir(parents=True, exist_ok=True)
-        config_path = self.directory / "orthanc.json"
-        config_path.write_text(json.dumps(self.config, indent=1))
+        config_path = self.config_path
+        if config_path is None:
+            config_path = self.directory / "orthanc.json"
+            config_path.write_text(json.dumps(self.config, indent=1))
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(["Orthanc", str(config_path)], cwd=str(REPO_ROOT), stdout=log,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -102,12 +106,23 @@ class OrthancProcess:
                 self.process.kill()
                 self.process.wait()
 
-    def storescu(self, paths: list[Path] | Path, calling_aet: str = "PACS", called_aet: str | None = None) -> subprocess.CompletedProcess:
-        """Send files (or a folder, recursively) with dcmtk's storescu, as a PACS would."""
+    def storescu(self, paths: list[Path] | Path, calling_aet: str = "PACS", called_aet: str | None = None,
+                 propose: str = "") -> subprocess.CompletedProcess:
+        """Send files (or a folder, recursively) with dcmtk's storescu, as a PACS would.
+
+        Args:
+            propose: extra storescu proposal option, e.g. ``-xv`` for JPEG 2000 lossless files.
+
+        Raises:
+            RuntimeError: storescu failed or reported a failed store (it may exit 0 even then).
+        """
         items = [paths] if isinstance(paths, Path) else list(paths)
         command = ["storescu", "-aet", calling_aet, "-aec", called_aet or self.aet, "+sd", "+r", "-nh",
-                   "127.0.0.1", str(self.dicom_port), *map(str, items)]
-        return subprocess.run(command, capture_output=True, text=True, timeout=600)
+                   *([propose] if propose else []), "127.0.0.1", str(self.dicom_port), *map(str, items)]
+        sent = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        if sent.returncode != 0 or "Store Failed" in sent.stderr:
+            raise RuntimeError(f"storescu failed ({sent.returncode}): {sent.stderr[-2000:]}")
+        return sent
 
     def get(self, path: str, **params: Any) -> Any:
         """GET a JSON resource of this Orthanc."""

@@ -57,6 +57,8 @@ def run_worker(settings: WorkerSettings, poll_seconds: float = 0.5, once: bool =
             time.sleep(poll_seconds)
             continue
         log.info("job %s: study %s claimed", job["id"], job.get("study_uid") or job["orthanc_study_id"])
+        if segmenter is None:  # the admin may have fixed WeightsPath's file since the last try
+            segmenter, load_error = load_segmenter(config)
         if load_error:
             store.finish(job["id"], "failed", error=load_error)
         else:

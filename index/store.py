@@ -780,6 +780,7 @@ class CaseIndex:
             if parsed_filters:
                 table = [row for row in table if study_passes(lesions.get(row.study_uid, []), parsed_filters)]
             mode = f"{space}:{'late_interaction' if rerank else 'count'}"
+            mode += "+descriptors" if query_descriptors is not None else ""
             results = []
             for row in table[: max_candidates if rerank else None]:
                 hit = StudyHit(
@@ -810,7 +811,6 @@ class CaseIndex:
             studies = self._studies([hit.study_uid for hit in results])
             for rank, hit in enumerate(results, start=1):
                 hit.rank = rank
-                hit.mode = mode + ("+descriptors" if query_descriptors is not None else "")
                 hit.study = studies[hit.study_uid].as_dict() if hit.study_uid in studies else {}
             return results
 

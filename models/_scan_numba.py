@@ -3,7 +3,7 @@
 Imported lazily by :mod:`models.scan` so that ``import models`` does not pull numba in.
 See :mod:`models.scan` for the recurrence.
 
-One kernel, :func:`scan_channels_last`, serves both callers:
+One kernel, :func:`scan_jobs`, serves both callers:
 
 - the generic scan with mamba-ssm's shapes (every group has its own input channels and
   output channels, time runs in storage order);
@@ -12,8 +12,10 @@ One kernel, :func:`scan_channels_last`, serves both callers:
   outputs are summed into one map. Reading and writing through the position tables
   replaces the stacked, transposed and flipped copies of the feature map.
 
-Tensors are channel-last so that the channels of one position are contiguous. A parallel
-job owns a block of ``CHANNEL_BLOCK`` channels of one batch element; time runs
+Tensors are channel-last so that the channels of one position are contiguous. A job
+owns a block of ``CHANNEL_BLOCK`` channels of one batch element; the kernel releases the
+GIL and :mod:`models.scan` runs disjoint job ranges on a small thread pool (numba's own
+OpenMP pool would be a second spinning OpenMP runtime beside PyTorch's). Time runs
 sequentially in tiles of ``TIME_TILE`` steps gathered into small buffers, so that the
 innermost loop runs over the channels of the block with unit stride and a compile-time
 trip count (SIMD code). Softplus and the decays ``exp(dt * A)`` use vectorisable
@@ -22,29 +24,29 @@ exponential/logarithm approximations (``math.exp`` is one scalar call per elemen
 
 from __future__ import annotations
 
-import math
-
 import numba
 import numpy as np
 from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
-CHANNEL_BLOCK = 96  # channels per job, the SIMD dimension
+CHANNEL_BLOCK = 96  # channels per job, the SIMD dimension (several vectors: independent chains)
 TIME_TILE = 64  # steps transposed at once
 
 # float32 constants keep numba's arithmetic in float32 (a Python float literal would
 # promote it to float64 and halve the SIMD width).
 LOG2_E = np.float32(1.4426950408889634)
-LN_2 = np.float32(0.6931471805599453)
 MIN_EXPONENT = np.float32(-126.0)  # 2**-126, the smallest normal float32, is the smallest decay
 HALF = np.float32(0.5)
 ONE = np.float32(1.0)
-EXP_C2 = np.float32(1.0 / 2.0)  # Taylor coefficients 1/k! of exp
-EXP_C3 = np.float32(1.0 / 6.0)
-EXP_C4 = np.float32(1.0 / 24.0)
-EXP_C5 = np.float32(1.0 / 120.0)
-EXP_C6 = np.float32(1.0 / 720.0)
+# 2**f on [-1/2, 1/2]: degree-5 near-minimax polynomial for the relative error (Lawson
+# iterations on Chebyshev nodes): 7.5e-8 in exact arithmetic, 2.3e-7 evaluated in float32.
+EXP2_C0 = np.float32(1.0000000716546722)
+EXP2_C1 = np.float32(0.6931469670643623)
+EXP2_C2 = np.float32(0.2402211972388197)
+EXP2_C3 = np.float32(0.055507132741499446)
+EXP2_C4 = np.float32(0.009675541332764392)
+EXP2_C5 = np.float32(0.0013276471781736617)
 ZERO = np.float32(0.0)
 TWO = np.float32(2.0)
 LOG_C3 = np.float32(1.0 / 3.0)  # 2 atanh(s) = 2 (s + s**3/3 + s**5/5 + ...)
@@ -70,13 +72,13 @@ def _float32_from_bits(typingctx, bits):
 
 @numba.njit(fastmath=True, error_model="numpy", inline="always")
 def _exp2_nonpositive(z: np.float32) -> np.float32:
-    """``2**z`` for ``z <= 0`` (clamped at -126): ``2**round(z)`` from the exponent bits
-    times ``exp(f * ln 2)``, ``|f| <= 0.5``, from a degree-6 Taylor polynomial (relative
-    error below 2e-7)."""
+    """``2**z`` for ``z <= 0`` (clamped at -126): ``2**round(z)`` written into the exponent
+    bits times a polynomial for ``2**f``, ``f = z - round(z)`` in [-1/2, 1/2] (relative
+    error below 3e-7)."""
     z = max(z, MIN_EXPONENT)
     rounded = np.floor(z + HALF)
-    g = (z - rounded) * LN_2
-    mantissa = ONE + g * (ONE + g * (EXP_C2 + g * (EXP_C3 + g * (EXP_C4 + g * (EXP_C5 + g * EXP_C6)))))
+    f = z - rounded
+    mantissa = EXP2_C0 + f * (EXP2_C1 + f * (EXP2_C2 + f * (EXP2_C3 + f * (EXP2_C4 + f * EXP2_C5))))
     power_of_two = _float32_from_bits(np.int32((np.int32(rounded) + FLOAT32_EXPONENT_BIAS) << FLOAT32_MANTISSA_BITS))
     return mantissa * power_of_two
 
@@ -94,10 +96,12 @@ def _softplus(x: np.float32) -> np.float32:
 
 @numba.njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _scan_block(
+    width: int,
     u: np.ndarray,
     u_first: int,
     dt: np.ndarray,
     dt_first: int,
+    dt_weight_t: np.ndarray,
     a_log2: np.ndarray,
     dt_bias: np.ndarray,
     skip: np.ndarray,
@@ -111,10 +115,14 @@ def _scan_block(
     """Scan one block of up to ``CHANNEL_BLOCK`` channels along one direction; add to ``out``.
 
     Args:
+        width: Channels in the block (<= CHANNEL_BLOCK).
         u: Inputs of this batch element [L, channels], channel-last.
         u_first: First input channel of the block.
-        dt: Raw step sizes of this batch element and direction [L, channels_of_direction].
-        dt_first: First channel of the block in ``dt``.
+        dt: Raw step sizes of this batch element and direction [L, channels_of_direction],
+            or their low-rank factors [L, R] when ``dt_weight_t`` has R > 0 rows.
+        dt_first: First channel of the block in ``dt`` (unused with low-rank factors).
+        dt_weight_t: [R, CHANNEL_BLOCK] up-projection of low-rank ``dt`` for the block
+            (padded lanes 0), or [0, CHANNEL_BLOCK] when ``dt`` holds the step sizes.
         a_log2: ``A * log2(e)`` of the block [n, CHANNEL_BLOCK] (padded lanes 0).
         dt_bias: Step bias of the block [CHANNEL_BLOCK] (padded lanes 0).
         skip: D of the block [CHANNEL_BLOCK] (padded lanes 0).
@@ -127,7 +135,7 @@ def _scan_block(
     """
     length = positions.shape[0]
     state_size = a_log2.shape[0]
-    width = min(CHANNEL_BLOCK, dt.shape[1] - dt_first)
+    rank = dt_weight_t.shape[0]
     state = np.zeros((state_size, CHANNEL_BLOCK), dtype=np.float32)
     dt_tile = np.zeros((TIME_TILE, CHANNEL_BLOCK), dtype=np.float32)
     u_tile = np.zeros((TIME_TILE, CHANNEL_BLOCK), dtype=np.float32)
@@ -139,8 +147,18 @@ def _scan_block(
         for i in range(steps):
             position = positions[start + i]
             for c in range(width):
-                dt_tile[i, c] = dt[position, dt_first + c]
                 u_tile[i, c] = u[position, u_first + c]
+            if rank > 0:
+                for c in range(CHANNEL_BLOCK):
+                    dt_tile[i, c] = 0.0
+                for r in range(rank):
+                    factor = dt[position, r]
+                    weights = dt_weight_t[r]
+                    for c in range(CHANNEL_BLOCK):
+                        dt_tile[i, c] += weights[c] * factor
+            else:
+                for c in range(width):
+                    dt_tile[i, c] = dt[position, dt_first + c]
         if delta_softplus:
             for i in range(steps):
                 for c in range(CHANNEL_BLOCK):
@@ -181,10 +199,16 @@ def _scan_block(
                 out[position, out_first + c] += y_tile[i, c]
 
 
-@numba.njit(parallel=True, error_model="numpy", cache=True, nogil=True)
-def scan_channels_last(
+def count_jobs(batch: int, channels_per_group: int) -> int:
+    """Number of independent jobs (batch element x channel block) of :func:`scan_jobs`."""
+    return batch * ((channels_per_group + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK)
+
+
+@numba.njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
+def scan_jobs(
     u: np.ndarray,
     dt: np.ndarray,
+    dt_weight: np.ndarray,
     A: np.ndarray,
     B_rows: np.ndarray,
     C_rows: np.ndarray,
@@ -194,15 +218,26 @@ def scan_channels_last(
     shared_input: bool,
     summed_output: bool,
     delta_softplus: bool,
-) -> np.ndarray:
-    """Selective scan of ``G`` directions (groups), parallel over (batch, channel block).
+    out: np.ndarray,
+    first_job: int,
+    stop_job: int,
+) -> None:
+    """Selective scan of ``G`` directions (groups) for jobs ``first_job .. stop_job - 1``.
+
+    A job is one batch element and one block of ``CHANNEL_BLOCK`` channels, all
+    directions; jobs write disjoint parts of ``out``, so that threads may run disjoint job
+    ranges at the same time (the GIL is released).
 
     Args:
         u: Inputs [b, L, Du] float32 (``Du = Dg`` if ``shared_input`` else ``G * Dg``).
-        dt: Raw step sizes [G, b, L, Dg] float32 (before bias and softplus).
+        dt: Raw step sizes [G, b, L, Dg] float32 (before bias and softplus), or their
+            low-rank factors [G, b, L, R] (SS2D's ``dt_low_rank``).
+        dt_weight: [G, Dg, R] up-projection of low-rank ``dt`` (``dt @ dt_weight[g].T``,
+            done in the kernel instead of a separate [G, b, L, Dg] tensor), or [G, Dg, 0]
+            when ``dt`` holds the step sizes.
         A: State matrices [G, Dg, n] float32 (entries < 0).
-        B_rows: Input projection [G, b, L, n] float32 (any strides).
-        C_rows: Output projection [G, b, L, n] float32 (any strides).
+        B_rows: Input projection [G, b, L, n] float32.
+        C_rows: Output projection [G, b, L, n] float32.
         D: Skip weights [G, Dg] float32.
         dt_bias: Step bias [G, Dg] float32.
         positions: int64 [G, L]: storage position of time step t of direction g.
@@ -211,33 +246,44 @@ def scan_channels_last(
         summed_output: Sum the directions into Dg output channels (SS2D); otherwise group
             g writes channels g*Dg .. (g+1)*Dg.
         delta_softplus: Apply softplus to ``dt + dt_bias``.
-
-    Returns:
-        Outputs [b, L, Dg if summed_output else G*Dg] float32 (channel-last, storage order).
+        out: Zero-initialised outputs [b, L, Dg if summed_output else G*Dg] float32
+            (channel-last, storage order), accumulated in place.
+        first_job: First job to run.
+        stop_job: One past the last job to run.
     """
-    groups, batch, length, channels_per_group = dt.shape
+    groups, channels_per_group, rank = dt_weight.shape
     state_size = A.shape[2]
-    out_channels = channels_per_group if summed_output else groups * channels_per_group
-    out = np.zeros((batch, length, out_channels), dtype=np.float32)
     blocks = (channels_per_group + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
-    for job in numba.prange(batch * blocks):
+    a_log2 = np.zeros((state_size, CHANNEL_BLOCK), dtype=np.float32)
+    bias = np.zeros(CHANNEL_BLOCK, dtype=np.float32)
+    skip = np.zeros(CHANNEL_BLOCK, dtype=np.float32)
+    dt_weight_t = np.zeros((rank, CHANNEL_BLOCK), dtype=np.float32)
+    for job in range(first_job, stop_job):
         b = job // blocks
         first = (job % blocks) * CHANNEL_BLOCK
         width = min(CHANNEL_BLOCK, channels_per_group - first)
-        a_log2 = np.zeros((state_size, CHANNEL_BLOCK), dtype=np.float32)
-        bias = np.zeros(CHANNEL_BLOCK, dtype=np.float32)
-        skip = np.zeros(CHANNEL_BLOCK, dtype=np.float32)
         for g in range(groups):
             for c in range(width):
                 bias[c] = dt_bias[g, first + c]
                 skip[c] = D[g, first + c]
                 for n in range(state_size):
                     a_log2[n, c] = A[g, first + c, n] * LOG2_E
+                for r in range(rank):
+                    dt_weight_t[r, c] = dt_weight[g, first + c, r]
+            for c in range(width, CHANNEL_BLOCK):  # padded lanes
+                bias[c] = 0.0
+                skip[c] = 0.0
+                for n in range(state_size):
+                    a_log2[n, c] = 0.0
+                for r in range(rank):
+                    dt_weight_t[r, c] = 0.0
             _scan_block(
+                width,
                 u[b],
                 first if shared_input else g * channels_per_group + first,
                 dt[g, b],
                 first,
+                dt_weight_t,
                 a_log2,
                 bias,
                 skip,
@@ -248,4 +294,3 @@ def scan_channels_last(
                 out[b],
                 first if summed_output else g * channels_per_group + first,
             )
-    return out

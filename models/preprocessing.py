@@ -27,15 +27,15 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "HUWindow",
-    "WINDOW_MODES",
-    "SOFT_TISSUE_WINDOW",
     "ABSCESS_WINDOW",
+    "SOFT_TISSUE_WINDOW",
     "WIDE_WINDOW",
-    "windows_for_mode",
-    "window_hu",
+    "WINDOW_MODES",
+    "HUWindow",
     "resize_to_model",
     "resize_to_source",
+    "window_hu",
+    "windows_for_mode",
 ]
 
 

@@ -14,7 +14,10 @@ Backends (:func:`selective_scan` picks one and logs it once):
 ``"cuda"``
     mamba-ssm's fused kernel, imported lazily when the tensors are on a CUDA device.
 ``"numba"``
-    CPU inference (no gradient needed): a compiled, parallel, float32 forward kernel.
+    CPU inference (no gradient needed): a compiled float32 forward kernel, vectorised
+    over a block of channels, parallel over (batch, channel block) on a thread pool of
+    ``torch.get_num_threads()`` threads. :func:`four_direction_scan_numba` is its fused
+    form for VM-UNet's SS2D (four directions read and written in place).
 ``"torch"``
     CPU autograd (training, tests): a chunked scan in PyTorch that only exponentiates
     non-positive sums of ``dt * A`` over segments inside a chunk, so it cannot overflow
@@ -24,31 +27,42 @@ Backends (:func:`selective_scan` picks one and logs it once):
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import functools
+import itertools
 import logging
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "selective_scan",
-    "selective_scan_reference",
-    "selective_scan_chunked",
-    "selective_scan_numba",
-    "selective_scan_cuda",
-    "four_direction_scan_numba",
-    "four_direction_positions",
-    "log_backend",
     "available_backends",
     "choose_backend",
+    "forced_backend",
+    "four_direction_positions",
+    "four_direction_scan_numba",
+    "log_backend",
+    "selective_scan",
+    "selective_scan_chunked",
+    "selective_scan_cuda",
+    "selective_scan_numba",
+    "selective_scan_reference",
 ]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_LENGTH = 32
+# Chunk lengths of the PyTorch scan: its work grows with l * T * n per channel, its Python
+# overhead with l / T. Many channels (VM-UNet's real sizes): short chunks (measured for
+# [1, 768, 4096] x 16 states on one core: T=4 2.7 s, T=8 4.0 s, T=32 47 s); few channels
+# (tests, small models): long chunks.
+LONG_CHUNK_LENGTH = 32
+SHORT_CHUNK_LENGTH = 4
+MANY_STATES = 65536  # batch * channels * d_state from which the short chunks are used
 _logged_backends: set[str] = set()
+_forced_backend: str | None = None
 _cuda_kernel: Callable | None = None
 _cuda_import_error: str | None = None
 
@@ -78,7 +92,9 @@ def _check_shapes(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torc
     state_size = A.shape[1]
     for name, projection in (("B", _grouped(B)), ("C", _grouped(C))):
         if projection.shape[0] != batch or projection.shape[2] != state_size or projection.shape[3] != length:
-            raise ValueError(f"{name} must be [b={batch}, k, n={state_size}, l={length}], got {tuple(projection.shape)}")
+            raise ValueError(
+                f"{name} must be [b={batch}, k, n={state_size}, l={length}], got {tuple(projection.shape)}"
+            )
         if channels % projection.shape[1]:
             raise ValueError(f"channels d={channels} must be divisible by the {name} groups k={projection.shape[1]}")
     return channels // _grouped(B).shape[1]
@@ -135,7 +151,7 @@ def selective_scan_chunked(
     D: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = True,
-    chunk_length: int = DEFAULT_CHUNK_LENGTH,
+    chunk_length: int | None = None,
 ) -> torch.Tensor:
     """Numerically stable chunked scan in PyTorch (differentiable; any device).
 
@@ -156,13 +172,16 @@ def selective_scan_chunked(
         D: Skip weights [d], or None.
         delta_bias: Bias added to ``delta`` [d], or None.
         delta_softplus: Apply softplus to ``delta + delta_bias``.
-        chunk_length: Steps per chunk ``T``.
+        chunk_length: Steps per chunk ``T``; by default 4 for many channels and states
+            (``b * d * n >= 65536``), else 32.
 
     Returns:
         Outputs [b, d, l] float32.
     """
     channels_per_group = _check_shapes(u, delta, A, B, C)
     batch, channels, length = u.shape
+    if chunk_length is None:
+        chunk_length = SHORT_CHUNK_LENGTH if batch * channels * A.shape[1] >= MANY_STATES else LONG_CHUNK_LENGTH
     B_grouped, C_grouped = _grouped(B).float(), _grouped(C).float()
     groups, state_size = B_grouped.shape[1], A.shape[1]
     u32 = u.float()
@@ -216,16 +235,15 @@ def selective_scan_numba(
 
     Args and returns as :func:`selective_scan_reference`; tensors must be on the CPU.
     """
-    from models import _scan_numba  # imported lazily: keeps numba out of `import models`
-
     channels_per_group = _check_shapes(u, delta, A, B, C)
-    batch, channels, length = u.shape
+    batch, _channels, length = u.shape
     B_grouped, C_grouped = _grouped(B), _grouped(C)
     groups, state_size = B_grouped.shape[1], A.shape[1]
     with torch.no_grad():
-        y_channels_last = _scan_numba.scan_channels_last(
+        y_channels_last = _run_numba_jobs(
             _numpy(u.transpose(1, 2)),
             _numpy(delta.view(batch, groups, channels_per_group, length).permute(1, 0, 3, 2)),
+            np.zeros((groups, channels_per_group, 0), dtype=np.float32),
             _numpy(A.view(groups, channels_per_group, state_size)),
             _numpy(B_grouped.permute(1, 0, 3, 2)),
             _numpy(C_grouped.permute(1, 0, 3, 2)),
@@ -236,11 +254,69 @@ def selective_scan_numba(
                 else u.new_zeros(groups, channels_per_group)
             ),
             np.tile(np.arange(length, dtype=np.int64), (groups, 1)),
-            False,
-            False,
-            bool(delta_softplus),
+            shared_input=False,
+            summed_output=False,
+            delta_softplus=bool(delta_softplus),
         )
     return torch.from_numpy(y_channels_last).transpose(1, 2).contiguous()
+
+
+def _run_numba_jobs(
+    u: np.ndarray,
+    dt: np.ndarray,
+    dt_weight: np.ndarray,
+    A: np.ndarray,
+    B_rows: np.ndarray,
+    C_rows: np.ndarray,
+    D: np.ndarray,
+    dt_bias: np.ndarray,
+    positions: np.ndarray,
+    shared_input: bool,
+    summed_output: bool,
+    delta_softplus: bool,
+) -> np.ndarray:
+    """Run the Numba kernel over all jobs, split over ``torch.get_num_threads()`` threads.
+
+    Arguments as :func:`models._scan_numba.scan_jobs`; returns its output array.
+    """
+    from models import _scan_numba  # imported lazily: keeps numba out of `import models`
+
+    groups, channels_per_group, _ = dt_weight.shape
+    batch, length = u.shape[0], u.shape[1]
+    out = np.zeros((batch, length, channels_per_group if summed_output else groups * channels_per_group), np.float32)
+    arguments = (
+        u,
+        dt,
+        dt_weight,
+        A,
+        B_rows,
+        C_rows,
+        D,
+        dt_bias,
+        positions,
+        shared_input,
+        summed_output,
+        delta_softplus,
+        out,
+    )
+    jobs = _scan_numba.count_jobs(batch, channels_per_group)
+    workers = max(1, min(torch.get_num_threads(), jobs))
+    if workers == 1:
+        _scan_numba.scan_jobs(*arguments, 0, jobs)
+        return out
+    bounds = np.linspace(0, jobs, workers + 1).round().astype(int)
+    futures = [
+        _thread_pool(workers).submit(_scan_numba.scan_jobs, *arguments, int(first), int(stop))
+        for first, stop in itertools.pairwise(bounds)
+    ]
+    for future in futures:
+        future.result()
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _thread_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="selective-scan")
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -268,7 +344,8 @@ def _four_direction_positions(height: int, width: int) -> np.ndarray:
 
 def four_direction_scan_numba(
     x_channels_last: torch.Tensor,
-    dt_raw: torch.Tensor,
+    dt_low_rank: torch.Tensor,
+    dt_weight: torch.Tensor,
     A: torch.Tensor,
     B_rows: torch.Tensor,
     C_rows: torch.Tensor,
@@ -280,38 +357,39 @@ def four_direction_scan_numba(
 
     Equivalent to scanning the stacked, transposed and flipped copies of the feature
     map with :func:`selective_scan` and adding the four outputs back in row-major
-    order, but reads and writes the feature map in place.
+    order, but reads and writes the feature map in place and applies the low-rank dt
+    projection inside the kernel.
 
     Args:
         x_channels_last: Features [b, H, W, d].
-        dt_raw: Step sizes per direction [4, b, H*W, d] (before bias and softplus),
-            indexed by row-major position.
+        dt_low_rank: Low-rank step factors per direction [4, b, H*W, R], indexed by
+            row-major position.
+        dt_weight: dt up-projections [4, d, R] (step = ``dt_low_rank @ dt_weight[k].T``).
         A: State matrices [4, d, n].
         B_rows: Input projections [4, b, H*W, n], by position.
         C_rows: Output projections [4, b, H*W, n], by position.
         D: Skip weights [4, d].
         delta_bias: Step bias [4, d].
-        delta_softplus: Apply softplus to ``dt + delta_bias``.
+        delta_softplus: Apply softplus to ``step + delta_bias``.
 
     Returns:
         Sum of the four directions [b, H, W, d] float32.
     """
-    from models import _scan_numba
-
     batch, height, width, channels = x_channels_last.shape
     with torch.no_grad():
-        y_channels_last = _scan_numba.scan_channels_last(
+        y_channels_last = _run_numba_jobs(
             _numpy(x_channels_last.reshape(batch, height * width, channels)),
-            _numpy(dt_raw),
+            _numpy(dt_low_rank),
+            _numpy(dt_weight),
             _numpy(A),
             _numpy(B_rows),
             _numpy(C_rows),
             _numpy(D),
             _numpy(delta_bias),
             four_direction_positions(height, width),
-            True,
-            True,
-            bool(delta_softplus),
+            shared_input=True,
+            summed_output=True,
+            delta_softplus=bool(delta_softplus),
         )
     return torch.from_numpy(y_channels_last).view(batch, height, width, channels)
 
@@ -321,7 +399,7 @@ def _load_cuda_kernel() -> Callable | None:
     if _cuda_kernel is None and _cuda_import_error is None:
         try:
             from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-        except Exception as error:  # ImportError, or a broken CUDA extension
+        except (ImportError, OSError, RuntimeError) as error:  # not installed, or a broken CUDA extension
             _cuda_import_error = f"{type(error).__name__}: {error}"
         else:
             _cuda_kernel = selective_scan_fn
@@ -371,7 +449,8 @@ def available_backends() -> list[str]:
 
 
 def choose_backend(device: torch.device | str, needs_grad: bool) -> str:
-    """Name of the backend :func:`selective_scan` uses for tensors on ``device``.
+    """Name of the backend :func:`selective_scan` uses for tensors on ``device``
+    (the one set by :func:`forced_backend`, if any).
 
     Args:
         device: Device of the inputs.
@@ -381,11 +460,33 @@ def choose_backend(device: torch.device | str, needs_grad: bool) -> str:
         ``"cuda"``, ``"numba"`` or ``"torch"``.
     """
     device = torch.device(device)
+    if _forced_backend is not None:
+        return _forced_backend
     if device.type == "cuda" and _load_cuda_kernel() is not None:
         return "cuda"
     if device.type == "cpu" and not needs_grad and _numba_available():
         return "numba"
     return "torch"
+
+
+@contextlib.contextmanager
+def forced_backend(backend: str) -> Iterator[None]:
+    """Use ``backend`` for every scan inside the ``with`` block (benchmarks, debugging).
+
+    Args:
+        backend: ``"cuda"``, ``"numba"`` or ``"torch"``. ``"numba"`` gives no gradient.
+
+    Raises:
+        ValueError: Unknown backend.
+    """
+    global _forced_backend
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown scan backend {backend!r}; expected one of {sorted(_BACKENDS)}")
+    previous, _forced_backend = _forced_backend, backend
+    try:
+        yield
+    finally:
+        _forced_backend = previous
 
 
 def log_backend(backend: str, device: torch.device | str) -> None:

@@ -29,7 +29,7 @@ from models.scan import choose_backend
 from models.vmunet import VMUNet
 from models.weights import load_checkpoint
 
-__all__ = ["Segmenter", "SegmenterOutput", "MASK_THRESHOLD", "resolve_device"]
+__all__ = ["MASK_THRESHOLD", "Segmenter", "SegmenterOutput", "resolve_device"]
 
 MASK_THRESHOLD = 0.5
 
@@ -75,9 +75,7 @@ def _l2_normalise(vectors: torch.Tensor) -> torch.Tensor:
     return F.normalize(vectors, p=2.0, dim=1, eps=1e-12)
 
 
-def roi_pool(
-    features: torch.Tensor, probabilities: torch.Tensor, threshold: float = MASK_THRESHOLD
-) -> torch.Tensor:
+def roi_pool(features: torch.Tensor, probabilities: torch.Tensor, threshold: float = MASK_THRESHOLD) -> torch.Tensor:
     """Average features over the predicted mask, brought down to the feature grid.
 
     A feature cell belongs to the ROI when at least half of its area is inside the mask
@@ -123,7 +121,9 @@ class Segmenter:
 
     def __init__(self, model: VMUNet, meta: dict[str, Any], device: torch.device) -> None:
         if model.num_classes != 1:
-            raise ValueError(f"the segmenter expects a one-class (abscess) network, got num_classes={model.num_classes}")
+            raise ValueError(
+                f"the segmenter expects a one-class (abscess) network, got num_classes={model.num_classes}"
+            )
         self.window = meta["preprocessing"]["window"]
         windows_for_mode(self.window)  # validates the mode
         self.input_size = int(meta["input_size"])
@@ -136,7 +136,7 @@ class Segmenter:
         self.meta = dict(meta)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "auto") -> "Segmenter":
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "auto") -> Segmenter:
         """Load a checkpoint written by :func:`models.weights.save_checkpoint`.
 
         Args:
@@ -152,9 +152,7 @@ class Segmenter:
         return cls(checkpoint.model, checkpoint.meta, resolved)
 
     @classmethod
-    def from_model(
-        cls, model: VMUNet, meta: dict[str, Any], device: str | torch.device = "cpu"
-    ) -> "Segmenter":
+    def from_model(cls, model: VMUNet, meta: dict[str, Any], device: str | torch.device = "cpu") -> Segmenter:
         """Wrap an in-memory network (tests, training loops).
 
         Args:

@@ -25,8 +25,9 @@ inference uses the fused four-direction Numba kernel
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ from torch import nn
 
 from models.scan import choose_backend, four_direction_scan_numba, log_backend, selective_scan
 
-__all__ = ["VMUNet", "VSSBlock", "SS2D", "DropPath", "trunc_normal_"]
+__all__ = ["SS2D", "DropPath", "VMUNet", "VSSBlock", "trunc_normal_"]
 
 NUM_SCAN_DIRECTIONS = 4
 
@@ -182,12 +183,15 @@ class SS2D(nn.Module):
         self.act = nn.SiLU()
 
         # Per direction: x -> (dt_low_rank, B, C), and dt_low_rank -> dt per channel.
-        x_proj_bound = 1.0 / math.sqrt(self.d_inner)  # nn.Linear's default; re-initialised by VMUNet
+        # nn.Linear's default init, as in the reference (raw parameters escape VMUNet's trunc-normal init)
+        x_proj_bound = 1.0 / math.sqrt(self.d_inner)
         self.x_proj_weight = nn.Parameter(
             torch.empty(directions, self.dt_rank + 2 * d_state, self.d_inner).uniform_(-x_proj_bound, x_proj_bound)
         )
         dt_std = self.dt_rank**-0.5
-        self.dt_projs_weight = nn.Parameter(torch.empty(directions, self.d_inner, self.dt_rank).uniform_(-dt_std, dt_std))
+        self.dt_projs_weight = nn.Parameter(
+            torch.empty(directions, self.d_inner, self.dt_rank).uniform_(-dt_std, dt_std)
+        )
         # dt bias = softplus^-1(dt) with dt log-uniform in [dt_min, dt_max] (Mamba's init).
         initial_dt = torch.exp(
             torch.rand(directions, self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
@@ -238,24 +242,25 @@ class SS2D(nn.Module):
         """CPU inference path of :meth:`_scan_four_directions` (same result, no autograd).
 
         The projections are computed once per position (a projection commutes with the
-        reordering of the positions) and the Numba kernel walks the feature map in the
-        four orders itself, adding the four outputs: no stacked, transposed or flipped
-        copies. Returns [B, H, W, D] (channel-last).
+        reordering of the positions), the low-rank dt projection is applied inside the
+        kernel, and the kernel walks the feature map in the four orders itself, adding
+        the four outputs: no stacked, transposed or flipped copies. Returns [B, H, W, D]
+        (channel-last).
         """
         batch, channels, height, width = features.shape
         length = height * width
         directions = NUM_SCAN_DIRECTIONS
         features_last = features.permute(0, 2, 3, 1).reshape(batch * length, channels)
-        projected = (features_last @ self.x_proj_weight.reshape(-1, channels).t()).view(batch * length, directions, -1)
-        dt_low_rank = projected[..., : self.dt_rank].transpose(0, 1)  # [4, B*L, R]
-        dt = torch.bmm(dt_low_rank, self.dt_projs_weight.transpose(1, 2))  # [4, B*L, D]
-        state_rows = projected[..., self.dt_rank :].transpose(0, 1).reshape(directions, batch, length, -1)
+        projected = (features_last @ self.x_proj_weight.reshape(-1, channels).t()).view(batch, length, directions, -1)
+        projected = projected.permute(2, 0, 1, 3)  # [4, B, L, R + 2N]
+        state_start = self.dt_rank + self.d_state
         return four_direction_scan_numba(
             features_last.view(batch, height, width, channels),
-            dt.view(directions, batch, length, channels),
+            projected[..., : self.dt_rank],
+            self.dt_projs_weight,
             -torch.exp(self.A_logs.float()).view(directions, channels, self.d_state),
-            state_rows[..., : self.d_state],
-            state_rows[..., self.d_state :],
+            projected[..., self.dt_rank : state_start],
+            projected[..., state_start:],
             self.Ds.view(directions, channels),
             self.dt_projs_bias,
             delta_softplus=True,
@@ -375,7 +380,7 @@ class VMUNet(nn.Module):
             raise ValueError(
                 f"depths ({depths}), depths_decoder ({depths_decoder}) and dims ({dims}) must have the same length"
             )
-        for previous, following in zip(dims, dims[1:]):
+        for previous, following in itertools.pairwise(dims):
             if following != 2 * previous:
                 raise ValueError(f"dims must double from stage to stage (patch merging), got {dims}")
         if dims[0] % patch_size != 0:
@@ -437,9 +442,7 @@ class VMUNet(nn.Module):
             raise ValueError(f"expected {self.input_channels} input channels, got {images.shape[1]}")
         height, width = images.shape[-2:]
         if height % self.size_multiple or width % self.size_multiple:
-            raise ValueError(
-                f"input height and width must be multiples of {self.size_multiple}, got {height}x{width}"
-            )
+            raise ValueError(f"input height and width must be multiples of {self.size_multiple}, got {height}x{width}")
         return images
 
     def forward_with_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,11 +29,11 @@ from models.vmunet import VMUNet
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
     "DEMO_DESCRIPTION",
-    "CheckpointError",
     "Checkpoint",
+    "CheckpointError",
+    "load_checkpoint",
     "make_meta",
     "save_checkpoint",
-    "load_checkpoint",
 ]
 
 CHECKPOINT_FORMAT_VERSION = 1
