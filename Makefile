@@ -6,9 +6,9 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install apt venv data demo stop test bench clean
+.PHONY: install apt venv data viewer demo stop test bench clean
 
-install: apt venv data  ## Debian packages + .venv + sample data (idempotent)
+install: apt venv data viewer  ## Debian packages + .venv + sample data + OHIF viewer (idempotent)
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -27,6 +27,12 @@ $(VENV)/.installed: requirements.txt setup.cfg
 
 data: venv
 	@$(PY) -m dicom_node fetch-data ct_head rider_lung_ct jpeg2000_ct >/dev/null
+
+viewer: viewer/www/viewer  ## OHIF (pinned prebuilt @ohif/app dist, no OHIF build) laid out for Orthanc's /ohif/
+
+viewer/www/viewer: viewer/package.json viewer/package-lock.json viewer/app-config.js viewer/prepare.mjs
+	cd viewer && npm ci --ignore-scripts --no-audit --no-fund
+	node viewer/prepare.mjs
 
 demo: install  ## start the node, send the sample head-and-neck CT with storescu, print where the SEG is
 	$(PY) -m dicom_node demo

@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 
 import highdicom as hd
 import numpy as np

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -130,8 +131,12 @@ class OrthancProcess:
         response.raise_for_status()
         return response.json()
 
-    def wait_for_job(self, study_uid: str, timeout: float = 300.0, after_id: int = 0) -> dict[str, Any]:
-        """Wait until a job of the study (with id > ``after_id``) ends; return it.
+    def wait_for_job(self, study_uid: str, timeout: float = 300.0, after_id: int = 0,
+                     accept: Callable[[dict[str, Any]], bool] = lambda job: True) -> dict[str, Any]:
+        """Wait until the jobs of the study (with id > ``after_id``) have ended; return the latest.
+
+        Jobs that found the content unchanged (triggered by our own SEG/SR arriving) are only
+        returned when there is no other; with ``accept``, keep waiting until the latest job passes it.
 
         Raises:
             TimeoutError: no finished job in time (the message carries the jobs seen and the log).
@@ -143,6 +148,10 @@ class OrthancProcess:
             finished = [j for j in jobs if j["state"] in ("done", "failed", "skipped")]
             pending = [j for j in jobs if j["state"] in ("queued", "running")]
             if finished and not pending:
-                return max(finished, key=lambda j: j["id"])
+                # our own SEG/SR make the study stable again: those re-runs end "unchanged"
+                meaningful = [j for j in finished if not (j.get("result") or {}).get("unchanged")]
+                latest = max(meaningful or finished, key=lambda j: j["id"])
+                if accept(latest):
+                    return latest
             time.sleep(0.5)
         raise TimeoutError(f"no finished job for study {study_uid} after {timeout} s; jobs: {jobs}\n{self.log_tail()}")

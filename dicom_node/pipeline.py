@@ -1,4 +1,4 @@
-"""Process one study: choose the series, segment it, store the SEG, forward it.
+"""Process one study: choose the series, segment it, store SEG + SRs, index it, forward.
 
 :func:`process_job` is what a worker runs for every claimed job. It never raises for bad input:
 an :class:`~dicom_node.series.InputError` (or any other failure) ends as a failed job whose
@@ -9,6 +9,7 @@ content replaces the objects we stored for that series (the old ones are deleted
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import logging
@@ -23,10 +24,17 @@ import numpy as np
 from dicom_node.config import NodeConfig
 from dicom_node.jobs import JobStore
 from dicom_node.orthanc_client import OrthancClient, OrthancError
-from dicom_node.seg import build_segmentation
+from dicom_node.seg import NODE_NAME, build_segmentation
 from dicom_node.series import InputError, SeriesCandidate, SeriesGeometry, read_geometry, read_hu, select_series
+from dicom_node.similar import SimilarQuery, find_similar, open_index, study_record
+from dicom_node.sr import build_measurement_report, build_similar_cases_report
+from index.lesions import measure_lesions
+from index.store import SliceRecord
 
 log = logging.getLogger("abscess_node.pipeline")
+NODE_AET = "ABSCESS_NODE"
+MEASUREMENT_SERIES_NUMBER = 9902
+SIMILAR_SERIES_NUMBER = 9903
 
 
 class SegmenterLike(Protocol):
@@ -152,54 +160,98 @@ def _process(job: dict[str, Any], config: NodeConfig, store: JobStore, client: O
                                  **previous["objects"]}
 
     with watch.stage("segment"):
-        mask, probabilities = _segment(geometry, segmenter, config)
+        segmented = _segment(geometry, segmenter, config, work_dir / "volume_hu.f32")
+    with watch.stage("measure"):
+        lesions = [lesion.as_dict() for lesion in measure_lesions(segmented.mask, segmented.volume_hu, geometry.spacing_mm)]
     with watch.stage("seg"):
-        seg_values = probabilities if config.segmentation_type == "FRACTIONAL" else mask
+        seg_values = segmented.probabilities if config.segmentation_type == "FRACTIONAL" else segmented.mask
         seg = build_segmentation(geometry.headers, seg_values, segmenter.info, config.segmentation_type)
-        buffer = io.BytesIO()
-        seg.save_as(buffer, enforce_file_format=True)
+    with watch.stage("sr"):
+        measurements = build_measurement_report(
+            geometry.headers, seg if lesions else None, lesions, segmenter.info, series_number=MEASUREMENT_SERIES_NUMBER,
+            instance_number=1, manufacturer=NODE_NAME, device_name=NODE_AET)
+    with watch.stage("index"):
+        with open_index(config.index_directory) as index:
+            index.replace_study(
+                study_record(study, chosen.series_uid, chosen.orthanc_id, fingerprint),
+                [SliceRecord(i, str(h.SOPInstanceUID), float(z)) for i, (h, z) in enumerate(zip(geometry.headers, geometry.positions))],
+                segmented.slice_embeddings, segmented.roi_embeddings, lesions)
+            similar = find_similar(index, SimilarQuery(study_uid, k=config.similar_cases_top_k),
+                                   config.pseudonymize_similar_cases)
+    with watch.stage("sr"):
+        similar_report = build_similar_cases_report(
+            geometry.headers, similar, {"mode": "study", "k": config.similar_cases_top_k, "requested_by": NODE_AET},
+            segmenter.info, series_number=SIMILAR_SERIES_NUMBER, instance_number=1, manufacturer=NODE_NAME,
+            device_name=NODE_AET)
     with watch.stage("store"):
-        stored = client.store(buffer.getvalue())
-        new_ids = [stored["ID"]]
+        stored = {name: client.store(_dicom_bytes(dataset)) for name, dataset in
+                  (("seg", seg), ("measurements", measurements), ("similar_cases", similar_report))}
+        new_ids = [answer["ID"] for answer in stored.values()]
         replaced = []
         for old_id in (previous or {}).get("objects", {}).get("orthanc_ids", []):
             if old_id not in new_ids and client.delete_instance(old_id):
                 replaced.append(old_id)
-        objects = {"orthanc_ids": new_ids,
-                   "seg": {"orthanc_id": stored["ID"], "sop_instance_uid": seg.SOPInstanceUID,
-                           "series_uid": seg.SeriesInstanceUID, "url": f"/instances/{stored['ID']}"}}
+        objects = {"orthanc_ids": new_ids}
+        for (name, answer), dataset in zip(stored.items(), (seg, measurements, similar_report)):
+            objects[name] = {"orthanc_id": answer["ID"], "sop_instance_uid": dataset.SOPInstanceUID,
+                             "series_uid": dataset.SeriesInstanceUID, "url": f"/instances/{answer['ID']}"}
         store.record_output(chosen.series_uid, study_uid, fingerprint, objects)
     forwarded = []
     with watch.stage("forward"):
         for modality in config.forward_to:
             forwarded.append(client.send_to_modality(modality, new_ids, retries=config.forward_retries))
+    mask = segmented.mask
     result = {**objects, "replaced": replaced, "forwarded": forwarded, "frames": int(mask.shape[0]),
               "lesion_voxels": int(mask.sum()), "slices_with_lesion": int(mask.any(axis=(1, 2)).sum()),
+              "lesions": lesions, "similar_cases": [{k: r[k] for k in ("rank", "study_uid", "score")} for r in similar],
               "algorithm": segmenter.info}
     failed_forwards = [f for f in forwarded if f["state"] != "Success"]
     if failed_forwards:
         names = ", ".join(f"{f['modality']} ({f['error'] or 'failed'})" for f in failed_forwards)
-        return "failed", f"SEG stored, but forwarding failed after {config.forward_retries} attempt(s) to: {names}", result
+        return "failed", f"SEG and SRs stored, but forwarding failed after {config.forward_retries} attempt(s) to: {names}", result
     return "done", None, result
 
 
-def _segment(geometry: SeriesGeometry, segmenter: SegmenterLike, config: NodeConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Run the network chunk by chunk; only one chunk of HU is in memory at a time.
+def _dicom_bytes(dataset: Any) -> bytes:
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
 
-    Returns:
-        ``(mask bool [n,H,W], probabilities uint8-quantised as float32 [n,H,W] or an empty array
-        when BINARY)``.
+
+@dataclasses.dataclass
+class Segmented:
+    """What segmenting one series yields (arrays in source slice order)."""
+
+    mask: np.ndarray
+    probabilities: np.ndarray
+    volume_hu: np.ndarray
+    slice_embeddings: np.ndarray
+    roi_embeddings: np.ndarray
+
+
+def _segment(geometry: SeriesGeometry, segmenter: SegmenterLike, config: NodeConfig, volume_path: Path) -> Segmented:
+    """Run the network chunk by chunk; only one chunk of decoded HU is held in memory.
+
+    The HU volume is written to a memory-mapped file (``volume_path``) for the lesion
+    measurements, so a 2,000-slice series does not need its float volume in RAM.
     """
     n = geometry.shape[0]
+    volume_path.parent.mkdir(parents=True, exist_ok=True)
+    volume_hu = np.lib.format.open_memmap(volume_path, mode="w+", dtype=np.float32, shape=geometry.shape)
     mask = np.zeros(geometry.shape, dtype=bool)
     keep_probabilities = config.segmentation_type == "FRACTIONAL"
     probabilities_u8 = np.zeros(geometry.shape, dtype=np.uint8) if keep_probabilities else None
+    slice_embeddings, roi_embeddings = [], []
     for start in range(0, n, config.chunk_slices):
         stop = min(n, start + config.chunk_slices)
         slices_hu = read_hu(geometry, start, stop)
+        volume_hu[start:stop] = slices_hu
         output = segmenter.run(slices_hu, batch_size=config.inference_batch_size)
         mask[start:stop] = output.probabilities > config.threshold
         if probabilities_u8 is not None:
             probabilities_u8[start:stop] = np.rint(output.probabilities * 255).astype(np.uint8)
+        slice_embeddings.append(output.slice_embeddings)
+        roi_embeddings.append(output.roi_embeddings)
+    volume_hu.flush()
     probabilities = (probabilities_u8.astype(np.float32) / 255.0) if probabilities_u8 is not None else np.empty(0, np.float32)
-    return mask, probabilities
+    return Segmented(mask, probabilities, volume_hu, np.concatenate(slice_embeddings), np.concatenate(roi_embeddings))

@@ -616,6 +616,13 @@ class CaseIndex:
         with self._lock:
             return self._lesions([study_uid]).get(study_uid, [])
 
+    def slice_instance_uids(self, study_uid: str) -> dict[int, str]:
+        """slice index -> SOPInstanceUID of the live slices of a study (for localised results)."""
+        rows = self._db.query(
+            "SELECT slice_index, sop_instance_uid FROM slices WHERE study_uid = ? AND live = 1", [study_uid]
+        )
+        return {int(row["slice_index"]): row["sop_instance_uid"] for row in rows if row["sop_instance_uid"]}
+
     def study_embeddings(self, study_uid: str, space: str = "slice") -> tuple[np.ndarray, np.ndarray]:
         """The stored embeddings of an indexed study.
 

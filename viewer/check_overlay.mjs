@@ -39,17 +39,21 @@ try {
   // The study browser lists the series of the study: wait for our SEG there.
   const segItem = page.getByText(job.segDescription, { exact: false }).first();
   await segItem.waitFor({ state: 'visible' });
-  // OHIF's first-visit tour covers the viewport: dismiss it when it shows.
-  const skipTour = page.getByText('Skip all', { exact: true });
-  if (await skipTour.isVisible().catch(() => false)) {
-    await skipTour.click();
-  }
   // The CT is on screen once the viewport holds its image stack.
   await page.waitForFunction(() => {
     const engine = window.cornerstone?.getRenderingEngines?.()[0];
     const viewport = engine?.getViewports?.()[0];
     return Boolean(viewport && viewport.getImageIds?.().length);
   });
+  // OHIF's first-visit tour (a modal over the whole page) shows shortly after: dismiss it.
+  const skipTour = page.getByText('Skip all', { exact: true });
+  try {
+    await skipTour.waitFor({ state: 'visible', timeout: 20000 });
+    await skipTour.click();
+    await skipTour.waitFor({ state: 'hidden' });
+  } catch (error) {
+    log('no tour to dismiss');
+  }
   result.studyBrowserText = await page.locator('body').innerText();
   await page.screenshot({ path: path.join(job.outDir, '01-study-opened.png') });
 
@@ -68,7 +72,16 @@ try {
   result.segmentations = await page.evaluate(() => window.cornerstoneTools.segmentation.state.getSegmentations()
     .map((s) => ({ id: s.segmentationId, label: s.label,
                    segments: Object.values(s.segments).map((segment) => segment.label) })));
+  // Open the segmentation panel (right side) where OHIF lists the segments of the SEG.
+  const panelTab = page.locator('[data-cy^="panelSegmentation"][data-cy$="-btn"]').first();
+  try {
+    await panelTab.click({ timeout: 15000 });
+    await page.getByText('Abscess', { exact: true }).first().waitFor({ state: 'visible', timeout: 20000 });
+  } catch (error) {
+    log('segmentation panel:', String(error).split('\n')[0]);
+  }
   result.afterLoadText = await page.locator('body').innerText();
+  await page.screenshot({ path: path.join(job.outDir, '03-seg-loaded.png') });
 
   result.slices = [];
   for (const slice of job.slices) {
