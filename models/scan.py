@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 # (tests, small models): long chunks.
 LONG_CHUNK_LENGTH = 32
 SHORT_CHUNK_LENGTH = 4
-MANY_STATES = 65536  # batch * channels * d_state from which the short chunks are used
+MANY_STATES = 4096  # batch * channels * d_state from which the short chunks are used
 _logged_backends: set[str] = set()
 _forced_backend: str | None = None
 _cuda_kernel: Callable | None = None
@@ -173,7 +173,7 @@ def selective_scan_chunked(
         delta_bias: Bias added to ``delta`` [d], or None.
         delta_softplus: Apply softplus to ``delta + delta_bias``.
         chunk_length: Steps per chunk ``T``; by default 4 for many channels and states
-            (``b * d * n >= 65536``), else 32.
+            (``b * d * n >= 4096``), else 32.
 
     Returns:
         Outputs [b, d, l] float32.

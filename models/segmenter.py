@@ -29,7 +29,7 @@ from models.scan import choose_backend
 from models.vmunet import VMUNet
 from models.weights import load_checkpoint
 
-__all__ = ["MASK_THRESHOLD", "Segmenter", "SegmenterOutput", "resolve_device"]
+__all__ = ["MASK_THRESHOLD", "Segmenter", "SegmenterOutput", "resolve_device", "roi_pool"]
 
 MASK_THRESHOLD = 0.5
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -137,3 +140,9 @@ def test_drop_path_is_stochastic_only_in_training() -> None:
         first = model(images)
         second = model(images)
     assert not torch.allclose(first, second)
+
+
+def test_importing_models_stays_light() -> None:
+    """numba and mamba-ssm are imported only when a scan backend needs them."""
+    code = "import sys, models; assert not {'numba', 'mamba_ssm'} & set(sys.modules), sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
