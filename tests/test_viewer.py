@@ -25,14 +25,14 @@ import requests
 from PIL import Image
 from scipy import ndimage
 
-from dicom_node.convert import nifti_to_ct_series, write_series
+from dicom_node.convert import write_series
+from dicom_node.demo import demo_study
 from dicom_node.sample_data import REPO_ROOT
 from tests.conftest import fetch_or_skip
 
 VIEWER_DIR = REPO_ROOT / "viewer"
 ARTIFACTS = REPO_ROOT / "runtime" / "test-artifacts" / "viewer"
 README_SCREENSHOT = REPO_ROOT / "docs" / "screenshots" / "ohif-seg-overlay.png"
-DEMO_UID_SEED = "abscess-node-demo-ct_head"  # the study `make demo` sends (dicom_node/demo.py)
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 DRIVER_TIMEOUT_S = 240
 
@@ -50,7 +50,8 @@ def demo_study(node, tmp_path_factory):
                          (Path(CHROMIUM), "apt-get install chromium")):
         if not needed.exists():
             pytest.fail(f"{needed} is missing: {hint}")
-    datasets = nifti_to_ct_series(fetch_or_skip("ct_head"), uid_seed=DEMO_UID_SEED)
+    fetch_or_skip("ct_head")
+    datasets, _ = demo_study()
     directory = tmp_path_factory.mktemp("demo_ct")
     write_series(datasets, directory)
     sent = node.storescu(directory, calling_aet="DEMO_PACS")
