@@ -8,7 +8,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pydicom
-import pytest
 import requests
 
 from dicom_node.convert import StudyInfo, volume_to_ct_series, write_series

@@ -26,7 +26,7 @@ from PIL import Image
 from scipy import ndimage
 
 from dicom_node.convert import write_series
-from dicom_node.demo import demo_study
+from dicom_node import demo
 from dicom_node.sample_data import REPO_ROOT
 from tests.conftest import fetch_or_skip
 
@@ -51,7 +51,7 @@ def demo_study(node, tmp_path_factory):
         if not needed.exists():
             pytest.fail(f"{needed} is missing: {hint}")
     fetch_or_skip("ct_head")
-    datasets, _ = demo_study()
+    datasets, _ = demo.demo_study()
     directory = tmp_path_factory.mktemp("demo_ct")
     write_series(datasets, directory)
     sent = node.storescu(directory, calling_aet="DEMO_PACS")
