@@ -28,6 +28,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def thop_gmacs(model: torch.nn.Module) -> float | None:
         import thop
     except ImportError:
         return None
-    with torch.inference_mode():
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # thop's own deprecation warnings
         macs, _ = thop.profile(model, inputs=(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE),), verbose=False)
     for module in model.modules():  # thop leaves counters behind as buffers
         for name in ("total_ops", "total_params"):

@@ -203,7 +203,7 @@ def _process(job: dict[str, Any], config: NodeConfig, store: JobStore, client: O
     mask = segmented.mask
     result = {**objects, "replaced": replaced, "forwarded": forwarded, "frames": int(mask.shape[0]),
               "lesion_voxels": int(mask.sum()), "slices_with_lesion": int(mask.any(axis=(1, 2)).sum()),
-              "lesions": lesions, "similar_cases": [{k: r[k] for k in ("rank", "study_uid", "score")} for r in similar],
+              "lesions": lesions, "similar_studies": [{k: r[k] for k in ("rank", "study_uid", "score")} for r in similar],
               "algorithm": segmenter.info}
     failed_forwards = [f for f in forwarded if f["state"] != "Success"]
     if failed_forwards:

@@ -53,12 +53,12 @@ TABLE_COLUMNS = ("Model", "Params", "FLOPs", "DSC", "mIoU", "HD95", "NSD")
 
 def count_macs(model: VMUNet, input_size: int) -> int:
     """MACs of one ``[1, C, input_size, input_size]`` forward pass counted by thop (modules only)."""
-    from thop import profile
-
     probe = copy.deepcopy(model).eval()
     images = torch.zeros(1, probe.config["input_channels"], input_size, input_size)
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # thop uses the deprecated distutils LooseVersion
+        from thop import profile
+
         macs, _ = profile(probe, inputs=(images,), verbose=False)
     return int(macs)
 

@@ -110,6 +110,7 @@ class PhantomCase:
     Attributes:
         volume_hu: float32 ``[z, y, x]`` in HU (LPS orientation, see module docstring).
         mask: bool ``[z, y, x]``, the abscess ground truth (core, septa and rim).
+        labels: uint8 ``[z, y, x]``, 0 background, ``i + 1`` for the voxels of ``lesions[i]``.
         core_mask: bool ``[z, y, x]``, the low-attenuation core only (0-45 HU by construction).
         spacing_mm: ``(dz, dy, dx)`` in mm.
         lesions: one dict per lesion: ``space``, ``side``, ``volume_ml``, ``loculi``,
@@ -123,6 +124,7 @@ class PhantomCase:
 
     volume_hu: np.ndarray
     mask: np.ndarray
+    labels: np.ndarray
     core_mask: np.ndarray
     spacing_mm: tuple[float, float, float]
     lesions: list[dict[str, Any]]
@@ -351,10 +353,11 @@ def _longest_axial_diameter(mask: np.ndarray, spacing_yx: Sequence[float]) -> fl
     return best
 
 
-def _insert_lesion(volume_hu: np.ndarray, mask: np.ndarray, core_mask: np.ndarray,
+def _insert_lesion(volume_hu: np.ndarray, labels: np.ndarray, core_mask: np.ndarray,
                    spacing_mm: np.ndarray, neck: tuple[int, int], host: str, space: str,
                    rng: np.random.Generator) -> dict[str, Any]:
-    """Render one abscess into ``volume_hu`` in place, updating ``mask`` and ``core_mask``."""
+    """Render one abscess into ``volume_hu`` in place; label it in ``labels``, mark ``core_mask``."""
+    mask = labels > 0
     spec = HOSTS[host]
     side = int(rng.choice([-1, 1])) if space != "retropharyngeal" else 0
     shape_kind = "multiloculated" if rng.random() < 0.45 else "irregular"
@@ -420,11 +423,11 @@ def _insert_lesion(volume_hu: np.ndarray, mask: np.ndarray, core_mask: np.ndarra
         body_inner[k] = ndimage.binary_erosion(body_slice, iterations=max(1, int(round(3.0 / spacing_yx[0]))))
     forbidden = ndimage.binary_dilation((host_crop > 300.0) | (host_crop < -400.0))
     lesion &= body_inner & ~forbidden & ~mask[crop]
-    labels, count = ndimage.label(lesion)
+    components, count = ndimage.label(lesion)
     if count == 0:
         raise ValueError("no room for the lesion")
-    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, count + 1))
-    lesion = labels == (int(np.argmax(sizes)) + 1)
+    sizes = ndimage.sum_labels(np.ones_like(components), components, index=np.arange(1, count + 1))
+    lesion = components == (int(np.argmax(sizes)) + 1)
     if lesion.sum() * np.prod(spacing_mm) < 300.0:  # under 0.3 mL: placement failed
         raise ValueError("lesion too small after clipping to soft tissue")
     lobe_label = np.argmin(lobe_distances, axis=0)
@@ -474,7 +477,7 @@ def _insert_lesion(volume_hu: np.ndarray, mask: np.ndarray, core_mask: np.ndarra
     blended = np.where(pure_core, lesion_hu, blended)
 
     volume_hu[crop] = blended.astype(np.float32)
-    mask[crop] |= lesion
+    labels[crop][lesion] = int(labels.max()) + 1
     core_mask[crop] |= pure_core
     full_mask = np.zeros(mask.shape, bool)
     full_mask[crop] = lesion
@@ -525,21 +528,21 @@ def make_case(seed: int, host: str = "ct_head", n_lesions: int = 1,
     if augment:
         volume_hu = _augment_host(volume_hu, spacing, rng)
     neck = neck_slice_range(volume_hu, spacing, host)
-    mask = np.zeros(volume_hu.shape, bool)
+    labels = np.zeros(volume_hu.shape, np.uint8)
     core_mask = np.zeros(volume_hu.shape, bool)
     lesions = []
     for _ in range(n_lesions):
         for _attempt in range(20):
             space = str(rng.choice(choices))
             try:
-                lesions.append(_insert_lesion(volume_hu, mask, core_mask, spacing_mm, neck, host,
+                lesions.append(_insert_lesion(volume_hu, labels, core_mask, spacing_mm, neck, host,
                                               space, rng))
                 break
             except ValueError:
                 continue
         else:
             raise ValueError(f"case seed {seed}: could not place a lesion in host {host!r}")
-    return PhantomCase(volume_hu=volume_hu, mask=mask, core_mask=core_mask,
+    return PhantomCase(volume_hu=volume_hu, mask=labels > 0, labels=labels, core_mask=core_mask,
                        spacing_mm=tuple(float(s) for s in spacing_mm), lesions=lesions,
                        case_id=case_id or f"phantom-{host}-{seed}", host=host, seed=seed,
                        neck_slices=neck)
@@ -564,19 +567,8 @@ def _resize_slice(slice_values: np.ndarray, size: int, order: int) -> np.ndarray
 
 
 def _slice_lesions(case: PhantomCase, z: int) -> list[dict[str, Any]]:
-    """Lesions of ``case`` present in slice ``z`` (a lesion's voxels are labelled by proximity)."""
-    present = []
-    labels, count = ndimage.label(case.mask)
-    for lesion in case.lesions:
-        centre = np.round(lesion["center_zyx"]).astype(int)
-        label = labels[tuple(centre)] if count else 0
-        if label == 0:  # centre of mass outside an irregular lesion: nearest labelled voxel
-            points = np.argwhere(labels > 0)
-            nearest = points[np.argmin(np.linalg.norm(points - centre, axis=1))]
-            label = labels[tuple(nearest)]
-        if (labels[z] == label).any():
-            present.append(lesion)
-    return present
+    """Lesions of ``case`` present in slice ``z``."""
+    return [case.lesions[label - 1] for label in np.unique(case.labels[z]) if label > 0]
 
 
 def write_dataset(out_dir: Path | str, cases: int, seed: int, hosts: Sequence[str] = ("ct_head",),
@@ -629,7 +621,7 @@ def write_dataset(out_dir: Path | str, cases: int, seed: int, hosts: Sequence[st
             mask = _resize_slice(case.mask[z].astype(np.float32), size, order=1) >= 0.5
             Image.fromarray(image).save(out / f"{split}_images" / name)
             Image.fromarray((mask * 255).astype(np.uint8)).save(out / f"{split}_masks" / name)
-            present = _slice_lesions(case, z) if case.mask[z].any() else []
+            present = _slice_lesions(case, z)
             rows[split].append({
                 "image": name, "mask": name, "case_id": case.case_id, "slice_index": z,
                 "has_lesion": int(bool(mask.any())),

@@ -81,66 +81,67 @@ MIN_LR = 1e-5
 # models.scan.selective_scan_reference in tests/test_train.py).
 
 
+def _scan_forward(u, dt, A, B, C, states):  # u, dt [b, d, l]; A [d, n]; B, C [b, k, l, n]
+    batch, channels, length = u.shape
+    size = A.shape[1]
+    per_group = channels // B.shape[1]
+    y = np.zeros((batch, channels, length), np.float32)
+    h = np.zeros(size, np.float32)
+    for b in range(batch):
+        for d in range(channels):
+            k = d // per_group
+            h[:] = 0.0
+            for t in range(length):
+                step, value = dt[b, d, t], u[b, d, t]
+                total = np.float32(0.0)
+                for j in range(size):
+                    h[j] = np.exp(step * A[d, j]) * h[j] + step * B[b, k, t, j] * value
+                    states[b, d, t, j] = h[j]
+                    total += C[b, k, t, j] * h[j]
+                y[b, d, t] = total
+    return y
+
+
+def _scan_backward(u, dt, A, B, C, states, grad_y):  # the adjoint recurrence, time reversed
+    batch, channels, length = u.shape
+    size = A.shape[1]
+    per_group = channels // B.shape[1]
+    grad_u = np.zeros_like(u)
+    grad_dt = np.zeros_like(dt)
+    grad_A = np.zeros_like(A)
+    grad_B = np.zeros_like(B)
+    grad_C = np.zeros_like(C)
+    grad_h = np.zeros(size, np.float32)
+    for b in range(batch):
+        for d in range(channels):
+            k = d // per_group
+            grad_h[:] = 0.0
+            for t in range(length - 1, -1, -1):
+                g, step, value = grad_y[b, d, t], dt[b, d, t], u[b, d, t]
+                step_total = np.float32(0.0)
+                input_total = np.float32(0.0)
+                for j in range(size):
+                    decay = np.exp(step * A[d, j])
+                    grad_h[j] += g * C[b, k, t, j]
+                    grad_C[b, k, t, j] += g * states[b, d, t, j]
+                    previous = states[b, d, t - 1, j] if t > 0 else np.float32(0.0)
+                    grad_decay = grad_h[j] * previous * decay
+                    step_total += grad_decay * A[d, j] + grad_h[j] * B[b, k, t, j] * value
+                    grad_A[d, j] += grad_decay * step
+                    grad_B[b, k, t, j] += grad_h[j] * step * value
+                    input_total += grad_h[j] * step * B[b, k, t, j]
+                    grad_h[j] *= decay
+                grad_u[b, d, t] = input_total
+                grad_dt[b, d, t] = step_total
+    return grad_u, grad_dt, grad_A, grad_B, grad_C
+
+
 @functools.lru_cache(maxsize=1)
 def _numba_scan_kernels() -> tuple[Callable, Callable]:
+    """Compile (or load from numba's on-disk cache) the forward and backward kernels."""
     import numba
 
-    @numba.njit(cache=False)
-    def forward(u, dt, A, B, C, states):  # u, dt [b, d, l]; A [d, n]; B, C [b, k, l, n]
-        batch, channels, length = u.shape
-        size = A.shape[1]
-        per_group = channels // B.shape[1]
-        y = np.zeros((batch, channels, length), np.float32)
-        h = np.zeros(size, np.float32)
-        for b in range(batch):
-            for d in range(channels):
-                k = d // per_group
-                h[:] = 0.0
-                for t in range(length):
-                    step, value = dt[b, d, t], u[b, d, t]
-                    total = np.float32(0.0)
-                    for j in range(size):
-                        h[j] = np.exp(step * A[d, j]) * h[j] + step * B[b, k, t, j] * value
-                        states[b, d, t, j] = h[j]
-                        total += C[b, k, t, j] * h[j]
-                    y[b, d, t] = total
-        return y
-
-    @numba.njit(cache=False)
-    def backward(u, dt, A, B, C, states, grad_y):
-        batch, channels, length = u.shape
-        size = A.shape[1]
-        per_group = channels // B.shape[1]
-        grad_u = np.zeros_like(u)
-        grad_dt = np.zeros_like(dt)
-        grad_A = np.zeros_like(A)
-        grad_B = np.zeros_like(B)
-        grad_C = np.zeros_like(C)
-        grad_h = np.zeros(size, np.float32)
-        for b in range(batch):
-            for d in range(channels):
-                k = d // per_group
-                grad_h[:] = 0.0
-                for t in range(length - 1, -1, -1):
-                    g, step, value = grad_y[b, d, t], dt[b, d, t], u[b, d, t]
-                    step_total = np.float32(0.0)
-                    input_total = np.float32(0.0)
-                    for j in range(size):
-                        decay = np.exp(step * A[d, j])
-                        grad_h[j] += g * C[b, k, t, j]
-                        grad_C[b, k, t, j] += g * states[b, d, t, j]
-                        previous = states[b, d, t - 1, j] if t > 0 else np.float32(0.0)
-                        grad_decay = grad_h[j] * previous * decay
-                        step_total += grad_decay * A[d, j] + grad_h[j] * B[b, k, t, j] * value
-                        grad_A[d, j] += grad_decay * step
-                        grad_B[b, k, t, j] += grad_h[j] * step * value
-                        input_total += grad_h[j] * step * B[b, k, t, j]
-                        grad_h[j] *= decay
-                    grad_u[b, d, t] = input_total
-                    grad_dt[b, d, t] = step_total
-        return grad_u, grad_dt, grad_A, grad_B, grad_C
-
-    return forward, backward
+    return numba.njit(cache=True)(_scan_forward), numba.njit(cache=True)(_scan_backward)
 
 
 class _SequentialScan(torch.autograd.Function):

@@ -102,10 +102,24 @@ def test_study_comes_back_as_seg_then_growth_replaces_it(node, head_ct, forward_
     assert stored.shape == expected.shape
     assert np.array_equal(stored, expected)
 
+    # The measurement SR and the similar-cases SR sit in the same study, valid, with the demo wording.
+    for name, title in (("measurements", "Imaging Measurement Report"), ("similar_cases", "Similar cases")):
+        sr_bytes = requests.get(f"{node.url}{second['result'][name]['url']}/file", timeout=60).content
+        sr_path = tmp_path / f"{name}.dcm"
+        sr_path.write_bytes(sr_bytes)
+        assert_valid(sr_path)
+        sr = pydicom.dcmread(sr_path)
+        assert sr.StudyInstanceUID == study_uid and sr.Modality == "SR"
+        assert sr.ConceptNameCodeSequence[0].CodeMeaning == title
+        assert "NOT FOR CLINICAL USE" in sr_path.read_bytes().decode("latin-1").upper()
+    measurement_sr = pydicom.dcmread(tmp_path / "measurements.dcm")
+    assert seg.SOPInstanceUID in str(measurement_sr.CurrentRequestedProcedureEvidenceSequence) or not second["result"]["lesions"]
+
     # Forwarded to the configured modality with a real C-STORE.
     forwarded = [pydicom.dcmread(p, stop_before_pixels=True) for p in Path(forward_scp["directory"]).rglob("*")
                  if p.is_file()]
-    assert seg.SOPInstanceUID in {ds.SOPInstanceUID for ds in forwarded}
+    assert {seg.SOPInstanceUID, second["result"]["measurements"]["sop_instance_uid"],
+            second["result"]["similar_cases"]["sop_instance_uid"]} <= {ds.SOPInstanceUID for ds in forwarded}
     assert second["result"]["forwarded"][0]["state"] == "Success"
 
 

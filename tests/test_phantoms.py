@@ -74,6 +74,11 @@ def test_named_space_and_second_host() -> None:
     assert retro.lesions[0]["space"] == "retropharyngeal" and retro.lesions[0]["side"] == "midline"
     chest = make_case(2, host="neck_chest_ct")
     assert chest.mask.any() and chest.spacing_mm == pytest.approx((2.5, 0.703125, 0.703125))
+    two = make_case(8, host="ct_head", n_lesions=2)
+    assert len(two.lesions) == 2 and set(np.unique(two.labels)) == {0, 1, 2}
+    voxel_ml = np.prod(two.spacing_mm) / 1000.0
+    for label, lesion in enumerate(two.lesions, start=1):
+        assert lesion["volume_ml"] == pytest.approx((two.labels == label).sum() * voxel_ml, abs=1e-3)
     with pytest.raises(ValueError, match="unknown deep neck space"):
         make_case(1, spaces=["mediastinum"])
 
