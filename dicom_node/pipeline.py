@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import io
 import logging
+import resource
 import shutil
 import time
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ log = logging.getLogger("abscess_node.pipeline")
 NODE_AET = "ABSCESS_NODE"
 MEASUREMENT_SERIES_NUMBER = 9902
 SIMILAR_SERIES_NUMBER = 9903
+MAX_REPORTED_LESIONS = 20
 
 
 class SegmenterLike(Protocol):
@@ -162,7 +164,9 @@ def _process(job: dict[str, Any], config: NodeConfig, store: JobStore, client: O
     with watch.stage("segment"):
         segmented = _segment(geometry, segmenter, config, work_dir / "volume_hu.f32")
     with watch.stage("measure"):
-        lesions = [lesion.as_dict() for lesion in measure_lesions(segmented.mask, segmented.volume_hu, geometry.spacing_mm)]
+        measured = measure_lesions(segmented.mask, segmented.volume_hu, geometry.spacing_mm)
+        # a report of hundreds of specks helps nobody: the largest MAX_REPORTED_LESIONS are reported
+        lesions = [lesion.as_dict() for lesion in sorted(measured, key=lambda item: -item.volume_ml)[:MAX_REPORTED_LESIONS]]
     with watch.stage("seg"):
         seg_values = segmented.probabilities if config.segmentation_type == "FRACTIONAL" else segmented.mask
         seg = build_segmentation(geometry.headers, seg_values, segmenter.info, config.segmentation_type)
@@ -203,8 +207,9 @@ def _process(job: dict[str, Any], config: NodeConfig, store: JobStore, client: O
     mask = segmented.mask
     result = {**objects, "replaced": replaced, "forwarded": forwarded, "frames": int(mask.shape[0]),
               "lesion_voxels": int(mask.sum()), "slices_with_lesion": int(mask.any(axis=(1, 2)).sum()),
-              "lesions": lesions, "similar_studies": [{k: r[k] for k in ("rank", "study_uid", "score")} for r in similar],
-              "algorithm": segmenter.info}
+              "lesions": lesions, "lesions_found": len(measured), "similar_studies": [{k: r[k] for k in ("rank", "study_uid", "score")} for r in similar],
+              "algorithm": segmenter.info,
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     failed_forwards = [f for f in forwarded if f["state"] != "Success"]
     if failed_forwards:
         names = ", ".join(f"{f['modality']} ({f['error'] or 'failed'})" for f in failed_forwards)

@@ -80,7 +80,8 @@ def build_segmentation(source_images: Sequence[pydicom.Dataset], mask: np.ndarra
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm_identification(algorithm),
         tracking_uid=generate_uid(UID_ROOT, [uid_seed, "tracking"]) if uid_seed else generate_uid(UID_ROOT),
-        tracking_id="abscess")
+        tracking_id="abscess",
+        display_color=hd.color.CIELabColor(53.2, 80.1, 67.2))  # red, so every viewer shows the same colour
     demo = bool(algorithm.get("demo"))
     seg = hd.seg.Segmentation(
         source_images=list(source_images), pixel_array=pixel_array,

@@ -16,7 +16,7 @@ Abscess studies ("phantom" studies)
 Organ studies
     ``organ_copies`` augmented copies of each organ-labelled real CT of DATA.md:
     ``neck_chest_ct`` (TotalSegmentator-v2 structures: thyroid, trachea, oesophagus, carotids,
-    vertebrae, ...) and ``abdomen_ct`` (its TotalSegmentator mask lies on the top 30 slices:
+    vertebrae, ...; the scan reaches from the lower neck to the upper abdomen) and ``abdomen_ct`` (its TotalSegmentator mask lies on the top 30 slices:
     only those slices are used). A copy is a random in-plane rotation (+-10 deg), scale
     (0.9-1.1) and shift (+-8 mm) of the volume and its labels, and a random contiguous
     crop of 70-100 % of the slices (copy 0 keeps all slices), so copies differ in coverage.
@@ -52,6 +52,7 @@ CLI: ``python -m models.cohort --weights PATH --out cohort.npz [--cases N] [--se
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import json
 import math
@@ -293,10 +294,29 @@ def _to_zyx_lps(data: np.ndarray, affine: np.ndarray, zooms: Sequence[float]) ->
     return np.ascontiguousarray(oriented.transpose(2, 1, 0)), [spacing[2], spacing[1], spacing[0]]
 
 
-def _structure_names(fetch: Callable[[str], Path]) -> dict[int, str]:
-    """TotalSegmentator-v2 label id -> structure name (``neck_chest_structures``, the v2 map)."""
-    with open(fetch("neck_chest_structures"), newline="") as handle:
-        return {int(row["id"]): row["structure"] for row in csv.DictReader(handle)}
+def _structure_names(source: str, fetch: Callable[[str], Path]) -> dict[int, str]:
+    """Label id -> TotalSegmentator structure name for the labels of an organ source.
+
+    ``neck_chest``: the ``structures.csv`` shipped with the mask (``neck_chest_structures``).
+    ``abdomen``: the ``"total"`` class map of the TotalSegmentator release whose test files
+    hold the mask, read (as data, with :func:`ast.literal_eval`) from that release's
+    ``totalsegmentator/map_to_binary.py``. The two maps differ (the csv has an extra
+    ``carpal`` row at 117), so each mask is read with its own.
+    """
+    if source == "neck_chest":
+        with open(fetch("neck_chest_structures"), newline="") as handle:
+            return {int(row["id"]): row["structure"] for row in csv.DictReader(handle)}
+    labels_path = Path(fetch(ORGAN_SOURCES[source]["labels"]))
+    package_root = next(p for p in labels_path.parents if (p / "totalsegmentator" / "map_to_binary.py").is_file())
+    tree = ast.parse((package_root / "totalsegmentator" / "map_to_binary.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict) and any(
+            isinstance(target, ast.Name) and target.id == "class_map" for target in node.targets
+        ):
+            for key, value in zip(node.value.keys, node.value.values):
+                if isinstance(key, ast.Constant) and key.value == "total":
+                    return {int(k): str(v) for k, v in ast.literal_eval(value).items()}
+    raise ValueError(f"no 'total' class map in {package_root}/totalsegmentator/map_to_binary.py")
 
 
 def load_labelled_ct(source: str, fetch: Callable[[str], Path] | None = None) -> tuple[np.ndarray, np.ndarray, list[float]]:
@@ -439,8 +459,8 @@ def build_cohort(segmenter: Segmenter, out: str | Path, cases: int = 16, seed: i
     if organ_copies > 0 and organ_sources:
         from dicom_node.sample_data import fetch
 
-        names = _structure_names(fetch)
         for source in organ_sources:
+            names = _structure_names(source, fetch)
             volume, labels, spacing = load_labelled_ct(source, fetch)
             for copy in range(organ_copies):
                 record, study_arrays = _organ_study(segmenter, len(organs), source, copy, volume, labels, spacing,

@@ -1,19 +1,26 @@
-"""The Orthanc side of abscess-node: configuration, change callback, REST routes, workers.
+"""The Orthanc side of abscess-node: configuration, change callback, REST routes, C-FIND, workers.
 
 Everything here only hands work on: STABLE_STUDY -> a job in the job store; REST calls -> the
-functions of :mod:`dicom_node.rest`; worker processes -> :class:`dicom_node.supervisor.WorkerSupervisor`.
+functions of :mod:`dicom_node.rest`; worker processes -> :class:`dicom_node.supervisor.WorkerSupervisor`;
+C-FIND -> for the called AE title ``SimilarCasesAet``, the similar-cases service the supervisor
+runs (JSON over 127.0.0.1, :mod:`dicom_node.scp`), for any other called AE title
+:mod:`dicom_node.ordinary_find` (Orthanc's own answers, rebuilt from its REST API).
 Orthanc calls OnChange callbacks on one thread and every callback holds the one GIL of its
 embedded interpreter (orthanc-python 4.0 has no AllowThreads), so each callback stays short.
 """
 
 from __future__ import annotations
 
+import base64
+import http.client
 import json
+import time
+import urllib.parse
 from typing import Any
 
 import orthanc
 
-from dicom_node import rest
+from dicom_node import ordinary_find, rest
 from dicom_node.config import ConfigError, NodeConfig
 from dicom_node.jobs import JobStore
 from dicom_node.supervisor import WorkerSupervisor
@@ -73,6 +80,96 @@ def on_process(output: Any, uri: str, **request: Any) -> None:
     _answer(output, rest.process_study(STATE["store"], request["groups"][0], request.get("body") or b"", _study_uid))
 
 
+class SimilarServiceUnavailable(RuntimeError):
+    """The similar-cases service did not answer (raised into Orthanc: a C-FIND failure status)."""
+
+
+class SimilarQueryFailed(RuntimeError):
+    """The similar-cases service answered a failure status. orthanc-python 4.0 cannot set a C-FIND
+    status or ErrorComment, so raising is the only way to fail the C-FIND: Orthanc logs this
+    message and answers 0xC000 (Unable to process)."""
+
+
+def _service_request(method: str, path: str, body: dict[str, Any] | None = None, wait_seconds: float = 20.0) -> tuple[int, Any]:
+    """Call the similar-cases service; retries while it is (re)starting, up to ``wait_seconds``."""
+    supervisor: WorkerSupervisor = STATE["supervisor"]
+    deadline = time.monotonic() + wait_seconds
+    payload = json.dumps(body).encode() if body is not None else None
+    while True:
+        connection = http.client.HTTPConnection("127.0.0.1", supervisor.service_port, timeout=STATE["service_timeout"])
+        try:
+            connection.request(method, path, body=payload, headers={
+                "Authorization": f"Bearer {supervisor.service_token}", "Content-Type": "application/json"})
+            response = connection.getresponse()
+            return response.status, json.loads(response.read() or b"null")
+        except (ConnectionRefusedError, ConnectionResetError) as error:
+            if time.monotonic() > deadline:
+                raise SimilarServiceUnavailable(f"similar-cases service unreachable ({type(error).__name__})") from None
+            time.sleep(0.5)
+        finally:
+            connection.close()
+
+
+def _similar_find(answers: Any, query: Any, issuer_aet: str) -> None:
+    tags = [[query.GetFindQueryTagGroup(i), query.GetFindQueryTagElement(i), query.GetFindQueryValue(i)]
+            for i in range(query.GetFindQuerySize())]
+    status, body = _service_request("POST", "/find", {"tags": tags, "calling_aet": issuer_aet})
+    if status != 200:
+        raise SimilarServiceUnavailable(f"similar-cases service answered HTTP {status}")
+    for response in body["responses"]:
+        if response["status"] in (0xFF00, 0xFF01) and response["dicom"]:
+            answers.FindAddAnswer(base64.b64decode(response["dicom"]))
+        elif response["status"] == 0xFE00:
+            answers.FindMarkIncomplete()
+        elif response["status"] != 0x0000:
+            orthanc.LogWarning(f"abscess-node: similar-cases C-FIND from {issuer_aet}: "
+                               f"status 0x{response['status']:04X} {response.get('comment') or ''}")
+            raise SimilarQueryFailed(f"0x{response['status']:04X} {response.get('comment') or ''}")
+
+
+def _ordinary_find(answers: Any, query: Any) -> None:
+    tags = [(query.GetFindQueryTagGroup(i), query.GetFindQueryTagElement(i), query.GetFindQueryValue(i))
+            for i in range(query.GetFindQuerySize())]
+    settings = STATE["find_settings"]
+    result = ordinary_find.ordinary_find(
+        tags, lambda path: json.loads(orthanc.RestApiGet(path)),
+        lambda path, body: json.loads(orthanc.RestApiPost(path, json.dumps(body))), **settings)
+    for answer in result.answers:
+        answers.FindAddAnswer(orthanc.CreateDicom(json.dumps(answer), None, orthanc.CreateDicomFlags.NONE))
+    if not result.complete:
+        answers.FindMarkIncomplete()
+
+
+def on_find(answers: Any, query: Any, issuer_aet: str, called_aet: str) -> None:
+    """C-FIND SCP (replaces Orthanc's): dispatch on the called AE title.
+
+    Orthanc has already applied its own rule (calling AE in DicomModalities, or DicomAlwaysAllowFind).
+    An exception raised here makes Orthanc answer a C-FIND failure (0xC000) and log it.
+    """
+    if called_aet.strip() == STATE["config"].similar_cases_aet:
+        _similar_find(answers, query, issuer_aet.strip())
+    else:
+        _ordinary_find(answers, query)
+
+
+def on_similar(output: Any, uri: str, **request: Any) -> None:
+    """GET /abscess-node/studies/{id}/similar?k=&mode=&filters=&slices=&descriptors= (REST twin of the C-FIND)."""
+    if request["method"] != "GET":
+        output.SendMethodNotAllowed("GET")
+        return
+    study_uid = _study_uid(request["groups"][0])
+    if not study_uid:
+        _answer(output, (404, {"error": f"no study {request['groups'][0]} in Orthanc"}))
+        return
+    params = {key: value for key, value in (request.get("get") or {}).items() if isinstance(value, str)}
+    params.update(study_uid=study_uid, user=str(request.get("username") or "REST")[:16])
+    try:
+        status, body = _service_request("GET", "/similar?" + urllib.parse.urlencode(params))
+    except (SimilarServiceUnavailable, OSError) as error:
+        status, body = 503, {"error": str(error)}
+    _answer(output, (status, body))
+
+
 def register() -> None:
     """Read the configuration, then register callbacks. A bad ``AbscessNode`` section stops Orthanc."""
     full_config = json.loads(orthanc.GetConfiguration())
@@ -84,9 +181,18 @@ def register() -> None:
     port = int(full_config.get("HttpPort", 8042))
     STATE["config"] = config
     STATE["store"] = JobStore(config.jobs_database)
+    retrieve_aet = str(full_config.get("DicomAet", "ORTHANC"))
     STATE["supervisor"] = WorkerSupervisor(
-        config, f"http://127.0.0.1:{port}", orthanc.GenerateRestApiAuthorizationToken(), orthanc.LogWarning)
+        config, f"http://127.0.0.1:{port}", orthanc.GenerateRestApiAuthorizationToken(), orthanc.LogWarning,
+        retrieve_aet=retrieve_aet)
+    STATE["service_timeout"] = 120.0
+    STATE["find_settings"] = {
+        "retrieve_aet": retrieve_aet, "case_sensitive_pn": bool(full_config.get("CaseSensitivePN", False)),
+        "limit_results": int(full_config.get("LimitFindResults", 0)),
+        "limit_instances": int(full_config.get("LimitFindInstances", 0))}
     orthanc.RegisterOnChangeCallback(on_change)
+    orthanc.RegisterFindCallback(on_find)
+    orthanc.RegisterRestCallback("/abscess-node/studies/([0-9a-f-]+)/similar", on_similar)
     orthanc.RegisterRestCallback("/abscess-node/jobs(?:/([0-9]+))?", on_jobs)
     orthanc.RegisterRestCallback("/abscess-node/studies/([0-9a-f-]+)/process", on_process)
     orthanc.LogWarning(f"abscess-node: enabled={config.enabled}, {config.worker_count} worker(s), "
