@@ -130,6 +130,20 @@ def matching_resources(query: FindQuery, post: Rest, case_sensitive_pn: bool = F
     return found
 
 
+def _plural(level: str) -> str:
+    return {"Patient": "patients", "Study": "studies", "Series": "series", "Instance": "instances"}[level]
+
+
+def _tag_of_name(name: str) -> str | None:
+    """``gggg,eeee`` of a keyword as Orthanc's REST API names main DICOM tags (None if unknown)."""
+    from pydicom.datadict import tag_for_keyword
+
+    if "," in name:
+        return name.lower()
+    tag = tag_for_keyword(name)
+    return None if tag is None else tag_key(tag >> 16, tag & 0xFFFF)
+
+
 class _Resources:
     """Cached REST reads of one C-FIND."""
 
@@ -146,11 +160,12 @@ class _Resources:
         """Main DICOM tags of the resource and all its parents, as ``gggg,eeee`` -> value."""
         values: dict[str, str] = {}
         while True:
-            body = self.read(f"/{level.lower()}s/{resource}?short")
-            for tag, value in (body.get("MainDicomTags") or {}).items():
-                values.setdefault(tag.lower(), value if isinstance(value, str) else "")
-            for tag, value in (body.get("PatientMainDicomTags") or {}).items():
-                values.setdefault(tag.lower(), value if isinstance(value, str) else "")
+            body = self.read(f"/{_plural(level)}/{resource}")
+            for section in ("MainDicomTags", "PatientMainDicomTags"):
+                for name, value in (body.get(section) or {}).items():
+                    tag = _tag_of_name(name)
+                    if tag:
+                        values.setdefault(tag, value if isinstance(value, str) else "")
             if level not in PARENT:
                 return values
             parent_key = "Parent" + PARENT[level]
@@ -158,7 +173,7 @@ class _Resources:
 
     def children(self, level: str, resource: str) -> list[str]:
         child = {"Patient": "studies", "Study": "series", "Series": "instances"}[level]
-        return [item["ID"] for item in self.read(f"/{level.lower()}s/{resource}/{child}")]
+        return [item["ID"] for item in self.read(f"/{_plural(level)}/{resource}/{child}")]
 
     def instance_tags(self, level: str, resource: str) -> dict[str, str]:
         """All string tags of one instance of the resource (Orthanc's stored DICOM-as-JSON)."""

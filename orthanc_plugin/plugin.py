@@ -127,12 +127,21 @@ def _similar_find(answers: Any, query: Any, issuer_aet: str) -> None:
             raise SimilarQueryFailed(f"0x{response['status']:04X} {response.get('comment') or ''}")
 
 
+def _rest_get(path: str) -> Any:
+    """In-process REST GET: parsed JSON, or the text of a non-JSON answer (metadata)."""
+    body = orthanc.RestApiGet(path)
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body.decode(errors="replace")
+
+
 def _ordinary_find(answers: Any, query: Any) -> None:
     tags = [(query.GetFindQueryTagGroup(i), query.GetFindQueryTagElement(i), query.GetFindQueryValue(i))
             for i in range(query.GetFindQuerySize())]
     settings = STATE["find_settings"]
     result = ordinary_find.ordinary_find(
-        tags, lambda path: json.loads(orthanc.RestApiGet(path)),
+        tags, _rest_get,
         lambda path, body: json.loads(orthanc.RestApiPost(path, json.dumps(body))), **settings)
     for answer in result.answers:
         answers.FindAddAnswer(orthanc.CreateDicom(json.dumps(answer), None, orthanc.CreateDicomFlags.NONE))

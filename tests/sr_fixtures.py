@@ -1,26 +1,21 @@
 """Small, real-looking DICOM inputs for the SR tests: a CT series and its abscess SEG.
 
-The CT series is built from scratch with the attributes the CT Image IOD asks for (so
-``dciodvfy`` is clean on it as well) and real geometry: axial slices, 0.8 mm pixels,
-2.5 mm slice spacing, HU stored with RescaleSlope 1 / RescaleIntercept -1024.
+The CT series comes from the node's converter (dicom_node.convert) with real geometry: axial
+slices, 0.8 mm pixels, 2.5 mm slice spacing, HU stored with RescaleIntercept -1024; the SEG from
+the node's SEG writer (dicom_node.seg).
 """
 
 from __future__ import annotations
 
-import datetime
-
 import highdicom as hd
 import numpy as np
 import pydicom
-from pydicom.dataset import FileMetaDataset
-from pydicom.sr.codedict import codes
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from dicom_node.convert import StudyInfo, volume_to_ct_series
+from dicom_node.seg import build_segmentation
 
 PIXEL_SPACING_MM = (0.8, 0.8)
 SLICE_SPACING_MM = 2.5
-RESCALE_INTERCEPT = -1024.0
-
-ABSCESS_CODE = hd.sr.CodedConcept("44132006", "SCT", "Abscess")
 
 
 def make_ct_series(
@@ -30,7 +25,7 @@ def make_ct_series(
     study_uid: str | None = None,
     patient_id: str = "ANON0001",
 ) -> list[pydicom.Dataset]:
-    """Build an axial head-and-neck CT series in memory.
+    """Build an axial head-and-neck CT series in memory with the project's own converter.
 
     Args:
         n_slices: Number of axial slices (one instance each).
@@ -42,76 +37,16 @@ def make_ct_series(
     Returns:
         The slices, ordered from inferior to superior, each a complete CT Image instance.
     """
-    study_uid = study_uid or generate_uid()
-    series_uid = generate_uid()
-    frame_of_reference_uid = generate_uid()
     rng = np.random.default_rng(7)
     yy, xx = np.mgrid[:rows, :columns]
     body = ((yy - rows / 2) / (rows * 0.42)) ** 2 + ((xx - columns / 2) / (columns * 0.38)) ** 2 <= 1
-    slices = []
-    for index in range(n_slices):
-        volume_hu = np.where(body, 40.0, -1000.0) + rng.normal(0.0, 8.0, (rows, columns))
-        stored = np.clip(volume_hu - RESCALE_INTERCEPT, 0, 4095).astype(np.uint16)
-
-        ds = pydicom.Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.StudyDate = "20240312"
-        ds.StudyTime = "101500"
-        ds.SeriesDate = ds.StudyDate
-        ds.SeriesTime = "101700"
-        ds.ContentDate = ds.StudyDate
-        ds.ContentTime = "101705"
-        ds.AcquisitionDate = ds.StudyDate
-        ds.AcquisitionTime = "101702"
-        ds.AccessionNumber = "ACC0001"
-        ds.Modality = "CT"
-        ds.Manufacturer = "Synthetic"
-        ds.ReferringPhysicianName = ""
-        ds.StudyDescription = "CT NECK WITH CONTRAST"
-        ds.SeriesDescription = "Neck soft tissue 2.5 mm"
-        ds.PatientName = "Test^Abscess"
-        ds.PatientID = patient_id
-        ds.PatientBirthDate = "19700101"
-        ds.PatientSex = "O"
-        ds.BodyPartExamined = "NECK"
-        ds.SliceThickness = SLICE_SPACING_MM
-        ds.KVP = 120
-        ds.PatientPosition = "HFS"
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.StudyID = "1"
-        ds.SeriesNumber = 3
-        ds.AcquisitionNumber = 1
-        ds.InstanceNumber = index + 1
-        ds.ImagePositionPatient = [-25.6, -25.6, -60.0 + index * SLICE_SPACING_MM]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.FrameOfReferenceUID = frame_of_reference_uid
-        ds.PositionReferenceIndicator = ""
-        ds.SliceLocation = ds.ImagePositionPatient[2]
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = rows
-        ds.Columns = columns
-        ds.PixelSpacing = list(PIXEL_SPACING_MM)
-        ds.BitsAllocated = 16
-        ds.BitsStored = 12
-        ds.HighBit = 11
-        ds.PixelRepresentation = 0
-        ds.WindowCenter = 40
-        ds.WindowWidth = 400
-        ds.RescaleIntercept = RESCALE_INTERCEPT
-        ds.RescaleSlope = 1.0
-        ds.RescaleType = "HU"
-        ds.PixelData = stored.tobytes()
-        slices.append(ds)
-    return slices
+    volume_hu = np.where(body, 40.0, -1000.0)[None] + rng.normal(0.0, 8.0, (n_slices, rows, columns))
+    info = StudyInfo(patient_name="Test^Abscess", patient_id=patient_id, patient_birth_date="19700101",
+                     accession_number="ACC0001", study_date="20240312", study_time="101500",
+                     study_description="CT NECK WITH CONTRAST", series_description="Neck soft tissue 2.5 mm",
+                     series_number=3)
+    return volume_to_ct_series(volume_hu, (SLICE_SPACING_MM, *PIXEL_SPACING_MM), origin_lps=(-25.6, -25.6, -60.0),
+                               info=info, study_uid=study_uid)
 
 
 def make_abscess_mask(n_slices: int = 6, rows: int = 64, columns: int = 64) -> np.ndarray:
@@ -126,39 +61,6 @@ def make_abscess_mask(n_slices: int = 6, rows: int = 64, columns: int = 64) -> n
 
 
 def make_abscess_seg(source_images: list[pydicom.Dataset], mask: np.ndarray) -> hd.seg.Segmentation:
-    """Build a BINARY DICOM SEG with one segment "Abscess" (frame per source slice).
-
-    Args:
-        source_images: The CT slices the mask was computed on, in mask order.
-        mask: bool [n, rows, columns] mask on the CT grid.
-
-    Returns:
-        The highdicom Segmentation instance.
-    """
-    description = hd.seg.SegmentDescription(
-        segment_number=1,
-        segment_label="Abscess",
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=ABSCESS_CODE,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name="VM-UNet", version="test", family=codes.DCM.ArtificialIntelligence
-        ),
-    )
-    return hd.seg.Segmentation(
-        source_images=source_images,
-        pixel_array=mask.astype(np.uint8),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[description],
-        series_instance_uid=generate_uid(),
-        series_number=90,
-        sop_instance_uid=generate_uid(),
-        instance_number=1,
-        manufacturer="abscess-node",
-        manufacturer_model_name="abscess-node",
-        software_versions="test",
-        device_serial_number="0",
-        omit_empty_frames=False,
-        content_date=datetime.date(2024, 3, 12),
-        content_time=datetime.time(11, 0),
-    )
+    """The node's own BINARY DICOM SEG (one segment "Abscess", a frame per source slice) of ``mask``."""
+    return build_segmentation(source_images, mask, {"name": "vmunet-test", "version": "test", "demo": True,
+                                                    "description": "test weights"})
