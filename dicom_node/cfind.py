@@ -296,9 +296,7 @@ def _passes(result: Mapping[str, Any], request: ParsedRequest, patient_sex: str)
             return False
     if request.description_pattern and not _wildcard_match(request.description_pattern, result.get("study_description") or ""):
         return False
-    if request.patient_sex and not _wildcard_match(request.patient_sex, patient_sex):
-        return False
-    return True
+    return not (request.patient_sex and not _wildcard_match(request.patient_sex, patient_sex))
 
 
 class SimilarCaseService:
@@ -381,7 +379,7 @@ class SimilarCaseService:
     def _not_indexed_comment(self, study_uid: str) -> str:
         try:
             jobs = JobStore(self.config.jobs_database).list(study_uid=study_uid, limit=1)
-        except Exception:  # the job store is only used to word the message
+        except Exception:  # noqa: BLE001 - the job store only words the message
             jobs = []
         if jobs and jobs[0]["state"] in ("queued", "running"):
             return f"study not indexed yet: job {jobs[0]['id']} {jobs[0]['state']}; retry later"
@@ -502,7 +500,7 @@ class SimilarCaseService:
             try:
                 series = self.client.get_json(f"/studies/{result['orthanc_study_id']}/series")
                 return sorted({s.get("MainDicomTags", {}).get("Modality", "") for s in series} - {""}) or "CT"
-            except Exception:  # the index record still knows CT
+            except Exception:  # noqa: BLE001 - the index record still knows CT
                 log.warning("ModalitiesInStudy of %s: Orthanc look-up failed", result["study_uid"])
         return "CT"
 
@@ -641,5 +639,12 @@ def handle_similar_find(identifier: Dataset, calling_aet: str, config: NodeConfi
     return SimilarCaseService(config, client, retrieve_aet).find(identifier, calling_aet)
 
 
-__all__ = ["SimilarCaseService", "handle_similar_find", "parse_request", "PRIVATE_CREATOR", "PRIVATE_GROUP",
-           "PRIVATE_ELEMENTS", "STATUS_MEANINGS"]
+__all__ = [
+    "PRIVATE_CREATOR",
+    "PRIVATE_ELEMENTS",
+    "PRIVATE_GROUP",
+    "STATUS_MEANINGS",
+    "SimilarCaseService",
+    "handle_similar_find",
+    "parse_request",
+]

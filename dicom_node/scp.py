@@ -56,7 +56,7 @@ def _c_find(service: SimilarCaseService, event: Event) -> Iterator[tuple[Any, Da
     calling_aet = event.assoc.requestor.ae_title
     try:
         identifier = event.identifier
-    except Exception:  # undecodable identifier
+    except Exception:  # noqa: BLE001 - undecodable identifier
         log.warning("C-FIND from %s: undecodable identifier", calling_aet)
         yield status_dataset(IDENTIFIER_DOES_NOT_MATCH, "identifier could not be decoded"), None
         return
@@ -140,9 +140,9 @@ def find_responses(service: SimilarCaseService, tags: Sequence[Sequence[Any]], c
 
 
 class _LocalHandler(BaseHTTPRequestHandler):
-    server: "LocalServer"
+    server: LocalServer
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("local HTTP: " + format, *args)
 
     def _authorised(self) -> bool:
@@ -157,7 +157,7 @@ class _LocalHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+    def do_POST(self) -> None:
         if not self._authorised():
             self._send(401, {"error": "missing or wrong token"})
             return
@@ -172,7 +172,7 @@ class _LocalHandler(BaseHTTPRequestHandler):
             return
         self._send(200, {"responses": find_responses(self.server.service, tags, calling_aet)})
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         if not self._authorised():
             self._send(401, {"error": "missing or wrong token"})
             return

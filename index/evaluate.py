@@ -43,7 +43,10 @@ each giving its own table set:
   mixed, descriptor-weighted queries).
 
 Organ queries (class = a coarse organ): a study is relevant when it contains the organ, a
-slice when it shows it (at least ``min_organ_pixels`` labelled pixels).
+slice when it shows it (at least ``min_organ_pixels`` labelled pixels). Two variants
+(:data:`ORGAN_VARIANTS`): ``any copy`` lets the other augmented copies of the query's own CT
+answer (near-duplicates: an easy upper bound); ``other scan`` removes them, so only the other
+real CT can answer (the neck-chest CT reaches the upper abdomen, so many organs are shared).
 
 Retrieval modes (rows of the tables)
 ------------------------------------
@@ -104,6 +107,7 @@ from index.store import CaseIndex, SliceRecord, StudyRecord
 
 __all__ = [
     "METRICS",
+    "ORGAN_VARIANTS",
     "PHANTOM_RELEVANCE",
     "Cohort",
     "evaluate",
@@ -507,67 +511,101 @@ def evaluate_phantoms(cohort: Cohort, workdir: Path, knn: int = DEFAULT_KNN,
 # --------------------------------------------------------------------------- organ cohort
 
 
+ORGAN_VARIANTS = ("any copy", "other scan")
+"""Organ evaluation variants: results may come from any other study (``any copy``: other
+augmented copies of the *same* real CT count, an easy near-duplicate setting), or only from
+studies of the *other* real CT (``other scan``: the copies of the query's own CT are removed
+from the results and the relevant set; organs seen in one CT only are skipped)."""
+
+
+def _organ_index(directory: Path, studies: Sequence[OrganStudy]) -> CaseIndex:
+    index = CaseIndex.open(directory)
+    for study in studies:
+        index.replace_study(
+            StudyRecord(study.study_uid, study_description=study.record["source"], modalities=("CT",)),
+            [SliceRecord(z) for z in range(len(study.slice_embeddings))],
+            study.slice_embeddings,
+        )
+    return index
+
+
 def evaluate_organs(cohort: Cohort, workdir: Path, knn: int = DEFAULT_KNN,
                     localization_l: int = LOCALIZATION_L) -> dict[str, Any]:
     """Organ-region queries on the TotalSegmentator-labelled studies (class = organ).
 
+    Both :data:`ORGAN_VARIANTS` are run. ``any copy`` searches one index of every organ
+    study (the query's own study excluded); ``other scan`` searches, for a query from one
+    real CT, an index holding only the studies of the other real CT(s).
+
     Returns:
-        ``tables`` (mode -> :class:`Table`), ``skipped`` (queries without a relevant item),
-        ``organs`` (organ -> studies that show it).
+        ``tables`` (variant -> mode -> :class:`Table`), ``skipped`` (variant -> queries
+        without a relevant item), ``organs`` (organ -> studies that show it).
     """
     studies = cohort.organs
     if not studies:
-        return {"tables": {}, "skipped": 0, "organs": {}}
-    index = CaseIndex.open(workdir / "organ-index")
+        return {"tables": {}, "skipped": {}, "organs": {}}
+    shows: dict[str, set[str]] = defaultdict(set)
+    organ_slices = {study.study_uid: {o: set(s) for o, s in study.organ_slices.items()} for study in studies}
+    for study in studies:
+        for organ in study.organ_slices:
+            shows[organ].add(study.study_uid)
+    sources = sorted({study.record["source"] for study in studies})
+    indexes: dict[tuple[str, str], CaseIndex] = {}
     try:
-        for study in studies:
-            index.replace_study(
-                StudyRecord(study.study_uid, study_description=study.record["source"], modalities=("CT",)),
-                [SliceRecord(z) for z in range(len(study.slice_embeddings))],
-                study.slice_embeddings,
-            )
-        shows: dict[str, set[str]] = defaultdict(set)
-        organ_slices = {study.study_uid: {o: set(s) for o, s in study.organ_slices.items()} for study in studies}
-        for study in studies:
-            for organ in study.organ_slices:
-                shows[organ].add(study.study_uid)
-        top = len(studies)
-        evaluated: list[Evaluated] = []
-        skipped = 0
-        for study in studies:
-            uid = study.study_uid
-            for organ, slices in sorted(study.organ_slices.items()):
-                relevant_studies = shows[organ] - {uid}
-                if not relevant_studies:
-                    skipped += 1
-                    continue
-                relevant_slices = {(other, z) for other in relevant_studies for z in organ_slices[other][organ]}
-                roi_rows, roi_vectors = study.organ_roi[organ]
-                picks = np.unique(np.linspace(0, len(slices) - 1, min(MAX_QUERY_SLICES, len(slices))).round().astype(int))
-                rows = np.asarray(slices, dtype=np.int64)[picks]
-                for mode, vectors in (("slice-wise", study.slice_embeddings[rows]), ("ROI slice-wise", roi_vectors[picks])):
-                    for row_hits in index.search_slices(vectors, SLICE_K, exclude_study_uid=uid):
-                        ranked = [(hit.study_uid, hit.slice_index) for hit in row_hits]
-                        values: dict[str, float | None] = dict(
-                            _ranking_metrics(ranked, relevant_slices, ap_normaliser=min(len(relevant_slices), SLICE_K))
-                        )
-                        values["LR"] = values["LocR@1"] = None
-                        evaluated.append(Evaluated(mode, organ, values))
-                for rerank in (False, True):
-                    suffix = "re-ranked" if rerank else "count"
-                    common = dict(k=knn, top=top, rerank=rerank, exclude_study_uid=uid, localization_l=localization_l)
-                    region = index.search_studies(study.slice_embeddings, slice_range=(min(slices), max(slices)), **common)
-                    roi = index.search_studies(roi_vectors, query_slice_indices=roi_rows, **common)
-                    for mode, hits in ((f"region ({suffix})", region), (f"ROI region ({suffix})", roi)):
-                        run = _study_hits_to_run(hits, uid, True, rerank)
-                        region_of = lambda other, organ=organ: organ_slices[other].get(organ, set())  # noqa: E731
-                        evaluated.append(
-                            Evaluated(mode, organ, _study_metrics(run, relevant_studies, region_of, region_of,
-                                                                  localization_l))
-                        )
+        indexes[("any copy", "")] = _organ_index(workdir / "organ-index", studies)
+        for name in sources:
+            others = [study for study in studies if study.record["source"] != name]
+            if others:
+                indexes[("other scan", name)] = _organ_index(workdir / f"organ-index-not-{name}", others)
+        tables: dict[str, dict[str, Table]] = {}
+        skipped: dict[str, int] = {}
+        for variant in ORGAN_VARIANTS:
+            evaluated: list[Evaluated] = []
+            skipped[variant] = 0
+            for study in studies:
+                uid, name = study.study_uid, study.record["source"]
+                index = indexes.get((variant, "" if variant == "any copy" else name))
+                eligible = {s.study_uid for s in studies if variant == "any copy" or s.record["source"] != name}
+                for organ, slices in sorted(study.organ_slices.items()):
+                    relevant_studies = (shows[organ] & eligible) - {uid}
+                    if index is None or not relevant_studies:
+                        skipped[variant] += 1
+                        continue
+                    relevant_slices = {(other, z) for other in relevant_studies for z in organ_slices[other][organ]}
+                    roi_rows, roi_vectors = study.organ_roi[organ]
+                    picks = np.unique(
+                        np.linspace(0, len(slices) - 1, min(MAX_QUERY_SLICES, len(slices))).round().astype(int)
+                    )
+                    rows = np.asarray(slices, dtype=np.int64)[picks]
+                    queries = (("slice-wise", study.slice_embeddings[rows]), ("ROI slice-wise", roi_vectors[picks]))
+                    for mode, vectors in queries:
+                        for row_hits in index.search_slices(vectors, SLICE_K, exclude_study_uid=uid):
+                            ranked = [(hit.study_uid, hit.slice_index) for hit in row_hits]
+                            values: dict[str, float | None] = dict(
+                                _ranking_metrics(ranked, relevant_slices,
+                                                 ap_normaliser=min(len(relevant_slices), SLICE_K))
+                            )
+                            values["LR"] = values["LocR@1"] = None
+                            evaluated.append(Evaluated(mode, organ, values))
+                    for rerank in (False, True):
+                        suffix = "re-ranked" if rerank else "count"
+                        common = dict(k=knn, top=len(studies), rerank=rerank, exclude_study_uid=uid,
+                                      localization_l=localization_l)
+                        region = index.search_studies(study.slice_embeddings, slice_range=(min(slices), max(slices)),
+                                                      **common)
+                        roi = index.search_studies(roi_vectors, query_slice_indices=roi_rows, **common)
+                        for mode, hits in ((f"region ({suffix})", region), (f"ROI region ({suffix})", roi)):
+                            run = _study_hits_to_run(hits, uid, True, rerank)
+                            region_of = lambda other, organ=organ: organ_slices[other].get(organ, set())  # noqa: E731
+                            evaluated.append(
+                                Evaluated(mode, organ, _study_metrics(run, relevant_studies, region_of, region_of,
+                                                                      localization_l))
+                            )
+            tables[variant] = _tables(evaluated)
     finally:
-        index.close()
-    return {"tables": _tables(evaluated), "skipped": skipped, "organs": {o: sorted(s) for o, s in shows.items()}}
+        for index in indexes.values():
+            index.close()
+    return {"tables": tables, "skipped": skipped, "organs": {o: sorted(s) for o, s in shows.items()}}
 
 
 # --------------------------------------------------------------------------- report
@@ -665,19 +703,25 @@ def format_report(result: dict[str, Any]) -> str:
             lines += [f"### {mode}", ""] + _class_table(abscess["tables"]["space"][mode], "Deep neck space") + [""]
     organs = result.get("organs")
     if organs and organs["tables"]:
-        lines += ["## Organ-region queries (TotalSegmentator-labelled CT) — relevance: shows the same organ", "",
-                  f"Queries skipped (organ in no other study): {organs['skipped']}.", ""]
-        lines += _summary_table(organs["tables"], ORGAN_MODES) + [""]
-        precision = [f"P@{k}" for k in PRECISION_KS]
-        for mode in ("slice-wise", "ROI slice-wise"):
-            if mode in organs["tables"]:
-                lines += [f"### P@K per organ — {mode} (Lee & Kim)", ""]
-                lines += _class_table(organs["tables"][mode], "Organ", precision) + [""]
-        region_metrics = ["R@1", "mAP", "LR", "LocR@1"]
-        for mode in ORGAN_MODES[2:]:
-            if mode in organs["tables"]:
-                lines += [f"### Per organ — {mode}", ""]
-                lines += _class_table(organs["tables"][mode], "Organ", region_metrics) + [""]
+        for variant in ORGAN_VARIANTS:
+            tables = organs["tables"][variant]
+            lines += [f"## Organ-region queries (TotalSegmentator-labelled CT) — results from: {variant}", "",
+                      "Relevance: the study (slice) shows the same organ. "
+                      + ("Other augmented copies of the query's own CT are allowed (near-duplicates)."
+                         if variant == "any copy" else
+                         "Copies of the query's own CT are removed: only the other real CT can answer."),
+                      f"Queries skipped (organ in no other eligible study): {organs['skipped'][variant]}.", ""]
+            lines += _summary_table(tables, ORGAN_MODES) + [""]
+            precision = [f"P@{k}" for k in PRECISION_KS]
+            for mode in ("slice-wise", "ROI slice-wise"):
+                if mode in tables:
+                    lines += [f"### P@K per organ — {mode}, {variant} (Lee & Kim)", ""]
+                    lines += _class_table(tables[mode], "Organ", precision) + [""]
+            region_metrics = ["R@1", "mAP", "LR", "LocR@1"]
+            for mode in ("region (count)", "region (re-ranked)"):
+                if mode in tables:
+                    lines += [f"### Per organ — {mode}, {variant}", ""]
+                    lines += _class_table(tables[mode], "Organ", region_metrics) + [""]
     lines += [f"Runtime: evaluation {result['seconds']} s"
               + (f", cohort build {result['cohort']['build_seconds']} s" if result['cohort'].get('build_seconds') else "")
               + "."]
@@ -699,7 +743,8 @@ def to_json(result: dict[str, Any]) -> dict[str, Any]:
     out["abscess"] = {**{k: v for k, v in abscess.items() if k != "tables"},
                       "tables": {d: _tables_json(t) for d, t in abscess["tables"].items()}}
     organs = result.get("organs") or {"tables": {}}
-    out["organs"] = {**{k: v for k, v in organs.items() if k != "tables"}, "tables": _tables_json(organs["tables"])}
+    out["organs"] = {**{k: v for k, v in organs.items() if k != "tables"},
+                     "tables": {variant: _tables_json(t) for variant, t in organs["tables"].items()}}
     return out
 
 

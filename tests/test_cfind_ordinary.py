@@ -8,7 +8,7 @@ dumps of every returned element, must be equal.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import subprocess
 from pathlib import Path
 
@@ -26,7 +26,7 @@ def _series(seed: str, info: StudyInfo, modality: str = "CT", slices: int = 3, s
             series_number: int = 2) -> list[pydicom.Dataset]:
     rng = np.random.default_rng(len(seed))
     volume = rng.normal(0, 50, (slices, 16, 16)).astype(np.float32)
-    info = copy.replace(info, series_number=series_number) if hasattr(copy, "replace") else info
+    info = dataclasses.replace(info, series_number=series_number)
     datasets = volume_to_ct_series(volume, (2.5, 1.0, 1.0), info=info, uid_seed=seed, study_uid=study_uid)
     for ds in datasets:
         ds.Modality = modality
@@ -38,7 +38,7 @@ def _series(seed: str, info: StudyInfo, modality: str = "CT", slices: int = 3, s
 def two_orthancs(tmp_path_factory):
     """(plain Orthanc, our node), same AET, same modalities, same instances."""
     directory = tmp_path_factory.mktemp("equivalence")
-    common = dict(DicomAet="ABSCESS_NODE", StableAge=1, DicomModalities={"eq": [CALLING, "127.0.0.1", 1]})
+    common = {"DicomAet": "ABSCESS_NODE", "StableAge": 1, "DicomModalities": {"eq": [CALLING, "127.0.0.1", 1]}}
     ours_config = node_configuration(
         HttpPort=free_port(), DicomPort=free_port(), StorageDirectory=str(directory / "ours-db"),
         IndexDirectory=str(directory / "ours-db"), **common,
@@ -77,7 +77,7 @@ def two_orthancs(tmp_path_factory):
 def answers(server: OrthancProcess, keys: list[str], out: Path, root: str) -> tuple[str, list[list[str]]]:
     """findscu answers as sorted dumps of their elements, and the final status line."""
     out.mkdir(parents=True)
-    done = subprocess.run(["findscu", "-v", root, "-aet", CALLING, "-aec", server.aet, "-X", "-od", str(out),
+    done = subprocess.run(["findscu", "-v", root, "-aet", CALLING, "-aec", server.aet, "-X", "-od", str(out),  # noqa: PLW1510
                            "127.0.0.1", str(server.dicom_port), *[a for k in keys for a in ("-k", k)]],
                           capture_output=True, text=True, timeout=120)
     final = [line for line in done.stderr.splitlines() if "Final Find Response" in line or "Failed" in line]
@@ -112,7 +112,7 @@ QUERIES = {
 
 @pytest.mark.parametrize("name", QUERIES)
 def test_same_answers_as_plain_orthanc(two_orthancs, tmp_path, name):
-    plain, ours, studies = two_orthancs
+    plain, ours, _ = two_orthancs
     root, keys = QUERIES[name]
     expected = answers(plain, keys, tmp_path / "plain", root)
     got = answers(ours, keys, tmp_path / "ours", root)
