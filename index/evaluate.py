@@ -189,7 +189,9 @@ def load_cohort(path: str | Path) -> Cohort:
     """
     with np.load(path, allow_pickle=False) as data:
         if "manifest" not in data:
-            raise ValueError(f"{path} is not a retrieval cohort file (no manifest); make one with python -m models.cohort")
+            raise ValueError(
+                f"{path} is not a retrieval cohort file (no manifest); make one with python -m models.cohort"
+            )
         manifest = json.loads(str(data["manifest"]))
         if manifest.get("format_version") != 1:
             raise ValueError(f"{path}: unknown cohort format version {manifest.get('format_version')!r}")
@@ -297,8 +299,13 @@ def _ranking_metrics(ranked: Sequence[Any], relevant: set[Any], ap_normaliser: i
     return values
 
 
-def _study_metrics(run: StudyRun, relevant: set[str], region_of: Callable[[str], set[int]],
-                   relevant_region_of: Callable[[str], set[int]], localization_l: int) -> dict[str, float | None]:
+def _study_metrics(
+    run: StudyRun,
+    relevant: set[str],
+    region_of: Callable[[str], set[int]],
+    relevant_region_of: Callable[[str], set[int]],
+    localization_l: int,
+) -> dict[str, float | None]:
     values: dict[str, float | None] = dict(_ranking_metrics(run.ranked, relevant))
     values["LR"] = values["LocR@1"] = None
     if run.localize:
@@ -372,8 +379,12 @@ def _index_phantoms(index: CaseIndex, studies: Sequence[PhantomStudy]) -> dict[s
         lesions = _measured_lesions(study)
         measured[study.study_uid] = lesions
         index.replace_study(
-            StudyRecord(study.study_uid, patient_id=study.record["case_id"], modalities=("CT",),
-                        extra={"host": study.record["host"]}),
+            StudyRecord(
+                study.study_uid,
+                patient_id=study.record["case_id"],
+                modalities=("CT",),
+                extra={"host": study.record["host"]},
+            ),
             [SliceRecord(z) for z in range(len(study.slice_embeddings))],
             study.slice_embeddings,
             study.roi_embeddings,
@@ -382,8 +393,9 @@ def _index_phantoms(index: CaseIndex, studies: Sequence[PhantomStudy]) -> dict[s
     return measured
 
 
-def evaluate_phantoms(cohort: Cohort, workdir: Path, knn: int = DEFAULT_KNN,
-                      localization_l: int = LOCALIZATION_L) -> dict[str, Any]:
+def evaluate_phantoms(
+    cohort: Cohort, workdir: Path, knn: int = DEFAULT_KNN, localization_l: int = LOCALIZATION_L
+) -> dict[str, Any]:
     """Run every abscess query mode on the abscess studies and score them per relevance definition.
 
     Args:
@@ -402,9 +414,7 @@ def evaluate_phantoms(cohort: Cohort, workdir: Path, knn: int = DEFAULT_KNN,
     try:
         measured = _index_phantoms(index, studies)
         top = len(studies)
-        lesion_slices = {
-            s.study_uid: {lesion["label"]: set(lesion["slices"]) for lesion in s.lesions} for s in studies
-        }
+        lesion_slices = {s.study_uid: {lesion["label"]: set(lesion["slices"]) for lesion in s.lesions} for s in studies}
         abscess_slices = {uid: set().union(*parts.values()) if parts else set() for uid, parts in lesion_slices.items()}
 
         # -- run every query once ------------------------------------------------------------
@@ -416,37 +426,58 @@ def evaluate_phantoms(cohort: Cohort, workdir: Path, knn: int = DEFAULT_KNN,
             # slice-wise: every ground-truth lesion slice
             for lesion in study.lesions:
                 rows = np.asarray(lesion["slices"], dtype=np.int64)
-                hits = index.search_slices(study.slice_embeddings[rows], SLICE_K, query_slice_indices=rows.tolist(),
-                                           exclude_study_uid=uid)
+                hits = index.search_slices(
+                    study.slice_embeddings[rows], SLICE_K, query_slice_indices=rows.tolist(), exclude_study_uid=uid
+                )
                 for row_hits in hits:
                     ranked = [(hit.study_uid, hit.slice_index) for hit in row_hits]
                     slice_runs.append((SliceRun(uid, ranked), lesion))
             # volume: the whole study (every class of its lesions)
             for rerank in (False, True):
-                hits = index.search_studies(study.slice_embeddings, k=knn, top=top, rerank=rerank,
-                                            exclude_study_uid=uid, localization_l=localization_l)
+                hits = index.search_studies(
+                    study.slice_embeddings,
+                    k=knn,
+                    top=top,
+                    rerank=rerank,
+                    exclude_study_uid=uid,
+                    localization_l=localization_l,
+                )
                 study_runs.append(("volume", _study_hits_to_run(hits, uid, False, rerank), study.lesions))
             for lesion in study.lesions:
                 first, last = min(lesion["slices"]), max(lesion["slices"])
                 roi_rows, roi_vectors = study.lesion_roi[lesion["label"]]
-                descriptors = {key: lesion[key] for key in ("space", "loculi", "volume_ml", "longest_axial_diameter_mm")}
+                descriptors = {
+                    key: lesion[key] for key in ("space", "loculi", "volume_ml", "longest_axial_diameter_mm")
+                }
                 for rerank in (False, True):
-                    common = dict(k=knn, top=top, rerank=rerank, exclude_study_uid=uid, localization_l=localization_l)
+                    common = {
+                        "k": knn,
+                        "top": top,
+                        "rerank": rerank,
+                        "exclude_study_uid": uid,
+                        "localization_l": localization_l,
+                    }
                     hits = index.search_studies(study.slice_embeddings, slice_range=(first, last), **common)
                     study_runs.append(("region", _study_hits_to_run(hits, uid, True, rerank), [lesion]))
                     hits = index.search_studies(roi_vectors, space="roi", query_slice_indices=roi_rows, **common)
                     study_runs.append(("ROI", _study_hits_to_run(hits, uid, True, rerank), [lesion]))
-                    hits = index.search_studies(study.slice_embeddings, slice_range=(first, last),
-                                                query_descriptors=descriptors, image_weight=DEFAULT_IMAGE_WEIGHT,
-                                                **common)
+                    hits = index.search_studies(
+                        study.slice_embeddings,
+                        slice_range=(first, last),
+                        query_descriptors=descriptors,
+                        image_weight=DEFAULT_IMAGE_WEIGHT,
+                        **common,
+                    )
                     study_runs.append(("mixed", _study_hits_to_run(hits, uid, True, rerank), [lesion]))
                 # sanity: the study itself is not excluded; with k = 1 every query slice finds itself
-                hits = index.search_studies(study.slice_embeddings, slice_range=(first, last), k=1, top=top,
-                                            rerank=False)
+                hits = index.search_studies(
+                    study.slice_embeddings, slice_range=(first, last), k=1, top=top, rerank=False
+                )
                 run = _study_hits_to_run(hits, uid, True, False)
                 sanity_region.append(
                     localization_ratio(run.matched.get(uid, []), lesion_slices[uid][lesion["label"]])
-                    if run.ranked and run.ranked[0] == uid else 0.0
+                    if run.ranked and run.ranked[0] == uid
+                    else 0.0
                 )
             hits = index.search_studies(study.slice_embeddings, k=1, top=top, rerank=False)
             sanity_volume.append(float(bool(hits) and hits[0].study_uid == uid))
@@ -485,8 +516,11 @@ def evaluate_phantoms(cohort: Cohort, workdir: Path, knn: int = DEFAULT_KNN,
                         skipped[definition] += 1
                         continue
                     values = _study_metrics(
-                        run, relevant, lambda uid: abscess_slices[uid],
-                        lambda uid, key=key: class_region.get((uid, key), set()), localization_l,
+                        run,
+                        relevant,
+                        lambda uid: abscess_slices[uid],
+                        lambda uid, key=key, regions=class_region: regions.get((uid, key), set()),
+                        localization_l,
                     )
                     evaluated.append(Evaluated(label, key, values))
             tables[definition] = _tables(evaluated)
@@ -514,8 +548,8 @@ def evaluate_phantoms(cohort: Cohort, workdir: Path, knn: int = DEFAULT_KNN,
 ORGAN_VARIANTS = ("any copy", "other scan")
 """Organ evaluation variants: results may come from any other study (``any copy``: other
 augmented copies of the *same* real CT count, an easy near-duplicate setting), or only from
-studies of the *other* real CT (``other scan``: the copies of the query's own CT are removed
-from the results and the relevant set; organs seen in one CT only are skipped)."""
+studies of the *other* real CT (``other scan``: the query is searched in an index without the
+copies of its own CT; organs seen in one CT only are skipped)."""
 
 
 def _organ_index(directory: Path, studies: Sequence[OrganStudy]) -> CaseIndex:
@@ -529,8 +563,9 @@ def _organ_index(directory: Path, studies: Sequence[OrganStudy]) -> CaseIndex:
     return index
 
 
-def evaluate_organs(cohort: Cohort, workdir: Path, knn: int = DEFAULT_KNN,
-                    localization_l: int = LOCALIZATION_L) -> dict[str, Any]:
+def evaluate_organs(
+    cohort: Cohort, workdir: Path, knn: int = DEFAULT_KNN, localization_l: int = LOCALIZATION_L
+) -> dict[str, Any]:
     """Organ-region queries on the TotalSegmentator-labelled studies (class = organ).
 
     Both :data:`ORGAN_VARIANTS` are run. ``any copy`` searches one index of every organ
@@ -582,24 +617,34 @@ def evaluate_organs(cohort: Cohort, workdir: Path, knn: int = DEFAULT_KNN,
                         for row_hits in index.search_slices(vectors, SLICE_K, exclude_study_uid=uid):
                             ranked = [(hit.study_uid, hit.slice_index) for hit in row_hits]
                             values: dict[str, float | None] = dict(
-                                _ranking_metrics(ranked, relevant_slices,
-                                                 ap_normaliser=min(len(relevant_slices), SLICE_K))
+                                _ranking_metrics(
+                                    ranked, relevant_slices, ap_normaliser=min(len(relevant_slices), SLICE_K)
+                                )
                             )
                             values["LR"] = values["LocR@1"] = None
                             evaluated.append(Evaluated(mode, organ, values))
                     for rerank in (False, True):
                         suffix = "re-ranked" if rerank else "count"
-                        common = dict(k=knn, top=len(studies), rerank=rerank, exclude_study_uid=uid,
-                                      localization_l=localization_l)
-                        region = index.search_studies(study.slice_embeddings, slice_range=(min(slices), max(slices)),
-                                                      **common)
+                        common = {
+                            "k": knn,
+                            "top": len(studies),
+                            "rerank": rerank,
+                            "exclude_study_uid": uid,
+                            "localization_l": localization_l,
+                        }
+                        region = index.search_studies(
+                            study.slice_embeddings, slice_range=(min(slices), max(slices)), **common
+                        )
                         roi = index.search_studies(roi_vectors, query_slice_indices=roi_rows, **common)
                         for mode, hits in ((f"region ({suffix})", region), (f"ROI region ({suffix})", roi)):
                             run = _study_hits_to_run(hits, uid, True, rerank)
-                            region_of = lambda other, organ=organ: organ_slices[other].get(organ, set())  # noqa: E731
+                            region_of = lambda other, organ=organ: organ_slices[other].get(organ, set())
                             evaluated.append(
-                                Evaluated(mode, organ, _study_metrics(run, relevant_studies, region_of, region_of,
-                                                                      localization_l))
+                                Evaluated(
+                                    mode,
+                                    organ,
+                                    _study_metrics(run, relevant_studies, region_of, region_of, localization_l),
+                                )
                             )
             tables[variant] = _tables(evaluated)
     finally:
@@ -618,8 +663,10 @@ def _cell(value: float | None, spread: float | None = None) -> str:
 
 
 def _summary_table(tables: dict[str, Table], mode_order: Sequence[str]) -> list[str]:
-    lines = ["| Retrieval mode | " + " | ".join(METRICS) + " | classes | queries |",
-             "|---|" + "---|" * (len(METRICS) + 2)]
+    lines = [
+        "| Retrieval mode | " + " | ".join(METRICS) + " | classes | queries |",
+        "|---|" + "---|" * (len(METRICS) + 2),
+    ]
     for mode in mode_order:
         if mode not in tables:
             continue
@@ -667,32 +714,50 @@ def format_report(result: dict[str, Any]) -> str:
     lines = [
         "# Retrieval evaluation",
         "",
-        f"Weights: **{info['name']} v{info['version']}**{' (demo weights, not for clinical use)' if info['demo'] else ''}"
-        f" — {info['description']}; input {info['input_size']}, window {info['window']}, "
-        f"embedding dim {info['embedding_dim']}.",
-        f"Cohort: {result['cohort']['phantom_studies']} abscess studies "
-        f"({result['cohort']['phantom_lesions']} inserted lesions), {result['cohort']['organ_studies']} organ studies; "
-        f"seed {result['cohort']['seed']}. Hit table: k = {result['settings']['knn']} neighbours per query slice; "
-        f"slice-wise: {SLICE_K} neighbours; L = {result['settings']['localization_l']}.",
-        "R@K: share of queries with a relevant item in the top K (Khun Jush et al.); mAP over the returned ranking; "
-        "P@K (Lee & Kim eq. 3); LR: localization ratio of the top-1 study (eq. 2 count-based, eq. 7 re-ranked); "
-        "LocR@1: top-1 relevant and localized. Summary cells: mean ± std over classes.",
+        (
+            f"Weights: **{info['name']} v{info['version']}**{' (demo weights, not for clinical use)' if info['demo'] else ''}"
+            f" — {info['description']}; input {info['input_size']}, window {info['window']}, "
+            f"embedding dim {info['embedding_dim']}."
+        ),
+        (
+            f"Cohort: {result['cohort']['phantom_studies']} abscess studies "
+            f"({result['cohort']['phantom_lesions']} inserted lesions), {result['cohort']['organ_studies']} organ studies; "
+            f"seed {result['cohort']['seed']}. Hit table: k = {result['settings']['knn']} neighbours per query slice; "
+            f"slice-wise: {SLICE_K} neighbours; L = {result['settings']['localization_l']}."
+        ),
+        (
+            "R@K: share of queries with a relevant item in the top K (Khun Jush et al.); mAP over the returned ranking; "
+            "P@K (Lee & Kim eq. 3); LR: localization ratio of the top-1 study (eq. 2 count-based, eq. 7 re-ranked); "
+            "LocR@1: top-1 relevant and localized. Summary cells: mean ± std over classes."
+        ),
         "",
     ]
     abscess = result["abscess"]
     lines += [
-        f"Indexed: {abscess['indexed']['slice_vectors']} slice vectors, {abscess['indexed']['roi_vectors']} ROI vectors, "
-        f"{abscess['indexed']['predicted_lesions']} predicted lesions in "
-        f"{abscess['indexed']['studies_with_predicted_lesion']} studies "
-        f"({abscess['indexed']['ground_truth_lesions']} inserted). Sanity (own study not excluded): "
-        f"self volume R@1 = {_cell(abscess['sanity']['self_volume_R@1'])}, "
-        f"self region LR (count, k = 1) = {_cell(abscess['sanity']['self_region_LR_count'])}.",
+        (
+            f"Indexed: {abscess['indexed']['slice_vectors']} slice vectors, {abscess['indexed']['roi_vectors']} ROI vectors, "
+            f"{abscess['indexed']['predicted_lesions']} predicted lesions in "
+            f"{abscess['indexed']['studies_with_predicted_lesion']} studies "
+            f"({abscess['indexed']['ground_truth_lesions']} inserted). Sanity (own study not excluded): "
+            f"self volume R@1 = {_cell(abscess['sanity']['self_volume_R@1'])}, "
+            f"self region LR (count, k = 1) = {_cell(abscess['sanity']['self_region_LR_count'])}."
+        ),
+        (
+            "ROI queries: encoder features pooled over the query lesion's ground-truth mask, searched in the ROI "
+            "index (pooled over the predicted masks). Mixed queries: the region query plus the query lesion's "
+            "ground-truth space, loculi, volume and diameter against the descriptors measured on the predicted "
+            f"masks (image weight {result['settings']['image_weight']})."
+        ),
         "",
     ]
     for definition in PHANTOM_RELEVANCE:
         tables = abscess["tables"][definition]
-        lines += [f"## Abscess studies — relevance: same {definition}", "",
-                  f"Queries skipped (no relevant item left): {abscess['skipped'][definition]}.", ""]
+        lines += [
+            f"## Abscess studies — relevance: same {definition}",
+            "",
+            f"Queries skipped (no relevant item left): {abscess['skipped'][definition]}.",
+            "",
+        ]
         if tables:
             lines += _summary_table(tables, PHANTOM_MODES) + [""]
         else:
@@ -705,12 +770,18 @@ def format_report(result: dict[str, Any]) -> str:
     if organs and organs["tables"]:
         for variant in ORGAN_VARIANTS:
             tables = organs["tables"][variant]
-            lines += [f"## Organ-region queries (TotalSegmentator-labelled CT) — results from: {variant}", "",
-                      "Relevance: the study (slice) shows the same organ. "
-                      + ("Other augmented copies of the query's own CT are allowed (near-duplicates)."
-                         if variant == "any copy" else
-                         "Copies of the query's own CT are removed: only the other real CT can answer."),
-                      f"Queries skipped (organ in no other eligible study): {organs['skipped'][variant]}.", ""]
+            lines += [
+                f"## Organ-region queries (TotalSegmentator-labelled CT) — results from: {variant}",
+                "",
+                "Relevance: the study (slice) shows the same organ. "
+                + (
+                    "Other augmented copies of the query's own CT are allowed (near-duplicates)."
+                    if variant == "any copy"
+                    else "Copies of the query's own CT are removed: only the other real CT can answer."
+                ),
+                f"Queries skipped (organ in no other eligible study): {organs['skipped'][variant]}.",
+                "",
+            ]
             lines += _summary_table(tables, ORGAN_MODES) + [""]
             precision = [f"P@{k}" for k in PRECISION_KS]
             for mode in ("slice-wise", "ROI slice-wise"):
@@ -722,16 +793,21 @@ def format_report(result: dict[str, Any]) -> str:
                 if mode in tables:
                     lines += [f"### Per organ — {mode}, {variant}", ""]
                     lines += _class_table(tables[mode], "Organ", region_metrics) + [""]
-    lines += [f"Runtime: evaluation {result['seconds']} s"
-              + (f", cohort build {result['cohort']['build_seconds']} s" if result['cohort'].get('build_seconds') else "")
-              + "."]
+    lines += [
+        f"Runtime: evaluation {result['seconds']} s"
+        + (f", cohort build {result['cohort']['build_seconds']} s" if result["cohort"].get("build_seconds") else "")
+        + "."
+    ]
     return "\n".join(lines) + "\n"
 
 
 def _tables_json(tables: dict[str, Table]) -> dict[str, Any]:
     return {
-        mode: {"classes": table.rows, "queries": table.counts,
-               "summary": {m: {"mean": mean, "std": std} for m, (mean, std) in table.summary().items()}}
+        mode: {
+            "classes": table.rows,
+            "queries": table.counts,
+            "summary": {m: {"mean": mean, "std": std} for m, (mean, std) in table.summary().items()},
+        }
         for mode, table in tables.items()
     }
 
@@ -740,16 +816,24 @@ def to_json(result: dict[str, Any]) -> dict[str, Any]:
     """The result of :func:`evaluate` as plain JSON data."""
     out = {key: value for key, value in result.items() if key not in ("abscess", "organs")}
     abscess = result["abscess"]
-    out["abscess"] = {**{k: v for k, v in abscess.items() if k != "tables"},
-                      "tables": {d: _tables_json(t) for d, t in abscess["tables"].items()}}
+    out["abscess"] = {
+        **{k: v for k, v in abscess.items() if k != "tables"},
+        "tables": {d: _tables_json(t) for d, t in abscess["tables"].items()},
+    }
     organs = result.get("organs") or {"tables": {}}
-    out["organs"] = {**{k: v for k, v in organs.items() if k != "tables"},
-                     "tables": {variant: _tables_json(t) for variant, t in organs["tables"].items()}}
+    out["organs"] = {
+        **{k: v for k, v in organs.items() if k != "tables"},
+        "tables": {variant: _tables_json(t) for variant, t in organs["tables"].items()},
+    }
     return out
 
 
-def evaluate(cohort_path: str | Path, knn: int = DEFAULT_KNN, localization_l: int = LOCALIZATION_L,
-             workdir: str | Path | None = None) -> dict[str, Any]:
+def evaluate(
+    cohort_path: str | Path,
+    knn: int = DEFAULT_KNN,
+    localization_l: int = LOCALIZATION_L,
+    workdir: str | Path | None = None,
+) -> dict[str, Any]:
     """Evaluate a cohort file: index it into temporary case indexes and run every query mode.
 
     Args:
@@ -778,14 +862,23 @@ def evaluate(cohort_path: str | Path, knn: int = DEFAULT_KNN, localization_l: in
             "settings": cohort.manifest["settings"],
             "build_seconds": cohort.manifest.get("seconds"),
             "lesions": [
-                {"study_uid": s.study_uid, "host": s.record["host"],
-                 **{k: les[k] for k in ("label", "space", "volume_ml", "loculi", "size_class", "loculi_class")},
-                 "first_slice": min(les["slices"]), "last_slice": max(les["slices"])}
-                for s in cohort.phantoms for les in s.lesions
+                {
+                    "study_uid": s.study_uid,
+                    "host": s.record["host"],
+                    **{k: les[k] for k in ("label", "space", "volume_ml", "loculi", "size_class", "loculi_class")},
+                    "first_slice": min(les["slices"]),
+                    "last_slice": max(les["slices"]),
+                }
+                for s in cohort.phantoms
+                for les in s.lesions
             ],
         },
-        "settings": {"knn": knn, "localization_l": localization_l, "slice_k": SLICE_K,
-                     "image_weight": DEFAULT_IMAGE_WEIGHT},
+        "settings": {
+            "knn": knn,
+            "localization_l": localization_l,
+            "slice_k": SLICE_K,
+            "image_weight": DEFAULT_IMAGE_WEIGHT,
+        },
         "abscess": abscess,
         "organs": organs,
         "seconds": round(time.perf_counter() - started, 1),
@@ -795,11 +888,15 @@ def evaluate(cohort_path: str | Path, knn: int = DEFAULT_KNN, localization_l: in
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line (see the module docstring). Prints the markdown tables; writes .md and .json to ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cohort", type=Path, help="precomputed cohort .npz (python -m models.cohort); "
-                        "without it the cohort is built here first with --weights")
+    parser.add_argument(
+        "--cohort",
+        type=Path,
+        help="precomputed cohort .npz (python -m models.cohort); "
+        "without it the cohort is built here first with --weights",
+    )
     parser.add_argument("--weights", type=Path, help="segmenter checkpoint (default: models/weights/vmunet-demo-v1.pt)")
     parser.add_argument("--tiny-random", action="store_true", help="random tiny network (development only)")
-    parser.add_argument("--cases", type=int, default=16, help="abscess phantom studies (one-shot build)")
+    parser.add_argument("--cases", type=int, default=24, help="abscess phantom studies (one-shot build)")
     parser.add_argument("--organ-copies", type=int, default=3, help="copies per organ-labelled CT (one-shot build)")
     parser.add_argument("--seed", type=int, default=0, help="cohort seed (one-shot build)")
     parser.add_argument("--out", type=Path, default=Path("retrieval-eval"), help="output folder")
@@ -818,8 +915,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(1)
         segmenter = load_segmenter(args.weights, tiny_random=args.tiny_random)
         cohort_path = args.out / "cohort.npz"
-        build_cohort(segmenter, cohort_path, cases=args.cases, seed=args.seed, organ_copies=args.organ_copies,
-                     progress=lambda line: print(line, file=sys.stderr))
+        build_cohort(
+            segmenter,
+            cohort_path,
+            cases=args.cases,
+            seed=args.seed,
+            organ_copies=args.organ_copies,
+            progress=lambda line: print(line, file=sys.stderr),
+        )
     result = evaluate(cohort_path, knn=args.knn, localization_l=args.localization_l)
     report = format_report(result)
     print(report)

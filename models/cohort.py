@@ -154,13 +154,15 @@ def tiny_random_segmenter(seed: int = 0, input_size: int = 64) -> Segmenter:
 
     torch.manual_seed(seed)
     model = VMUNet(dims=16, depths=[1, 1], depths_decoder=[1, 1], d_state=4)
-    meta = make_meta("vmunet-tiny-random", "0", demo=True, description="random initialisation (no training)",
-                     input_size=input_size)
+    meta = make_meta(
+        "vmunet-tiny-random", "0", demo=True, description="random initialisation (no training)", input_size=input_size
+    )
     return Segmenter.from_model(model, meta, device="cpu")
 
 
-def region_embeddings(segmenter: Segmenter, slices_hu: np.ndarray, regions: Mapping[str, np.ndarray],
-                      batch_size: int = 8) -> dict[str, np.ndarray]:
+def region_embeddings(
+    segmenter: Segmenter, slices_hu: np.ndarray, regions: Mapping[str, np.ndarray], batch_size: int = 8
+) -> dict[str, np.ndarray]:
     """Deepest-encoder features pooled over given masks (one forward pass for all masks).
 
     The same features and pooling as the ROI embeddings of :meth:`Segmenter.run`, but over a
@@ -221,8 +223,9 @@ def _lesion_labels(case: Any) -> np.ndarray:
     return labels
 
 
-def _phantom_study(segmenter: Segmenter, index: int, case_seed: int, host: str, n_lesions: int,
-                   max_size: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _phantom_study(
+    segmenter: Segmenter, index: int, case_seed: int, host: str, n_lesions: int, max_size: int
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     case = make_case(case_seed, host=host, n_lesions=n_lesions, case_id=f"phantom-{index:03d}")
     volume = case.volume_hu
     labels = _lesion_labels(case)
@@ -236,8 +239,11 @@ def _phantom_study(segmenter: Segmenter, index: int, case_seed: int, host: str, 
             part = _downsample((labels == label).astype(np.float32), factor, order=1) >= 0.5
             resampled[part] = label
         labels = resampled
-        spacing = [spacing[0], spacing[1] * case.volume_hu.shape[1] / volume.shape[1],
-                   spacing[2] * case.volume_hu.shape[2] / volume.shape[2]]
+        spacing = [
+            spacing[0],
+            spacing[1] * case.volume_hu.shape[1] / volume.shape[1],
+            spacing[2] * case.volume_hu.shape[2] / volume.shape[2],
+        ]
     output = segmenter.run(volume)
     predicted = output.probabilities > MASK_THRESHOLD
     lesion_masks = {str(label): labels == label for label in range(1, len(case.lesions) + 1)}
@@ -255,17 +261,19 @@ def _phantom_study(segmenter: Segmenter, index: int, case_seed: int, host: str, 
         slices = np.flatnonzero(lesion_masks[str(label)].any(axis=(1, 2)))
         arrays[f"phantom_{index}_lesion_{label}_roi"] = pooled[str(label)][slices]
         arrays[f"phantom_{index}_lesion_{label}_slices"] = slices.astype(np.int64)
-        lesions.append({
-            "label": label,
-            "space": lesion["space"],
-            "side": lesion.get("side"),
-            "volume_ml": float(lesion["volume_ml"]),
-            "loculi": int(lesion["loculi"]),
-            "longest_axial_diameter_mm": float(lesion["longest_axial_diameter_mm"]),
-            "size_class": size_class(float(lesion["volume_ml"])),
-            "loculi_class": loculi_class(int(lesion["loculi"])),
-            "slices": slices.tolist(),
-        })
+        lesions.append(
+            {
+                "label": label,
+                "space": lesion["space"],
+                "side": lesion.get("side"),
+                "volume_ml": float(lesion["volume_ml"]),
+                "loculi": int(lesion["loculi"]),
+                "longest_axial_diameter_mm": float(lesion["longest_axial_diameter_mm"]),
+                "size_class": size_class(float(lesion["volume_ml"])),
+                "loculi_class": loculi_class(int(lesion["loculi"])),
+                "slices": slices.tolist(),
+            }
+        )
     record = {
         "index": index,
         "study_uid": study_uid,
@@ -310,8 +318,10 @@ def _structure_names(source: str, fetch: Callable[[str], Path]) -> dict[int, str
     package_root = next(p for p in labels_path.parents if (p / "totalsegmentator" / "map_to_binary.py").is_file())
     tree = ast.parse((package_root / "totalsegmentator" / "map_to_binary.py").read_text())
     for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict) and any(
-            isinstance(target, ast.Name) and target.id == "class_map" for target in node.targets
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Dict)
+            and any(isinstance(target, ast.Name) and target.id == "class_map" for target in node.targets)
         ):
             for key, value in zip(node.value.keys, node.value.values):
                 if isinstance(key, ast.Constant) and key.value == "total":
@@ -319,7 +329,9 @@ def _structure_names(source: str, fetch: Callable[[str], Path]) -> dict[int, str
     raise ValueError(f"no 'total' class map in {package_root}/totalsegmentator/map_to_binary.py")
 
 
-def load_labelled_ct(source: str, fetch: Callable[[str], Path] | None = None) -> tuple[np.ndarray, np.ndarray, list[float]]:
+def load_labelled_ct(
+    source: str, fetch: Callable[[str], Path] | None = None
+) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """An organ-labelled real CT of DATA.md as ``[z, y, x]`` LPS arrays, square in-plane.
 
     Args:
@@ -337,7 +349,7 @@ def load_labelled_ct(source: str, fetch: Callable[[str], Path] | None = None) ->
     ct = np.asarray(image.dataobj, dtype=np.float32)
     labels = np.asarray(label_image.dataobj).astype(np.uint8)
     offset = int(spec["label_slice_offset"])
-    ct = ct[:, :, offset:offset + labels.shape[2]]
+    ct = ct[:, :, offset : offset + labels.shape[2]]
     if ct.shape != labels.shape:
         raise ValueError(f"{source}: CT {ct.shape} and labels {labels.shape} do not share a grid")
     zooms = image.header.get_zooms()[:3]
@@ -349,8 +361,14 @@ def load_labelled_ct(source: str, fetch: Callable[[str], Path] | None = None) ->
     return (np.pad(volume, pads, constant_values=-1024.0), np.pad(labels, pads, constant_values=0), spacing)
 
 
-def _augment_pair(volume: np.ndarray, labels: np.ndarray, spacing: Sequence[float], size: int,
-                  rng: np.random.Generator, identity: bool) -> tuple[np.ndarray, np.ndarray, list[float]]:
+def _augment_pair(
+    volume: np.ndarray,
+    labels: np.ndarray,
+    spacing: Sequence[float],
+    size: int,
+    rng: np.random.Generator,
+    identity: bool,
+) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """Random in-plane rotation/scale/shift to a ``size`` x ``size`` grid; labels by nearest neighbour."""
     angle = 0.0 if identity else math.radians(rng.uniform(-10.0, 10.0))
     scale = 1.0 if identity else rng.uniform(0.9, 1.1)
@@ -366,22 +384,39 @@ def _augment_pair(volume: np.ndarray, labels: np.ndarray, spacing: Sequence[floa
     offset = np.zeros(3)
     offset[1:] = centre_in - inverse @ centre_out - shift_mm / np.asarray(spacing[1:])
     shape = (volume.shape[0], size, size)
-    moved = ndimage.affine_transform(volume, matrix, offset=offset, output_shape=shape, order=1,
-                                     cval=-1024.0, mode="constant").astype(np.float32)
-    moved_labels = ndimage.affine_transform(labels, matrix, offset=offset, output_shape=shape, order=0,
-                                            cval=0, mode="constant")
+    moved = ndimage.affine_transform(
+        volume, matrix, offset=offset, output_shape=shape, order=1, cval=-1024.0, mode="constant"
+    ).astype(np.float32)
+    moved_labels = ndimage.affine_transform(
+        labels, matrix, offset=offset, output_shape=shape, order=0, cval=0, mode="constant"
+    )
     new_spacing = [float(spacing[0]), float(spacing[1]) / zoom, float(spacing[2]) / zoom]
     return moved, moved_labels, new_spacing
 
 
-def _organ_study(segmenter: Segmenter, index: int, source: str, copy: int, volume: np.ndarray,
-                 labels: np.ndarray, spacing: Sequence[float], names: Mapping[int, str], size: int,
-                 rng: np.random.Generator) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _organ_study(
+    segmenter: Segmenter,
+    index: int,
+    source: str,
+    copy: int,
+    volume: np.ndarray,
+    labels: np.ndarray,
+    spacing: Sequence[float],
+    names: Mapping[int, str],
+    size: int,
+    rng: np.random.Generator,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     n = volume.shape[0]
-    keep = n if copy == 0 else max(3, int(round(n * rng.uniform(0.7, 1.0))))
+    keep = n if copy == 0 else max(3, round(n * rng.uniform(0.7, 1.0)))
     start = 0 if copy == 0 else int(rng.integers(0, n - keep + 1))
-    volume, labels, new_spacing = _augment_pair(volume[start:start + keep], labels[start:start + keep],
-                                                spacing, min(size, volume.shape[1]), rng, identity=copy == 0)
+    volume, labels, new_spacing = _augment_pair(
+        volume[start : start + keep],
+        labels[start : start + keep],
+        spacing,
+        min(size, volume.shape[1]),
+        rng,
+        identity=copy == 0,
+    )
     coarse_ids: dict[str, list[int]] = {}
     for label_id in np.unique(labels):
         organ = coarse_organ(names.get(int(label_id), "")) if label_id else None
@@ -393,8 +428,10 @@ def _organ_study(segmenter: Segmenter, index: int, source: str, copy: int, volum
         present = np.flatnonzero(mask.sum(axis=(1, 2)) >= MIN_ORGAN_PIXELS)
         if present.size:
             organ_slices[organ] = present.tolist()
-    masks = {organ: masks[organ] & (masks[organ].sum(axis=(1, 2)) >= MIN_ORGAN_PIXELS)[:, None, None]
-             for organ in organ_slices}
+    masks = {
+        organ: masks[organ] & (masks[organ].sum(axis=(1, 2)) >= MIN_ORGAN_PIXELS)[:, None, None]
+        for organ in organ_slices
+    }
     output = segmenter.run(volume)
     pooled = region_embeddings(segmenter, volume, masks)
     arrays = {f"organ_{index}_slice": output.slice_embeddings}
@@ -417,9 +454,16 @@ def _organ_study(segmenter: Segmenter, index: int, source: str, copy: int, volum
 # ------------------------------------------------------------------------------------ cohort
 
 
-def build_cohort(segmenter: Segmenter, out: str | Path, cases: int = 16, seed: int = 0, organ_copies: int = 3,
-                 max_size: int = 256, organ_sources: Sequence[str] = tuple(ORGAN_SOURCES),
-                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def build_cohort(
+    segmenter: Segmenter,
+    out: str | Path,
+    cases: int = 24,
+    seed: int = 0,
+    organ_copies: int = 3,
+    max_size: int = 256,
+    organ_sources: Sequence[str] = tuple(ORGAN_SOURCES),
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Build the evaluation cohort, run the segmenter on it and write the ``.npz`` file.
 
     Args:
@@ -452,9 +496,11 @@ def build_cohort(segmenter: Segmenter, out: str | Path, cases: int = 16, seed: i
             record, study_arrays = _phantom_study(segmenter, index, case_seed, hosts[index % 2], 1, max_size)
         phantoms.append(record)
         arrays.update(study_arrays)
-        say(f"phantom {index + 1}/{cases}: {record['host']}, "
+        say(
+            f"phantom {index + 1}/{cases}: {record['host']}, "
             + ", ".join(f"{les['space']} {les['volume_ml']:.1f} ml x{les['loculi']}" for les in record["lesions"])
-            + f", {record['predicted_voxels']} predicted voxels")
+            + f", {record['predicted_voxels']} predicted voxels"
+        )
     organs = []
     if organ_copies > 0 and organ_sources:
         from dicom_node.sample_data import fetch
@@ -463,17 +509,27 @@ def build_cohort(segmenter: Segmenter, out: str | Path, cases: int = 16, seed: i
             names = _structure_names(source, fetch)
             volume, labels, spacing = load_labelled_ct(source, fetch)
             for copy in range(organ_copies):
-                record, study_arrays = _organ_study(segmenter, len(organs), source, copy, volume, labels, spacing,
-                                                    names, max_size, rng)
+                record, study_arrays = _organ_study(
+                    segmenter, len(organs), source, copy, volume, labels, spacing, names, max_size, rng
+                )
                 organs.append(record)
                 arrays.update(study_arrays)
-                say(f"organ study {len(organs)}: {source} copy {copy}, slices {record['source_slices']}, "
-                    f"{len(record['organ_slices'])} organs")
+                say(
+                    f"organ study {len(organs)}: {source} copy {copy}, slices {record['source_slices']}, "
+                    f"{len(record['organ_slices'])} organs"
+                )
     manifest = {
         "format_version": COHORT_FORMAT_VERSION,
-        "settings": {"cases": cases, "seed": seed, "organ_copies": organ_copies, "max_size": max_size,
-                     "organ_sources": list(organ_sources), "size_classes_ml": list(SIZE_CLASSES_ML),
-                     "phantom_seed_base": PHANTOM_SEED_BASE, "min_organ_pixels": MIN_ORGAN_PIXELS},
+        "settings": {
+            "cases": cases,
+            "seed": seed,
+            "organ_copies": organ_copies,
+            "max_size": max_size,
+            "organ_sources": list(organ_sources),
+            "size_classes_ml": list(SIZE_CLASSES_ML),
+            "phantom_seed_base": PHANTOM_SEED_BASE,
+            "min_organ_pixels": MIN_ORGAN_PIXELS,
+        },
         "segmenter": segmenter.info,
         "phantoms": phantoms,
         "organs": organs,
@@ -493,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--weights", type=Path, help="segmenter checkpoint (default: the demo weights)")
     parser.add_argument("--tiny-random", action="store_true", help="use a random tiny network (development only)")
     parser.add_argument("--out", type=Path, required=True, help="output .npz")
-    parser.add_argument("--cases", type=int, default=16, help="abscess phantom studies")
+    parser.add_argument("--cases", type=int, default=24, help="abscess phantom studies")
     parser.add_argument("--seed", type=int, default=0, help="cohort seed")
     parser.add_argument("--organ-copies", type=int, default=3, help="augmented copies per organ-labelled CT")
     parser.add_argument("--max-size", type=int, default=256, help="in-plane side above which volumes shrink")
@@ -502,10 +558,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     segmenter = load_segmenter(args.weights, tiny_random=args.tiny_random, device=args.device)
-    manifest = build_cohort(segmenter, args.out, cases=args.cases, seed=args.seed, organ_copies=args.organ_copies,
-                            max_size=args.max_size, progress=lambda line: print(line, file=sys.stderr))
-    print(f"wrote {len(manifest['phantoms'])} abscess and {len(manifest['organs'])} organ studies to {args.out} "
-          f"in {manifest['seconds']} s")
+    manifest = build_cohort(
+        segmenter,
+        args.out,
+        cases=args.cases,
+        seed=args.seed,
+        organ_copies=args.organ_copies,
+        max_size=args.max_size,
+        progress=lambda line: print(line, file=sys.stderr),
+    )
+    print(
+        f"wrote {len(manifest['phantoms'])} abscess and {len(manifest['organs'])} organ studies to {args.out} "
+        f"in {manifest['seconds']} s"
+    )
 
 
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "vmunet-demo-v1.pt"
@@ -522,8 +587,10 @@ def load_segmenter(weights: str | Path | None = None, *, tiny_random: bool = Fal
         return tiny_random_segmenter()
     path = Path(weights) if weights is not None else DEMO_WEIGHTS
     if not path.is_file():
-        raise FileNotFoundError(f"segmenter weights {path} not found; pass --weights PATH (or --tiny-random "
-                                "for a meaningless development run)")
+        raise FileNotFoundError(
+            f"segmenter weights {path} not found; pass --weights PATH (or --tiny-random "
+            "for a meaningless development run)"
+        )
     return Segmenter.load(path, device=device)
 
 

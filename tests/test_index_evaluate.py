@@ -85,8 +85,17 @@ def test_tables_have_every_metric_in_range(evaluated: dict) -> None:
     header = "| Retrieval mode | " + " | ".join(METRICS) + " | classes | queries |"
     # one per relevance definition + one per organ variant
     assert report.count(header) == len(PHANTOM_RELEVANCE) + len(ORGAN_VARIANTS)
-    for mode in ("slice-wise", "volume (count)", "volume (re-ranked)", "region (count)", "region (re-ranked)",
-                 "ROI (count)", "ROI (re-ranked)", "mixed (count)", "mixed (re-ranked)"):
+    for mode in (
+        "slice-wise",
+        "volume (count)",
+        "volume (re-ranked)",
+        "region (count)",
+        "region (re-ranked)",
+        "ROI (count)",
+        "ROI (re-ranked)",
+        "mixed (count)",
+        "mixed (re-ranked)",
+    ):
         assert re.search(rf"^\| {re.escape(mode)} \| \d\.\d{{3}}", report, re.MULTILINE), mode
         assert mode in data["abscess"]["tables"]["space"]
     assert "P@K per organ — slice-wise, any copy (Lee & Kim)" in report
