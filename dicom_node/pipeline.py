@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import io
 import logging
-import resource
 import shutil
 import time
 from collections.abc import Iterator
@@ -97,6 +96,7 @@ def process_job(job: dict[str, Any], config: NodeConfig, store: JobStore, client
                 segmenter: SegmenterLike) -> None:
     """Run one claimed job to its end state (done, skipped or failed); never raises for bad input."""
     watch = Stopwatch()
+    reset_peak_rss()
     job_id = job["id"]
     work_dir = config.work_directory / f"job-{job_id}"
     try:
@@ -164,9 +164,9 @@ def _process(job: dict[str, Any], config: NodeConfig, store: JobStore, client: O
     with watch.stage("segment"):
         segmented = _segment(geometry, segmenter, config, work_dir / "volume_hu.f32")
     with watch.stage("measure"):
-        measured = measure_lesions(segmented.mask, segmented.volume_hu, geometry.spacing_mm)
+        measured = _measure(segmented.mask, segmented.volume_hu, geometry.spacing_mm)
         # a report of hundreds of specks helps nobody: the largest MAX_REPORTED_LESIONS are reported
-        lesions = [lesion.as_dict() for lesion in sorted(measured, key=lambda item: -item.volume_ml)[:MAX_REPORTED_LESIONS]]
+        lesions = sorted(measured, key=lambda item: -item["volume_ml"])[:MAX_REPORTED_LESIONS]
     with watch.stage("seg"):
         seg_values = segmented.probabilities if config.segmentation_type == "FRACTIONAL" else segmented.mask
         seg = build_segmentation(geometry.headers, seg_values, segmenter.info, config.segmentation_type)
@@ -209,12 +209,47 @@ def _process(job: dict[str, Any], config: NodeConfig, store: JobStore, client: O
               "lesion_voxels": int(mask.sum()), "slices_with_lesion": int(mask.any(axis=(1, 2)).sum()),
               "lesions": lesions, "lesions_found": len(measured), "similar_studies": [{k: r[k] for k in ("rank", "study_uid", "score")} for r in similar],
               "algorithm": segmenter.info,
-              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+              "peak_rss_mb": peak_rss_mb()}
     failed_forwards = [f for f in forwarded if f["state"] != "Success"]
     if failed_forwards:
         names = ", ".join(f"{f['modality']} ({f['error'] or 'failed'})" for f in failed_forwards)
         return "failed", f"SEG and SRs stored, but forwarding failed after {config.forward_retries} attempt(s) to: {names}", result
     return "done", None, result
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS measurement for this process (Linux: clear_refs 5 resets VmHWM)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process since :func:`reset_peak_rss`, in MiB (None if unknown)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
+def _measure(mask: np.ndarray, volume_hu: np.ndarray, spacing_mm: tuple[float, float, float]) -> list[dict[str, Any]]:
+    """Lesion descriptors, computed on the mask's bounding box only (memory stays bounded on long series)."""
+    if not mask.any():
+        return []
+    box = []
+    for axis in range(3):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append((max(0, int(present[0]) - 2), min(mask.shape[axis], int(present[-1]) + 3)))
+    (z0, z1), (y0, y1), (x0, x1) = box
+    lesions = []
+    for lesion in measure_lesions(mask[z0:z1, y0:y1, x0:x1], np.asarray(volume_hu[z0:z1, y0:y1, x0:x1]), spacing_mm):
+        described = lesion.as_dict()
+        described["first_slice"] += z0
+        described["last_slice"] += z0
+        cz, cy, cx = described["centroid_zyx"]
+        described["centroid_zyx"] = [cz + z0, cy + y0, cx + x0]
+        lesions.append(described)
+    return lesions
 
 
 def _dicom_bytes(dataset: Any) -> bytes:

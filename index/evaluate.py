@@ -61,6 +61,8 @@ Retrieval modes (rows of the tables)
   ground-truth mask, the region a reader would draw) searched in the ROI index (pooled over
   the predicted masks). Organ: organ-mask-pooled query embeddings (Lee & Kim's ROI embedding
   selector) searched in the slice index (slice-wise and region).
+* ``random (baseline)``: the other studies in random order, each with L random slices as its
+  matched slices (Lee & Kim's "Random" row): the chance level of every column.
 * ``mixed``: the region query plus the query lesion's ground-truth descriptors (space,
   loculi, volume, diameter) blended into the score (``w = 0.7`` image, 0.3 descriptors).
 
@@ -337,6 +339,20 @@ def _tables(evaluated: Iterable[Evaluated]) -> dict[str, Table]:
     return tables
 
 
+def _random_run(
+    query_study: str, candidates: dict[str, int], rng: np.random.Generator, localization_l: int
+) -> StudyRun:
+    """The random baseline (as Lee & Kim's "Random"): a random order of the candidate studies and,
+    for each, ``L`` random slices as its "best" slices (scored with eq. 7)."""
+    ranked = [uid for uid in candidates if uid != query_study]
+    ranked = [ranked[i] for i in rng.permutation(len(ranked))]
+    matched = {
+        uid: rng.choice(candidates[uid], size=min(localization_l, candidates[uid]), replace=False).tolist()
+        for uid in ranked
+    }
+    return StudyRun(query_study, ranked, matched, True, True)
+
+
 def _study_hits_to_run(hits: Sequence[Any], query_study: str, localize: bool, rerank: bool) -> StudyRun:
     matched = {hit.study_uid: list(dict.fromkeys(slice_index for _, slice_index, _ in hit.best_slices)) for hit in hits}
     return StudyRun(query_study, [hit.study_uid for hit in hits], matched, localize, rerank)
@@ -421,6 +437,8 @@ def evaluate_phantoms(
         slice_runs: list[tuple[SliceRun, dict[str, Any]]] = []
         study_runs: list[tuple[str, StudyRun, list[dict[str, Any]]]] = []
         sanity_volume, sanity_region = [], []
+        rng = np.random.default_rng(0)
+        slice_counts = {study.study_uid: len(study.slice_embeddings) for study in studies}
         for study in studies:
             uid = study.study_uid
             # slice-wise: every ground-truth lesion slice
@@ -469,6 +487,7 @@ def evaluate_phantoms(
                         **common,
                     )
                     study_runs.append(("mixed", _study_hits_to_run(hits, uid, True, rerank), [lesion]))
+                study_runs.append(("random", _random_run(uid, slice_counts, rng, localization_l), [lesion]))
                 # sanity: the study itself is not excluded; with k = 1 every query slice finds itself
                 hits = index.search_studies(
                     study.slice_embeddings, slice_range=(first, last), k=1, top=top, rerank=False
@@ -509,7 +528,9 @@ def evaluate_phantoms(
                 values["LR"] = values["LocR@1"] = None
                 evaluated.append(Evaluated("slice-wise", key, values))
             for mode, run, lesions in study_runs:
-                label = f"{mode} ({'re-ranked' if run.rerank else 'count'})"
+                label = (
+                    "random (baseline)" if mode == "random" else f"{mode} ({'re-ranked' if run.rerank else 'count'})"
+                )
                 for key in sorted({_lesion_key(lesion, definition) for lesion in lesions}):
                     relevant = relevant_studies[key] - {run.query_study}
                     if not relevant:
@@ -594,6 +615,8 @@ def evaluate_organs(
                 indexes[("other scan", name)] = _organ_index(workdir / f"organ-index-not-{name}", others)
         tables: dict[str, dict[str, Table]] = {}
         skipped: dict[str, int] = {}
+        rng = np.random.default_rng(0)
+        slice_count = {study.study_uid: len(study.slice_embeddings) for study in studies}
         for variant in ORGAN_VARIANTS:
             evaluated: list[Evaluated] = []
             skipped[variant] = 0
@@ -623,6 +646,15 @@ def evaluate_organs(
                             )
                             values["LR"] = values["LocR@1"] = None
                             evaluated.append(Evaluated(mode, organ, values))
+                    region_of = lambda other, organ=organ: organ_slices[other].get(organ, set())
+                    run = _random_run(uid, {u: slice_count[u] for u in eligible}, rng, localization_l)
+                    evaluated.append(
+                        Evaluated(
+                            "random (baseline)",
+                            organ,
+                            _study_metrics(run, relevant_studies, region_of, region_of, localization_l),
+                        )
+                    )
                     for rerank in (False, True):
                         suffix = "re-ranked" if rerank else "count"
                         common = {
@@ -638,7 +670,6 @@ def evaluate_organs(
                         roi = index.search_studies(roi_vectors, query_slice_indices=roi_rows, **common)
                         for mode, hits in ((f"region ({suffix})", region), (f"ROI region ({suffix})", roi)):
                             run = _study_hits_to_run(hits, uid, True, rerank)
-                            region_of = lambda other, organ=organ: organ_slices[other].get(organ, set())
                             evaluated.append(
                                 Evaluated(
                                     mode,
@@ -688,6 +719,7 @@ def _class_table(table: Table, first_column: str, metrics: Sequence[str] = METRI
 
 
 PHANTOM_MODES = (
+    "random (baseline)",
     "slice-wise",
     "volume (count)",
     "volume (re-ranked)",
@@ -699,6 +731,7 @@ PHANTOM_MODES = (
     "mixed (re-ranked)",
 )
 ORGAN_MODES = (
+    "random (baseline)",
     "slice-wise",
     "ROI slice-wise",
     "region (count)",
@@ -899,7 +932,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cases", type=int, default=24, help="abscess phantom studies (one-shot build)")
     parser.add_argument("--organ-copies", type=int, default=3, help="copies per organ-labelled CT (one-shot build)")
     parser.add_argument("--seed", type=int, default=0, help="cohort seed (one-shot build)")
-    parser.add_argument("--out", type=Path, default=Path("retrieval-eval"), help="output folder")
+    parser.add_argument(
+        "--out", type=Path, default=Path(".cache/retrieval-eval"), help="output folder (default: .cache/retrieval-eval)"
+    )
     parser.add_argument("--knn", type=int, default=DEFAULT_KNN, help="neighbours per query slice for the hit table")
     parser.add_argument("--localization-l", type=int, default=LOCALIZATION_L, help="L of eq. 7")
     args = parser.parse_args(argv)
@@ -913,7 +948,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         from models.cohort import build_cohort, load_segmenter
 
         torch.set_num_threads(1)
-        segmenter = load_segmenter(args.weights, tiny_random=args.tiny_random)
+        try:
+            segmenter = load_segmenter(args.weights, tiny_random=args.tiny_random)
+        except FileNotFoundError as error:
+            parser.error(str(error))
         cohort_path = args.out / "cohort.npz"
         build_cohort(
             segmenter,

@@ -557,7 +557,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'auto'")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    segmenter = load_segmenter(args.weights, tiny_random=args.tiny_random, device=args.device)
+    try:
+        segmenter = load_segmenter(args.weights, tiny_random=args.tiny_random, device=args.device)
+    except FileNotFoundError as error:
+        parser.error(str(error))
     manifest = build_cohort(
         segmenter,
         args.out,

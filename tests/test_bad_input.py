@@ -131,7 +131,7 @@ def test_garbage_upload_is_refused_and_node_keeps_working(node, tmp_path):
     datasets = volume_to_ct_series(real_ct_crop(12), (2.5, 1.0, 1.0), uid_seed="after-garbage")
     job = node.wait_for_job(send(node, datasets, tmp_path))
     assert job["state"] == "done"
-    assert instance_count(node) == before + len(datasets) + 1  # the CT and our SEG
+    assert instance_count(node) == before + len(datasets) + 3  # the CT, our SEG and our two SRs
 
 
 def test_real_scanner_series_rider_lung(node, tmp_path):
@@ -154,4 +154,4 @@ def test_study_of_2000_slices_is_processed_in_chunks(node, tmp_path):
     job = node.wait_for_job(send(node, datasets, tmp_path), timeout=900)
     assert job["state"] == "done", job
     assert job["result"]["frames"] == 2000
-    assert job["result"]["peak_rss_mb"] < 4096
+    assert job["result"]["peak_rss_mb"] < 2048  # of this job; decoded HU never all in memory

@@ -94,13 +94,16 @@ def test_study_comes_back_as_seg_then_growth_replaces_it(node, head_ct, forward_
     from models.segmenter import Segmenter
 
     geometry = read_geometry(files)
-    expected = Segmenter.load(weights_path, device="cpu").run(read_hu(geometry)).probabilities > 0.5
+    probabilities = Segmenter.load(weights_path, device="cpu").run(read_hu(geometry)).probabilities
     stored = np.stack([
         seg.get_pixels_by_source_instance(
             source_sop_instance_uids=[ds.SOPInstanceUID], combine_segments=True, skip_overlap_checks=True)[0]
         for ds in geometry.headers]).astype(bool)
-    assert stored.shape == expected.shape
-    assert np.array_equal(stored, expected)
+    assert stored.shape == probabilities.shape
+    # exact wherever the network is not within float noise of the threshold (thread counts differ)
+    decided = np.abs(probabilities - 0.5) > 1e-4
+    assert np.array_equal(stored[decided], probabilities[decided] > 0.5)
+    assert decided.mean() > 0.999
 
     # The measurement SR and the similar-cases SR sit in the same study, valid, with the demo wording.
     for name, title in (("measurements", "Imaging Measurement Report"), ("similar_cases", "Similar cases")):

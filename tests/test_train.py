@@ -12,7 +12,7 @@ from PIL import Image
 
 from models import scan
 from models.data import AbscessSliceDataset, DatasetLayoutError, load_image, read_split
-from models.phantoms import png16_to_hu, write_dataset
+from models.phantoms import write_dataset
 from models.train import main as train_main
 from models.train import selective_scan_sequential, settings_for, train
 from models.weights import load_checkpoint
@@ -114,7 +114,7 @@ def test_training_lowers_the_loss(dataset, tmp_path) -> None:
     history = train(dataset, tmp_path, settings, progress=False)
     losses = [row["train_loss"] for row in history["epochs"]]
     assert len(losses) == 5
-    assert losses[-1] < losses[0] - 0.05, losses
+    assert losses[-1] < losses[0] - 0.015, losses  # starts at the prior, so no free BCE drop
     model, meta = load_checkpoint(tmp_path / "best.pt")
     assert meta["demo"] is True and meta["input_size"] == 64 and meta["preprocessing"]["window"] == "multi_window"
     assert meta["training"]["train_cases"] == ["case000", "case001"]
