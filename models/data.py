@@ -167,16 +167,23 @@ def image_to_channels(values: np.ndarray, kind: str, window: str) -> torch.Tenso
     return torch.from_numpy(np.ascontiguousarray(values)).clamp(0.0, 1.0)[None].repeat(3, 1, 1)
 
 
-def pixel_spacing_mm(root: Path | str, records: Sequence[SliceRecord]) -> float | None:
-    """In-plane spacing (mm) of the PNG pixels, from the CSV or ``dataset.json``; None if unknown.
+def pixel_spacing_mm(root: Path | str, records: Sequence[SliceRecord]) -> float | list[float] | None:
+    """In-plane spacing (mm) of the PNG pixels, or None when unknown.
 
-    The CSV column ``pixel_spacing_mm`` wins when it holds a single value for all records.
+    Read per slice from the CSV column ``pixel_spacing_mm``, falling back to ``dataset.json``'s
+    ``pixel_spacing_mm``. Returns one float when all slices share it, a list (one per record)
+    when they differ (e.g. phantoms from two host CTs), None when any slice lacks it.
     """
-    values = {record.metadata.get("pixel_spacing_mm") for record in records} - {None, ""}
-    if len(values) == 1:
-        return float(values.pop())
-    spacing = read_description(root).get("pixel_spacing_mm")
-    return float(spacing) if spacing else None
+    default = read_description(root).get("pixel_spacing_mm")
+    values = []
+    for record in records:
+        value = record.metadata.get("pixel_spacing_mm") or default
+        if not value:
+            return None
+        values.append(float(value))
+    if not values:
+        return None
+    return values[0] if len(set(values)) == 1 else values
 
 
 class AbscessSliceDataset(torch.utils.data.Dataset):

@@ -63,18 +63,19 @@ def count_macs(model: VMUNet, input_size: int) -> int:
     return int(macs)
 
 
-def segmentation_metrics(predictions: torch.Tensor, targets: torch.Tensor, spacing: float | None,
-                         nsd_tolerance: float = 2.0) -> dict[str, float]:
+def segmentation_metrics(predictions: torch.Tensor, targets: torch.Tensor,
+                         spacing: float | Sequence[float] | None, nsd_tolerance: float = 2.0) -> dict[str, float]:
     """Per-slice MONAI metrics averaged over lesion slices (see the module docstring).
 
     Args:
         predictions: binary ``[N, 1, H, W]``.
         targets: binary ``[N, 1, H, W]``.
-        spacing: pixel spacing in mm, or None for pixels.
+        spacing: pixel spacing in mm (one for all slices, or one per slice), or None for pixels.
         nsd_tolerance: NSD tolerance, in the unit of ``spacing`` (mm or pixels).
 
     Returns:
-        ``dsc``, ``miou``, ``hd95``, ``nsd``, ``dice_pooled``, ``lesion_slices``,
+        ``dsc``, ``miou``, ``hd95``, ``hd95_detected`` (missed slices left out), ``nsd``,
+        ``dice_pooled``, ``lesion_slices``,
         ``detected`` (lesion slices with a non-empty prediction), ``empty_slices``,
         ``false_positive_slices``.
     """
@@ -90,7 +91,12 @@ def segmentation_metrics(predictions: torch.Tensor, targets: torch.Tensor, spaci
     if not lesion.any():
         return {**result, "dsc": math.nan, "miou": math.nan, "hd95": math.nan, "nsd": math.nan}
     prediction_lesion, target_lesion = predictions[lesion], targets[lesion]
-    kwargs = {"spacing": (spacing, spacing)} if spacing else {}
+    if spacing is None:
+        per_slice = torch.ones(int(lesion.sum()), dtype=torch.float64)
+        kwargs = {}
+    else:
+        per_slice = torch.as_tensor(spacing, dtype=torch.float64).expand(len(targets))[lesion]
+        kwargs = {"spacing": [(float(value), float(value)) for value in per_slice]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns about empty predictions (missed slices)
         dice = DiceMetric(include_background=True, reduction="none")(prediction_lesion, target_lesion)
@@ -99,13 +105,16 @@ def segmentation_metrics(predictions: torch.Tensor, targets: torch.Tensor, spaci
             prediction_lesion, target_lesion, **kwargs)
         nsd = SurfaceDiceMetric([nsd_tolerance], include_background=True, reduction="none")(
             prediction_lesion, target_lesion, **kwargs)
-    diagonal = math.hypot(*targets.shape[-2:]) * (spacing or 1.0)
-    hd95 = torch.where(torch.isfinite(hd95), hd95, torch.full_like(hd95, diagonal))
+    finite = torch.isfinite(hd95)
+    hd95_detected = float(hd95[finite].mean()) if finite.any() else math.nan
+    diagonal = (math.hypot(*targets.shape[-2:]) * per_slice).to(hd95.dtype).reshape(hd95.shape)
+    hd95 = torch.where(torch.isfinite(hd95), hd95, diagonal)
     return {
         **result,
         "dsc": float(torch.nanmean(dice)),
         "miou": float(torch.nanmean(iou)),
         "hd95": float(hd95.mean()),
+        "hd95_detected": hd95_detected,
         "nsd": float(torch.nan_to_num(nsd, nan=0.0).mean()),
     }
 
@@ -161,7 +170,8 @@ def evaluate(checkpoint: Path | str, data_root: Path | str, split: str = "test",
         "params": sum(parameter.numel() for parameter in model.parameters()),
         "macs": count_macs(model, input_size), "input_size": input_size, "slices": len(records),
         "cases": len(by_case), "case_dice": float(np.mean(case_dice)) if case_dice else math.nan,
-        "spacing_mm": spacing, "hd95_unit": "mm" if spacing else "px",
+        "spacing_mm": sorted(set(spacing)) if isinstance(spacing, list) else spacing,
+        "hd95_unit": "mm" if spacing else "px",
         "nsd_tolerance": nsd_tolerance, **metrics,
     }
 
@@ -176,7 +186,8 @@ def format_table(result: dict[str, Any]) -> str:
     row = " | ".join(value.ljust(width) for value, width in zip(values, widths))
     extra = (f"{result['slices']} slices from {result['cases']} cases; {result['lesion_slices']} with abscess "
              f"({result['detected']} detected); false positives on {result['false_positive_slices']} of "
-             f"{result['empty_slices']} lesion-free slices; pooled Dice {result['dice_pooled']:.4f}; "
+             f"{result['empty_slices']} lesion-free slices; HD95 over detected slices "
+             f"{result['hd95_detected']:.2f} {result['hd95_unit']}; pooled Dice {result['dice_pooled']:.4f}; "
              f"mean case 3D Dice {result['case_dice']:.4f}; input {result['input_size']}x{result['input_size']}; "
              f"NSD tolerance {result['nsd_tolerance']} {result['hd95_unit']}")
     return "\n".join([header, "-+-".join("-" * width for width in widths), row, extra])

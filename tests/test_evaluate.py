@@ -36,8 +36,10 @@ def test_metrics_of_known_masks() -> None:
     assert metrics["false_positive_slices"] == 1 and metrics["empty_slices"] == 1
     assert metrics["dsc"] == pytest.approx((1.0 + 0.9) / 2)
     assert metrics["miou"] == pytest.approx((1.0 + 180 / 220) / 2)
-    assert metrics["hd95"] == pytest.approx((0.0 + 1.0) / 2)  # 2 px at 0.5 mm
+    assert metrics["hd95"] == pytest.approx((0.0 + 1.0) / 2) == metrics["hd95_detected"]  # 2 px at 0.5 mm
     assert 0.5 < metrics["nsd"] < 1.0
+    per_slice = segmentation_metrics(prediction, target, spacing=[0.5, 1.0, 2.0], nsd_tolerance=0.5)
+    assert per_slice["hd95"] == pytest.approx((0.0 + 2.0) / 2)  # 2 px at 1.0 mm on slice 1
     missed = segmentation_metrics(torch.zeros_like(target), target, spacing=None)
     assert missed["dsc"] == 0.0 and missed["hd95"] == pytest.approx(math.hypot(40, 40))
 
