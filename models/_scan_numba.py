@@ -1,9 +1,15 @@
-"""Numba kernel of the selective scan (CPU, float32, forward only).
+"""Numba kernels of the selective scan (CPU, float32).
 
 Imported lazily by :mod:`models.scan` so that ``import models`` does not pull numba in.
-See :mod:`models.scan` for the recurrence.
+See :mod:`models.scan` for the recurrence. Two sets of kernels live here:
 
-One kernel, :func:`scan_jobs`, serves both callers:
+- :func:`scan_jobs`, the forward-only inference kernel (backend ``"numba"``), described
+  below;
+- :func:`scan_forward_with_states` and :func:`scan_adjoint`, the plain sequential
+  forward and adjoint-backward pair behind the autograd backend ``"numba-autograd"``
+  (CPU training), described at their definitions.
+
+One inference kernel, :func:`scan_jobs`, serves both callers:
 
 - the generic scan with mamba-ssm's shapes (every group has its own input channels and
   output channels, time runs in storage order);
@@ -294,3 +300,103 @@ def scan_jobs(
                 out[b],
                 first if summed_output else g * channels_per_group + first,
             )
+
+
+# --------------------------------------------------------------------------- training kernels
+# The autograd backend "numba-autograd" of models.scan: a sequential forward that keeps every
+# state and the adjoint recurrence run backwards in time. O(L * n) work per channel (the
+# chunked PyTorch scan needs O(L * T * n) and a lot of memory traffic), exact exponentials,
+# no approximations. Step sizes arrive already biased and softplus'ed, and the skip term
+# D * u is added outside (PyTorch autograd differentiates those parts).
+
+
+@numba.njit(cache=True, nogil=True)
+def scan_forward_with_states(
+    u: np.ndarray, dt: np.ndarray, A: np.ndarray, B: np.ndarray, C: np.ndarray, states: np.ndarray
+) -> np.ndarray:
+    """Sequential forward scan that records the states.
+
+    Args:
+        u: Inputs [b, d, l] float32.
+        dt: Step sizes [b, d, l] float32 (after bias and softplus).
+        A: State matrix [d, n] float32 (entries < 0).
+        B: Input projection [b, k, l, n] float32 (state-last).
+        C: Output projection [b, k, l, n] float32.
+        states: [b, d, l, n] float32, filled with ``h[t]`` (needed by :func:`scan_adjoint`).
+
+    Returns:
+        ``y[t] = <C[t], h[t]>`` [b, d, l] float32 (without the skip term).
+    """
+    batch, channels, length = u.shape
+    size = A.shape[1]
+    per_group = channels // B.shape[1]
+    y = np.zeros((batch, channels, length), np.float32)
+    h = np.zeros(size, np.float32)
+    for b in range(batch):
+        for d in range(channels):
+            k = d // per_group
+            h[:] = 0.0
+            for t in range(length):
+                step, value = dt[b, d, t], u[b, d, t]
+                total = np.float32(0.0)
+                for j in range(size):
+                    h[j] = np.exp(step * A[d, j]) * h[j] + step * B[b, k, t, j] * value
+                    states[b, d, t, j] = h[j]
+                    total += C[b, k, t, j] * h[j]
+                y[b, d, t] = total
+    return y
+
+
+@numba.njit(cache=True, nogil=True)
+def scan_adjoint(
+    u: np.ndarray,
+    dt: np.ndarray,
+    A: np.ndarray,
+    B: np.ndarray,
+    C: np.ndarray,
+    states: np.ndarray,
+    grad_y: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of :func:`scan_forward_with_states` by the adjoint recurrence (time reversed).
+
+    ``g_h[t] = C[t] * g_y[t] + exp(dt[t+1] A) * g_h[t+1]``; every decay is ``<= 1``, so
+    the adjoint state cannot overflow either.
+
+    Args:
+        u, dt, A, B, C, states: As given to and filled by :func:`scan_forward_with_states`.
+        grad_y: Gradient of the loss with respect to ``y`` [b, d, l] float32.
+
+    Returns:
+        Gradients with respect to ``u``, ``dt``, ``A``, ``B`` and ``C`` (their shapes).
+    """
+    batch, channels, length = u.shape
+    size = A.shape[1]
+    per_group = channels // B.shape[1]
+    grad_u = np.zeros_like(u)
+    grad_dt = np.zeros_like(dt)
+    grad_A = np.zeros_like(A)
+    grad_B = np.zeros_like(B)
+    grad_C = np.zeros_like(C)
+    grad_h = np.zeros(size, np.float32)
+    for b in range(batch):
+        for d in range(channels):
+            k = d // per_group
+            grad_h[:] = 0.0
+            for t in range(length - 1, -1, -1):
+                g, step, value = grad_y[b, d, t], dt[b, d, t], u[b, d, t]
+                step_total = np.float32(0.0)
+                input_total = np.float32(0.0)
+                for j in range(size):
+                    decay = np.exp(step * A[d, j])
+                    grad_h[j] += g * C[b, k, t, j]
+                    grad_C[b, k, t, j] += g * states[b, d, t, j]
+                    previous = states[b, d, t - 1, j] if t > 0 else np.float32(0.0)
+                    grad_decay = grad_h[j] * previous * decay
+                    step_total += grad_decay * A[d, j] + grad_h[j] * B[b, k, t, j] * value
+                    grad_A[d, j] += grad_decay * step
+                    grad_B[b, k, t, j] += grad_h[j] * step * value
+                    input_total += grad_h[j] * step * B[b, k, t, j]
+                    grad_h[j] *= decay
+                grad_u[b, d, t] = input_total
+                grad_dt[b, d, t] = step_total
+    return grad_u, grad_dt, grad_A, grad_B, grad_C

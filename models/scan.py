@@ -18,11 +18,18 @@ Backends (:func:`selective_scan` picks one and logs it once):
     over a block of channels, parallel over (batch, channel block) on a thread pool of
     ``torch.get_num_threads()`` threads. :func:`four_direction_scan_numba` is its fused
     form for VM-UNet's SS2D (four directions read and written in place).
+``"numba-autograd"``
+    CPU autograd (training) when numba is importable: a compiled sequential forward that
+    keeps the states and the adjoint recurrence backwards in time
+    (:func:`selective_scan_numba_autograd`). ``O(l * n)`` work per channel, about 60x
+    faster than the chunked scan for CPU training; only ``exp`` of non-positive values,
+    so it is as stable as the chunked scan. Memory: the states, ``[b, d, l, n]`` float32.
 ``"torch"``
-    CPU autograd (training, tests): a chunked scan in PyTorch that only exponentiates
-    non-positive sums of ``dt * A`` over segments inside a chunk, so it cannot overflow
-    however long the sequence or large the step (VMamba's ``selective_scan_easy``
-    exponentiates an unbounded cumulative sum and returns NaN).
+    Pure PyTorch, differentiable, any device (:func:`selective_scan_chunked`): CPU
+    autograd without numba, and CUDA without mamba-ssm. A chunked scan that only
+    exponentiates non-positive sums of ``dt * A`` over segments inside a chunk, so it
+    cannot overflow however long the sequence or large the step (VMamba's
+    ``selective_scan_easy`` exponentiates an unbounded cumulative sum and returns NaN).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import functools
 import itertools
 import logging
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +57,7 @@ __all__ = [
     "selective_scan_chunked",
     "selective_scan_cuda",
     "selective_scan_numba",
+    "selective_scan_numba_autograd",
     "selective_scan_reference",
 ]
 
@@ -261,6 +270,69 @@ def selective_scan_numba(
     return torch.from_numpy(y_channels_last).transpose(1, 2).contiguous()
 
 
+class _NumbaAutogradScan(torch.autograd.Function):
+    """``y[t] = <C[t], h[t]>``, ``h[t] = exp(dt[t] A) h[t-1] + dt[t] B[t] u[t]`` on the CPU.
+
+    Inputs (float32, CPU): ``u``, ``dt`` [b, d, l] (step sizes after bias and softplus),
+    ``A`` [d, n], ``B``, ``C`` [b, k, n, l]. The forward keeps every state for the
+    adjoint backward of :mod:`models._scan_numba`.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
+    ) -> torch.Tensor:
+        from models import _scan_numba  # imported lazily: keeps numba out of `import models`
+
+        arrays = [_numpy(t) for t in (u, dt, A)]
+        B_last, C_last = (_numpy(t.transpose(2, 3)) for t in (B, C))  # [b, k, l, n]
+        states = np.empty(u.shape + (A.shape[1],), np.float32)
+        y = _scan_numba.scan_forward_with_states(*arrays, B_last, C_last, states)
+        ctx.arrays = (*arrays, B_last, C_last, states)
+        return torch.from_numpy(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from models import _scan_numba
+
+        grads = _scan_numba.scan_adjoint(*ctx.arrays, _numpy(grad_y))
+        del ctx.arrays
+        grad_u, grad_dt, grad_A, grad_B, grad_C = (torch.from_numpy(g) for g in grads)
+        return grad_u, grad_dt, grad_A, grad_B.transpose(2, 3), grad_C.transpose(2, 3)
+
+
+def selective_scan_numba_autograd(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = True,
+) -> torch.Tensor:
+    """Differentiable CPU scan with compiled Numba forward and adjoint-backward kernels.
+
+    The step sizes (bias, softplus) and the skip term ``D * u`` are computed in PyTorch,
+    the recurrence in :mod:`models._scan_numba` (sequential in time, exact ``exp``).
+
+    Args and returns as :func:`selective_scan_reference`; tensors must be on the CPU.
+
+    Raises:
+        ValueError: Tensors not on the CPU.
+    """
+    channels_per_group = _check_shapes(u, delta, A, B, C)
+    del channels_per_group
+    if u.device.type != "cpu":
+        raise ValueError(f"the numba-autograd scan runs on the CPU only, got tensors on {u.device}")
+    u32 = u.float()
+    dt = _step_sizes(delta.float(), None if delta_bias is None else delta_bias.float(), delta_softplus)
+    y = _NumbaAutogradScan.apply(u32, dt, A.float(), _grouped(B).float(), _grouped(C).float())
+    if D is not None:
+        y = y + D.float()[None, :, None] * u32
+    return y
+
+
 def _run_numba_jobs(
     u: np.ndarray,
     dt: np.ndarray,
@@ -438,12 +510,12 @@ def _numba_available() -> bool:
 
 
 def available_backends() -> list[str]:
-    """Backends usable in this process: a subset of ``["cuda", "numba", "torch"]``."""
+    """Backends usable in this process: a subset of ``["cuda", "numba", "numba-autograd", "torch"]``."""
     backends = []
     if torch.cuda.is_available() and _load_cuda_kernel() is not None:
         backends.append("cuda")
     if _numba_available():
-        backends.append("numba")
+        backends += ["numba", "numba-autograd"]
     backends.append("torch")
     return backends
 
@@ -457,15 +529,17 @@ def choose_backend(device: torch.device | str, needs_grad: bool) -> str:
         needs_grad: Whether a gradient must flow through the scan.
 
     Returns:
-        ``"cuda"``, ``"numba"`` or ``"torch"``.
+        ``"cuda"`` for CUDA tensors when mamba-ssm is importable; for CPU tensors
+        ``"numba"`` (no gradient) or ``"numba-autograd"`` (gradient) when numba is
+        importable; ``"torch"`` (the chunked PyTorch scan) otherwise.
     """
     device = torch.device(device)
     if _forced_backend is not None:
         return _forced_backend
     if device.type == "cuda" and _load_cuda_kernel() is not None:
         return "cuda"
-    if device.type == "cpu" and not needs_grad and _numba_available():
-        return "numba"
+    if device.type == "cpu" and _numba_available():
+        return "numba-autograd" if needs_grad else "numba"
     return "torch"
 
 
@@ -474,7 +548,9 @@ def forced_backend(backend: str) -> Iterator[None]:
     """Use ``backend`` for every scan inside the ``with`` block (benchmarks, debugging).
 
     Args:
-        backend: ``"cuda"``, ``"numba"`` or ``"torch"``. ``"numba"`` gives no gradient.
+        backend: ``"cuda"``, ``"numba"``, ``"numba-autograd"`` or ``"torch"``.
+            ``"numba"`` gives no gradient; ``"numba"`` and ``"numba-autograd"`` need CPU
+            tensors.
 
     Raises:
         ValueError: Unknown backend.
@@ -490,12 +566,18 @@ def forced_backend(backend: str) -> Iterator[None]:
 
 
 def log_backend(backend: str, device: torch.device | str) -> None:
-    """Log the scan backend the first time it runs in this process (and flush CPU
-    denormals for the CPU inference backend)."""
+    """Log each scan backend the first time it runs in this process, with the reason
+    when the PyTorch fallback is chosen (and flush CPU denormals for the CPU inference
+    backend)."""
     device = torch.device(device)
     if backend not in _logged_backends:
         _logged_backends.add(backend)
-        reason = "" if backend != "torch" or device.type == "cpu" else f" (mamba-ssm unavailable: {_cuda_import_error})"
+        reason = ""
+        if backend == "torch" and _forced_backend is None:
+            if device.type == "cuda":
+                reason = f" (mamba-ssm unavailable: {_cuda_import_error})"
+            elif device.type == "cpu" and not _numba_available():
+                reason = " (numba unavailable)"
         logger.info("selective scan backend: %s on %s%s", backend, device.type, reason)
     if backend == "numba":
         torch.set_flush_denormal(True)
@@ -504,6 +586,7 @@ def log_backend(backend: str, device: torch.device | str) -> None:
 _BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "cuda": selective_scan_cuda,
     "numba": selective_scan_numba,
+    "numba-autograd": selective_scan_numba_autograd,
     "torch": selective_scan_chunked,
 }
 
@@ -520,9 +603,10 @@ def selective_scan(
 ) -> torch.Tensor:
     """Selective scan with the best available backend (see the module docstring).
 
-    CUDA tensors use mamba-ssm when it is installed; CPU tensors use the Numba kernel
-    when no gradient is needed and the PyTorch chunked scan otherwise (which also serves
-    CUDA without mamba-ssm). The chosen backend is logged once per process.
+    CUDA tensors use mamba-ssm when it is installed; CPU tensors use the Numba kernels
+    when numba is installed (``"numba"`` when no gradient is needed, ``"numba-autograd"``
+    otherwise); everything else uses the PyTorch chunked scan (``"torch"``). Each backend
+    is logged once per process.
 
     Args:
         u: Inputs [b, d, l].
