@@ -284,21 +284,28 @@ class _NumbaAutogradScan(torch.autograd.Function):
     ) -> torch.Tensor:
         from models import _scan_numba  # imported lazily: keeps numba out of `import models`
 
-        arrays = [_numpy(t) for t in (u, dt, A)]
-        B_last, C_last = (_numpy(t.transpose(2, 3)) for t in (B, C))  # [b, k, l, n]
         states = np.empty(u.shape + (A.shape[1],), np.float32)
-        y = _scan_numba.scan_forward_with_states(*arrays, B_last, C_last, states)
-        ctx.arrays = (*arrays, B_last, C_last, states)
+        y = _scan_numba.scan_forward_with_states(*_NumbaAutogradScan._arrays(u, dt, A, B, C), states)
+        ctx.save_for_backward(u, dt, A, B, C)  # version-checked: in-place changes raise in backward
+        ctx.states = states
         return torch.from_numpy(y)
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         from models import _scan_numba
 
-        grads = _scan_numba.scan_adjoint(*ctx.arrays, _numpy(grad_y))
-        del ctx.arrays
+        arrays = _NumbaAutogradScan._arrays(*ctx.saved_tensors)
+        grads = _scan_numba.scan_adjoint(*arrays, ctx.states, _numpy(grad_y))
+        del ctx.states
         grad_u, grad_dt, grad_A, grad_B, grad_C = (torch.from_numpy(g) for g in grads)
         return grad_u, grad_dt, grad_A, grad_B.transpose(2, 3), grad_C.transpose(2, 3)
+
+    @staticmethod
+    def _arrays(
+        u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
+    ) -> tuple[np.ndarray, ...]:
+        """The kernels' arrays: u, dt, A as they are, B and C state-last [b, k, l, n]."""
+        return _numpy(u), _numpy(dt), _numpy(A), _numpy(B.transpose(2, 3)), _numpy(C.transpose(2, 3))
 
 
 def selective_scan_numba_autograd(
@@ -321,8 +328,7 @@ def selective_scan_numba_autograd(
     Raises:
         ValueError: Tensors not on the CPU.
     """
-    channels_per_group = _check_shapes(u, delta, A, B, C)
-    del channels_per_group
+    _check_shapes(u, delta, A, B, C)
     if u.device.type != "cpu":
         raise ValueError(f"the numba-autograd scan runs on the CPU only, got tensors on {u.device}")
     u32 = u.float()

@@ -28,13 +28,13 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import random
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,12 +42,11 @@ from monai.losses import DiceLoss
 from monai.metrics import compute_dice
 from tqdm import tqdm
 
-from models import scan
 from models.data import AbscessSliceDataset, read_description, read_split
 from models.vmunet import VMUNet
 from models.weights import DEMO_DESCRIPTION, load_checkpoint, make_meta, save_checkpoint
 
-__all__ = ["CONFIGS", "TrainSettings", "settings_for", "train", "main", "selective_scan_sequential", "use_sequential_cpu_scan"]
+__all__ = ["CONFIGS", "TrainSettings", "main", "settings_for", "train"]
 
 #: Named configurations: network keyword arguments and training hyper-parameters.
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -77,126 +76,6 @@ MIN_LR = 1e-5
 #: and small VM-UNets then collapse to a spatially constant output (seen on phantom data);
 #: starting at the prior (as for RetinaNet's focal loss) avoids that.
 PRIOR_LOGIT = -3.0
-
-
-# --------------------------------------------------------------------------- CPU training scan
-# The selective-scan backend that models.scan uses for CPU autograd (a chunked closed form)
-# costs O(L * chunk * n) memory traffic per channel; a VM-UNet of a few hundred thousand
-# parameters then needs about a minute per 128 x 128 batch on one core. Training on a CPU
-# uses this sequential Numba kernel pair instead (forward keeps the states, backward runs the
-# adjoint recurrence): O(L * n) per channel, same results (checked against
-# models.scan.selective_scan_reference in tests/test_train.py).
-
-
-def _scan_forward(u, dt, A, B, C, states):  # u, dt [b, d, l]; A [d, n]; B, C [b, k, l, n]
-    batch, channels, length = u.shape
-    size = A.shape[1]
-    per_group = channels // B.shape[1]
-    y = np.zeros((batch, channels, length), np.float32)
-    h = np.zeros(size, np.float32)
-    for b in range(batch):
-        for d in range(channels):
-            k = d // per_group
-            h[:] = 0.0
-            for t in range(length):
-                step, value = dt[b, d, t], u[b, d, t]
-                total = np.float32(0.0)
-                for j in range(size):
-                    h[j] = np.exp(step * A[d, j]) * h[j] + step * B[b, k, t, j] * value
-                    states[b, d, t, j] = h[j]
-                    total += C[b, k, t, j] * h[j]
-                y[b, d, t] = total
-    return y
-
-
-def _scan_backward(u, dt, A, B, C, states, grad_y):  # the adjoint recurrence, time reversed
-    batch, channels, length = u.shape
-    size = A.shape[1]
-    per_group = channels // B.shape[1]
-    grad_u = np.zeros_like(u)
-    grad_dt = np.zeros_like(dt)
-    grad_A = np.zeros_like(A)
-    grad_B = np.zeros_like(B)
-    grad_C = np.zeros_like(C)
-    grad_h = np.zeros(size, np.float32)
-    for b in range(batch):
-        for d in range(channels):
-            k = d // per_group
-            grad_h[:] = 0.0
-            for t in range(length - 1, -1, -1):
-                g, step, value = grad_y[b, d, t], dt[b, d, t], u[b, d, t]
-                step_total = np.float32(0.0)
-                input_total = np.float32(0.0)
-                for j in range(size):
-                    decay = np.exp(step * A[d, j])
-                    grad_h[j] += g * C[b, k, t, j]
-                    grad_C[b, k, t, j] += g * states[b, d, t, j]
-                    previous = states[b, d, t - 1, j] if t > 0 else np.float32(0.0)
-                    grad_decay = grad_h[j] * previous * decay
-                    step_total += grad_decay * A[d, j] + grad_h[j] * B[b, k, t, j] * value
-                    grad_A[d, j] += grad_decay * step
-                    grad_B[b, k, t, j] += grad_h[j] * step * value
-                    input_total += grad_h[j] * step * B[b, k, t, j]
-                    grad_h[j] *= decay
-                grad_u[b, d, t] = input_total
-                grad_dt[b, d, t] = step_total
-    return grad_u, grad_dt, grad_A, grad_B, grad_C
-
-
-@functools.lru_cache(maxsize=1)
-def _numba_scan_kernels() -> tuple[Callable, Callable]:
-    """Compile (or load from numba's on-disk cache) the forward and backward kernels."""
-    import numba
-
-    return numba.njit(cache=True)(_scan_forward), numba.njit(cache=True)(_scan_backward)
-
-
-class _SequentialScan(torch.autograd.Function):
-    """``y[t] = <C[t], h[t]>``, ``h[t] = exp(dt[t] A) h[t-1] + dt[t] B[t] u[t]`` on the CPU."""
-
-    @staticmethod
-    def forward(ctx: Any, u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                C: torch.Tensor) -> torch.Tensor:
-        forward_kernel, _ = _numba_scan_kernels()
-        arrays = [t.detach().float().contiguous().numpy() for t in (u, dt, A)]
-        B_last, C_last = (t.detach().float().transpose(2, 3).contiguous().numpy() for t in (B, C))
-        states = np.empty(u.shape + (A.shape[1],), np.float32)
-        y = forward_kernel(*arrays, B_last, C_last, states)
-        ctx.arrays = (*arrays, B_last, C_last, states)
-        return torch.from_numpy(y)
-
-    @staticmethod
-    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        _, backward_kernel = _numba_scan_kernels()
-        grads = backward_kernel(*ctx.arrays, grad_y.detach().float().contiguous().numpy())
-        del ctx.arrays
-        grad_u, grad_dt, grad_A, grad_B, grad_C = (torch.from_numpy(g) for g in grads)
-        return grad_u, grad_dt, grad_A, grad_B.transpose(2, 3), grad_C.transpose(2, 3)
-
-
-def selective_scan_sequential(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                              C: torch.Tensor, D: torch.Tensor | None = None,
-                              delta_bias: torch.Tensor | None = None, delta_softplus: bool = True) -> torch.Tensor:
-    """Differentiable CPU selective scan with :mod:`models.scan`'s signature and shapes."""
-    if u.device.type != "cpu":
-        return _TORCH_SCAN(u, delta, A, B, C, D, delta_bias, delta_softplus)
-    dt = delta.float() + (delta_bias.float()[None, :, None] if delta_bias is not None else 0.0)
-    if delta_softplus:
-        dt = torch.nn.functional.softplus(dt)
-    B_grouped = B.unsqueeze(1) if B.ndim == 3 else B
-    C_grouped = C.unsqueeze(1) if C.ndim == 3 else C
-    y = _SequentialScan.apply(u.float(), dt, A.float(), B_grouped.float(), C_grouped.float())
-    if D is not None:
-        y = y + D.float()[None, :, None] * u.float()
-    return y
-
-
-_TORCH_SCAN = scan._BACKENDS["torch"]
-
-
-def use_sequential_cpu_scan(enabled: bool = True) -> None:
-    """Make :func:`models.scan.selective_scan` use :func:`selective_scan_sequential` for CPU autograd."""
-    scan._BACKENDS["torch"] = selective_scan_sequential if enabled else _TORCH_SCAN
 
 
 class TrainSettings(dict):
@@ -334,7 +213,6 @@ def train(data_root: Path | str, out_dir: Path | str, settings: TrainSettings, r
     """
     data_root, out = Path(data_root), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    use_sequential_cpu_scan()
     state_path = out / "last.train.pt"
     resuming = resume and state_path.is_file() and (out / "last.pt").is_file()
     state = torch.load(state_path, weights_only=False) if resuming else None

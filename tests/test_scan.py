@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -15,6 +16,7 @@ from models.scan import (
     selective_scan,
     selective_scan_chunked,
     selective_scan_numba,
+    selective_scan_numba_autograd,
     selective_scan_reference,
 )
 
@@ -56,25 +58,60 @@ def max_abs_diff(first: torch.Tensor, second: torch.Tensor) -> float:
     return (first.detach().cpu() - second.detach().cpu()).abs().max().item()
 
 
+def chunked_16(**inputs: torch.Tensor) -> torch.Tensor:
+    return selective_scan_chunked(**inputs, chunk_length=16)  # L=45: 2 full chunks and a partial one
+
+
+# The differentiable backends (mamba-ssm's CUDA kernel is tested separately, on a GPU).
+AUTOGRAD_BACKENDS = {"torch": chunked_16, "numba-autograd": selective_scan_numba_autograd}
+
+
+def gradients_against_reference(
+    function, inputs: dict[str, torch.Tensor], leaves_reference: dict[str, torch.Tensor], expected: torch.Tensor
+) -> tuple[float, dict[str, float]]:
+    """Output and gradient differences of ``function`` from the reference (whose graph is
+    in ``expected``, with leaves ``leaves_reference``; its gradients are computed once)."""
+    leaves = {name: tensor.clone().requires_grad_() for name, tensor in inputs.items()}
+    actual = function(**leaves)
+    assert actual.dtype == torch.float32 and actual.shape == expected.shape
+    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(7))
+    if leaves_reference["u"].grad is None:
+        (expected * weights).sum().backward()
+    (actual * weights).sum().backward()
+    return max_abs_diff(actual, expected), {
+        name: max_abs_diff(leaves[name].grad, leaves_reference[name].grad) for name in GRADIENT_NAMES
+    }
+
+
+@pytest.mark.parametrize("backend", sorted(AUTOGRAD_BACKENDS))
 @pytest.mark.parametrize("grouped", [True, False])
-def test_chunked_matches_reference_forward_and_gradients(grouped: bool) -> None:
+def test_autograd_backends_match_reference_forward_and_gradients(backend: str, grouped: bool) -> None:
     inputs = make_inputs(grouped=grouped, groups=2 if grouped else 1, length=45)
     leaves_reference = {name: tensor.clone().requires_grad_() for name, tensor in inputs.items()}
-    leaves_chunked = {name: tensor.clone().requires_grad_() for name, tensor in inputs.items()}
     expected = selective_scan_reference(**leaves_reference)
-    actual = selective_scan_chunked(**leaves_chunked, chunk_length=16)  # 2 full chunks and a partial one
-    forward_diff = max_abs_diff(actual, expected)
-    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(7))
-    (expected * weights).sum().backward()
-    (actual * weights).sum().backward()
-    gradient_diffs = {
-        name: max_abs_diff(leaves_chunked[name].grad, leaves_reference[name].grad) for name in GRADIENT_NAMES
-    }
-    print(f"chunked vs reference (grouped={grouped}): output {forward_diff:.2e}, gradients {gradient_diffs}")
+    forward_diff, gradient_diffs = gradients_against_reference(
+        AUTOGRAD_BACKENDS[backend], inputs, leaves_reference, expected
+    )
+    print(f"{backend} vs reference (grouped={grouped}): output {forward_diff:.2e}, gradients {gradient_diffs}")
     assert forward_diff < 1e-4
     for name in GRADIENT_NAMES:
         scale = leaves_reference[name].grad.abs().max().item()
         assert gradient_diffs[name] <= 1e-4 * max(1.0, scale), name
+
+
+def test_numba_autograd_without_softplus_or_optional_inputs() -> None:
+    inputs = make_inputs(grouped=False, groups=1)
+    inputs["delta"] = inputs["delta"].abs()
+    for name in ("D", "delta_bias"):
+        del inputs[name]
+    results = []
+    for function in (selective_scan_reference, selective_scan_numba_autograd):
+        leaves = {name: tensor.clone().requires_grad_() for name, tensor in inputs.items()}
+        output = function(**leaves, delta_softplus=False)
+        output.sum().backward()
+        results.append([output.detach()] + [leaves[name].grad for name in inputs])
+    for actual, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_long_sequence_with_large_steps_stays_finite() -> None:
@@ -95,10 +132,15 @@ def test_long_sequence_with_large_steps_stays_finite() -> None:
     assert max_abs_diff(chunked, expected) < 1e-3
     assert max_abs_diff(numba_output, expected) < 1e-3
 
-    leaves = {name: tensor.clone().requires_grad_() for name, tensor in inputs.items()}
-    selective_scan_chunked(**leaves).sum().backward()
-    for name in GRADIENT_NAMES:
-        assert torch.isfinite(leaves[name].grad).all(), name
+    leaves_reference = {name: tensor.clone().requires_grad_() for name, tensor in inputs.items()}
+    expected = selective_scan_reference(**leaves_reference)
+    for backend, function in {"torch": selective_scan_chunked, "numba-autograd": selective_scan_numba_autograd}.items():
+        forward_diff, gradient_diffs = gradients_against_reference(function, inputs, leaves_reference, expected)
+        print(f"L=4096, large dt, {backend}: output {forward_diff:.2e}, gradients {gradient_diffs}")
+        assert forward_diff < 1e-3, backend
+        for name in GRADIENT_NAMES:
+            scale = leaves_reference[name].grad.abs().max().item()
+            assert gradient_diffs[name] <= 1e-3 * max(1.0, scale), (backend, name)
 
 
 @pytest.mark.parametrize(
@@ -195,19 +237,37 @@ def test_positions_follow_vmunet_scan_order() -> None:
 
 def test_backend_choice_and_logging(caplog: pytest.LogCaptureFixture) -> None:
     assert choose_backend("cpu", needs_grad=False) == "numba"
-    assert choose_backend("cpu", needs_grad=True) == "torch"
+    assert choose_backend("cpu", needs_grad=True) == "numba-autograd"
+    with scan.forced_backend("torch"):
+        assert choose_backend("cpu", needs_grad=True) == "torch"
+    with pytest.raises(ValueError, match="unknown scan backend"), scan.forced_backend("sequential"):
+        pass
+    assert {"numba", "numba-autograd", "torch"} <= set(scan.available_backends())
     inputs = make_inputs(length=10)
     scan._logged_backends.clear()
     with caplog.at_level(logging.INFO, logger="models.scan"):
         with torch.no_grad():
             selective_scan(**inputs)
             selective_scan(**inputs)
-        leaves = {name: tensor.clone().requires_grad_() for name, tensor in inputs.items()}
-        output = selective_scan(**leaves)
-    assert output.requires_grad
+        outputs = {}
+        for backend in ("numba-autograd", "numba-autograd", "torch"):
+            leaves = {name: tensor.clone().requires_grad_() for name, tensor in inputs.items()}
+            with contextlib.nullcontext() if backend == "numba-autograd" else scan.forced_backend(backend):
+                outputs[backend] = selective_scan(**leaves)
+            assert outputs[backend].requires_grad
+            outputs[backend].sum().backward()
+            assert leaves["A"].grad is not None
+    torch.testing.assert_close(outputs["numba-autograd"], outputs["torch"], rtol=1e-4, atol=1e-4)
     messages = [record.getMessage() for record in caplog.records]
     assert messages.count("selective scan backend: numba on cpu") == 1
+    assert messages.count("selective scan backend: numba-autograd on cpu") == 1
     assert messages.count("selective scan backend: torch on cpu") == 1
+
+
+def test_numba_autograd_needs_cpu_tensors() -> None:
+    inputs = make_inputs(device="meta")
+    with pytest.raises(ValueError, match="CPU only"):
+        selective_scan_numba_autograd(**inputs)
 
 
 def test_shape_errors_are_explicit() -> None:

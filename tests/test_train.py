@@ -14,7 +14,7 @@ from models import scan
 from models.data import AbscessSliceDataset, DatasetLayoutError, load_image, read_split
 from models.phantoms import write_dataset
 from models.train import main as train_main
-from models.train import selective_scan_sequential, settings_for, train
+from models.train import settings_for, train
 from models.weights import load_checkpoint
 
 
@@ -86,27 +86,10 @@ def test_reader_accepts_8bit_abscesshene_pngs(dataset, tmp_path) -> None:
     assert torch.equal(item["image"][0], item["image"][2])  # grey level in all three channels
 
 
-def test_sequential_scan_matches_reference() -> None:
-    generator = torch.Generator().manual_seed(0)
-    batch, groups, per_group, size, length = 2, 4, 3, 4, 19
-    channels = groups * per_group
-    tensors = {
-        "u": torch.randn(batch, channels, length, generator=generator),
-        "delta": torch.randn(batch, channels, length, generator=generator),
-        "A": -torch.rand(channels, size, generator=generator) - 0.1,
-        "B": torch.randn(batch, groups, size, length, generator=generator),
-        "C": torch.randn(batch, groups, size, length, generator=generator),
-        "D": torch.randn(channels, generator=generator),
-        "delta_bias": torch.randn(channels, generator=generator),
-    }
-    results = []
-    for function in (scan.selective_scan_reference, selective_scan_sequential):
-        leaves = {name: tensor.clone().requires_grad_() for name, tensor in tensors.items()}
-        output = function(**leaves, delta_softplus=True)
-        (output * torch.linspace(-1, 1, length)).sum().backward()
-        results.append([output.detach()] + [leaves[name].grad for name in tensors])
-    for expected, actual in zip(*results):
-        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+def test_cpu_training_uses_the_numba_autograd_scan() -> None:
+    """train() relies on models.scan's own choice: the compiled sequential scan with its
+    adjoint backward for CPU autograd (equivalence to the reference: tests/test_scan.py)."""
+    assert scan.choose_backend("cpu", needs_grad=True) == "numba-autograd"
 
 
 def test_training_lowers_the_loss(dataset, tmp_path) -> None:
@@ -115,7 +98,7 @@ def test_training_lowers_the_loss(dataset, tmp_path) -> None:
     losses = [row["train_loss"] for row in history["epochs"]]
     assert len(losses) == 5
     assert losses[-1] < losses[0] - 0.015, losses  # starts at the prior, so no free BCE drop
-    model, meta = load_checkpoint(tmp_path / "best.pt")
+    _model, meta = load_checkpoint(tmp_path / "best.pt")
     assert meta["demo"] is True and meta["input_size"] == 64 and meta["preprocessing"]["window"] == "multi_window"
     assert meta["training"]["train_cases"] == ["case000", "case001"]
     assert (tmp_path / "training_curve.png").stat().st_size > 1000
