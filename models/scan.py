@@ -612,20 +612,7 @@ def selective_scan(
     CUDA tensors use mamba-ssm when it is installed; CPU tensors use the Numba kernels
     when numba is installed (``"numba"`` when no gradient is needed, ``"numba-autograd"``
     otherwise); everything else uses the PyTorch chunked scan (``"torch"``). Each backend
-    is logged once per process.
-
-    Args:
-        u: Inputs [b, d, l].
-        delta: Raw step sizes [b, d, l].
-        A: State matrix (diagonal, negative) [d, n].
-        B: Input projection [b, n, l] or [b, k, n, l].
-        C: Output projection [b, n, l] or [b, k, n, l].
-        D: Skip weights [d], or None.
-        delta_bias: Bias added to ``delta`` [d], or None.
-        delta_softplus: Apply softplus to ``delta + delta_bias``.
-
-    Returns:
-        Outputs [b, d, l] float32.
+    is logged once per process. Arguments and result as :func:`selective_scan_reference`.
     """
     tensors = [t for t in (u, delta, A, B, C, D, delta_bias) if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

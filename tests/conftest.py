@@ -28,6 +28,15 @@ def fetch_or_skip(name: str) -> Path:
         pytest.skip(f"sample {name!r} unavailable: {error}")
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny networks on a shared CPU run faster without thread hand-offs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def weights_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped demo checkpoint when present, else a tiny seeded VM-UNet checkpoint."""

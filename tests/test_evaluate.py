@@ -15,12 +15,7 @@ from models.vmunet import VMUNet
 from models.weights import make_meta, save_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_metrics_of_known_masks() -> None:

@@ -18,13 +18,7 @@ from models.train import settings_for, train
 from models.weights import load_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny networks on a shared CPU run faster without thread hand-offs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
