@@ -80,25 +80,23 @@ class OrthancClient:
         return self._request("POST", "/instances", data=dicom_bytes,
                              headers={"Content-Type": "application/dicom"}).json()
 
-    def delete_instance(self, orthanc_instance_id: str) -> bool:
-        """Delete an instance; False if it was already gone."""
+    def _found(self, method: str, path: str) -> bool:
+        """Run a request; False when Orthanc answers 404, other errors raise."""
         try:
-            self._request("DELETE", f"/instances/{orthanc_instance_id}")
+            self._request(method, path)
         except OrthancError as error:
             if "HTTP 404" in str(error):
                 return False
             raise
         return True
 
+    def delete_instance(self, orthanc_instance_id: str) -> bool:
+        """Delete an instance; False if it was already gone."""
+        return self._found("DELETE", f"/instances/{orthanc_instance_id}")
+
     def instance_exists(self, orthanc_instance_id: str) -> bool:
         """Whether Orthanc still holds the instance."""
-        try:
-            self._request("GET", f"/instances/{orthanc_instance_id}")
-        except OrthancError as error:
-            if "HTTP 404" in str(error):
-                return False
-            raise
-        return True
+        return self._found("GET", f"/instances/{orthanc_instance_id}")
 
     def send_to_modality(self, modality: str, resources: list[str], retries: int = 3,
                          poll_seconds: float = 0.5, backoff_seconds: float = 2.0) -> dict[str, Any]:
