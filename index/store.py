@@ -392,20 +392,13 @@ class CaseIndex:
     """
 
     @classmethod
-    def open(
-        cls,
-        directory: str | os.PathLike[str],
-        dim: int | None = None,
-        hnsw_m: int = 32,
-        ef_construction: int = 200,
-        ef_search: int = 128,
-        compact_fraction: float = 0.25,
-    ) -> CaseIndex:
+    def open(cls, directory: str | os.PathLike[str], **options: Any) -> CaseIndex:
         """Open (or create) the index in ``directory`` and check/repair it against SQLite.
 
-        Same arguments as the constructor, which it calls.
+        ``options`` are the constructor's keyword arguments (dim, hnsw_m, ef_construction,
+        ef_search, compact_fraction).
         """
-        return cls(directory, dim, hnsw_m, ef_construction, ef_search, compact_fraction)
+        return cls(directory, **options)
 
     def __init__(
         self,
