@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install apt venv data viewer demo stop test bench clean
+.PHONY: install apt venv data viewer demo stop test test-unit lint-imports bench clean
 
 install: apt venv data viewer  ## Debian packages + .venv + sample data + OHIF viewer (idempotent)
 
@@ -26,7 +26,7 @@ $(VENV)/.installed: requirements.txt setup.cfg
 	@touch $@
 
 data: venv
-	@$(PY) -m dicom_node fetch-data ct_head rider_lung_ct jpeg2000_ct >/dev/null
+	@$(PY) -m tooling fetch-data ct_head rider_lung_ct jpeg2000_ct >/dev/null
 
 viewer: viewer/www/viewer  ## OHIF (pinned prebuilt @ohif/app dist, no OHIF build) laid out for Orthanc's /ohif/
 
@@ -35,13 +35,19 @@ viewer/www/viewer: viewer/package.json viewer/package-lock.json viewer/app-confi
 	node viewer/prepare.mjs
 
 demo: install  ## start the node, send the sample head-and-neck CT with storescu, print where the SEG is
-	$(PY) -m dicom_node demo
+	$(PY) -m tooling demo
 
 stop:  ## stop the node started by `make demo`
-	$(PY) -m dicom_node demo --stop
+	$(PY) -m tooling demo --stop
 
-test: install  ## the whole test suite
+lint-imports: venv  ## the architecture's import contracts (setup.cfg [importlinter])
+	$(VENV)/bin/lint-imports
+
+test: install lint-imports  ## the whole test suite: import contracts, unit and end-to-end tests
 	$(PY) -m pytest -q -rs
+
+test-unit: venv lint-imports  ## the fast tier: tests/unit, no Orthanc, dcmtk or browser (fetches registry samples)
+	$(PY) -m pytest -q -rs -m "not e2e" tests/unit
 
 bench: install
 	$(PY) bench/segmentation.py

@@ -30,9 +30,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from index.evaluation import knn_recall
-from index.store import new_hnsw_index
-from index.synthetic import ClusteredEmbeddings
+from index.metrics import knn_recall
+from index.vectors import new_hnsw_index
+from tooling.synthetic_embeddings import ClusteredEmbeddings
 
 SIZES = (10_000, 100_000, 1_000_000)
 K = 10

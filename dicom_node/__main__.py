@@ -1,10 +1,18 @@
-"""Command line of the node: ``python -m dicom_node <command>`` (see ``--help``)."""
+"""Command line of the node: ``python -m dicom_node <command>`` (see ``--help``).
+
+The plugin starts both commands itself (``WorkerCount`` workers and one similar-cases service);
+an admin runs ``serve --config orthanc.json --port N`` for a standalone similar-cases AE.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 
@@ -15,66 +23,42 @@ def main(argv: list[str] | None = None) -> int:
     worker = commands.add_parser("worker", help="claim and process jobs (started by the Orthanc plugin)")
     worker.add_argument("--settings", type=Path, required=True, help="settings file written by the plugin")
     worker.add_argument("--once", action="store_true", help="process at most one job, then exit")
-    fetch = commands.add_parser("fetch-data", help="download the registry sample data into .cache/data")
-    fetch.add_argument("names", nargs="*", help="sample names (default: all)")
-    demo = commands.add_parser("demo", help="start the node and send it the sample head-and-neck CT (make demo)")
-    demo.add_argument("--stop", action="store_true", help="stop the node the demo started")
-    serve = commands.add_parser("serve", help="similar-cases service: pynetdicom AE (C-ECHO, C-FIND) + local JSON endpoint")
+    serve = commands.add_parser("serve", help="similar-cases service: pynetdicom AE (C-ECHO, C-FIND) and/or the plugin's relay")
     source = serve.add_mutually_exclusive_group(required=True)
     source.add_argument("--settings", type=Path, help="settings file written by the plugin (as for `worker`)")
     source.add_argument("--config", type=Path, help="orthanc.json: its AbscessNode section, HttpPort and DicomAet")
     serve.add_argument("--port", type=int, default=0, help="DICOM port of the AE (0: no DICOM listener)")
     serve.add_argument("--aet", help="AE title of the AE (default: AbscessNode.SimilarCasesAet)")
-    serve.add_argument("--host", default="0.0.0.0", help="address the DICOM listener binds (default 0.0.0.0)")
-    serve.add_argument("--http-port", type=int, default=0, help="local JSON endpoint on 127.0.0.1 (for the plugin)")
-    serve.add_argument("--token-file", type=Path, help="file holding the bearer token of the JSON endpoint")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address the DICOM listener binds (default 127.0.0.1; 0.0.0.0 opens it to the network)")
+    serve.add_argument("--relay-address-file", type=Path, help="run the plugin's relay; write its port here")
+    serve.add_argument("--token-file", type=Path, help="file holding the relay's bearer token")
     serve.add_argument("--retrieve-aet", help="RetrieveAETitle of the answers (default: Orthanc's DicomAet)")
     serve.add_argument("--orthanc-url", help="Orthanc REST URL with --config (default http://127.0.0.1:HttpPort)")
-    convert = commands.add_parser("convert", help="NIfTI CT -> DICOM CT series")
-    convert.add_argument("nifti", type=Path)
-    convert.add_argument("out", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     if args.command == "worker":
         from dicom_node.config import WorkerSettings
+        from dicom_node.private_files import read_private_file
         from dicom_node.worker import run_worker
 
-        run_worker(WorkerSettings.read(args.settings), once=args.once)
-    elif args.command == "serve":
-        return _serve(args)
-    elif args.command == "fetch-data":
-        from dicom_node.sample_data import SAMPLES, fetch as fetch_sample
-
-        for name in args.names or SAMPLES:
-            print(f"{name}: {fetch_sample(name)}")
-    elif args.command == "demo":
-        from dicom_node import demo as demo_module
-
-        return demo_module.stop() if args.stop else demo_module.run()
-    elif args.command == "convert":
-        from dicom_node.convert import nifti_to_ct_series, write_series
-
-        paths = write_series(nifti_to_ct_series(args.nifti), args.out)
-        print(f"{len(paths)} instances written to {args.out}")
-    return 0
+        run_worker(WorkerSettings.from_json(read_private_file(args.settings)), once=args.once)
+        return 0
+    return _serve(args)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """``serve``: the similar-cases service (see :mod:`dicom_node.scp`)."""
-    import json
-    import os
-    import threading
-    import time
-
-    from dicom_node.cfind import SimilarCaseService
+    """``serve``: the similar-cases service (see :mod:`dicom_node.similar.dicom_ae`)."""
     from dicom_node.config import ConfigError, NodeConfig, WorkerSettings
     from dicom_node.orthanc_client import OrthancClient
-    from dicom_node.scp import serve
+    from dicom_node.private_files import read_private_file
+    from dicom_node.similar.dicom_ae import serve
+    from dicom_node.similar.service import SimilarCaseService
 
     retrieve_aet = args.retrieve_aet
     if args.settings:
-        settings = WorkerSettings.read(args.settings)
+        settings = WorkerSettings.from_json(read_private_file(args.settings))
         config, url, authorization = settings.node, settings.orthanc_url, settings.authorization
         parent = os.getppid()
 
@@ -94,9 +78,14 @@ def _serve(args: argparse.Namespace) -> int:
         url = args.orthanc_url or f"http://127.0.0.1:{orthanc.get('HttpPort', 8042)}"
         authorization = None
         retrieve_aet = retrieve_aet or orthanc.get("DicomAet", "ORTHANC")
-    token = args.token_file.read_text().strip() if args.token_file else ""
+    relay = None
+    if args.relay_address_file:
+        if not args.token_file:
+            print("--relay-address-file needs --token-file", file=sys.stderr)
+            return 2
+        relay = (args.relay_address_file, read_private_file(args.token_file))
     service = SimilarCaseService(config, OrthancClient(url, authorization, timeout=60.0), retrieve_aet or "ORTHANC")
-    serve(service, args.aet or config.similar_cases_aet, args.port, args.http_port, token, args.host)
+    serve(service, args.aet or config.similar_cases_aet, args.port, relay, args.host)
     return 0
 
 

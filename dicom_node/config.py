@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
-from dicom_node.sample_data import REPO_ROOT
 
+CHECKOUT = Path(__file__).resolve().parent.parent
+"""The repository checkout the node runs from: relative paths of the configuration resolve against it."""
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: 16 chars, no backslash
 
 
@@ -68,12 +68,12 @@ class NodeConfig:
     enabled: bool = True
     worker_count: int = 1
     device: str = "auto"
-    weights_path: Path = REPO_ROOT / "models" / "weights" / "vmunet-demo-v1.pt"
-    index_directory: Path = REPO_ROOT / "runtime" / "index"
-    jobs_database: Path = REPO_ROOT / "runtime" / "jobs.sqlite"
-    work_directory: Path = REPO_ROOT / "runtime" / "work"
-    log_directory: Path = REPO_ROOT / "runtime" / "logs"
-    worker_python: Path = REPO_ROOT / ".venv" / "bin" / "python"
+    weights_path: Path = CHECKOUT / "models" / "weights" / "vmunet-demo-v1.pt"
+    index_directory: Path = CHECKOUT / "runtime" / "index"
+    jobs_database: Path = CHECKOUT / "runtime" / "jobs.sqlite"
+    work_directory: Path = CHECKOUT / "runtime" / "work"
+    log_directory: Path = CHECKOUT / "runtime" / "logs"
+    worker_python: Path = CHECKOUT / ".venv" / "bin" / "python"
     series_rules: SeriesRules = SeriesRules()
     forward_to: tuple[str, ...] = ()
     forward_retries: int = 3
@@ -88,7 +88,7 @@ class NodeConfig:
     job_timeout_seconds: int = 3600
 
     @classmethod
-    def from_section(cls, section: dict[str, Any] | None, base_directory: Path = REPO_ROOT) -> "NodeConfig":
+    def from_section(cls, section: dict[str, Any] | None, base_directory: Path = CHECKOUT) -> "NodeConfig":
         """Build and validate the config from the JSON ``AbscessNode`` section.
 
         Args:
@@ -241,9 +241,6 @@ KEYS: dict[str, Key] = {
     "JobTimeoutSeconds": Key("job_timeout_seconds", "int", "A running job older than this is considered dead and re-queued.", minimum=60),
 }
 
-DEFAULTS = NodeConfig()
-
-
 @dataclasses.dataclass(frozen=True)
 class WorkerSettings:
     """What the plugin hands a worker (written to a 0600 file, path passed on the command line)."""
@@ -253,17 +250,14 @@ class WorkerSettings:
     authorization: str | None
     name: str
 
-    def write(self, path: Path) -> None:
-        """Write the settings file readable by the owner only."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"node": json.loads(self.node.to_json()), "orthanc_url": self.orthanc_url,
-                       "authorization": self.authorization, "name": self.name}, handle)
+    def to_json(self) -> str:
+        """The settings file's content (it holds the REST credential: write it 0600)."""
+        return json.dumps({"node": json.loads(self.node.to_json()), "orthanc_url": self.orthanc_url,
+                           "authorization": self.authorization, "name": self.name})
 
     @classmethod
-    def read(cls, path: Path) -> "WorkerSettings":
-        """Read a settings file written by :meth:`write`."""
-        raw = json.loads(Path(path).read_text())
+    def from_json(cls, text: str) -> "WorkerSettings":
+        """Parse what :meth:`to_json` wrote."""
+        raw = json.loads(text)
         return cls(node=NodeConfig.from_section(raw["node"]), orthanc_url=raw["orthanc_url"],
                    authorization=raw.get("authorization"), name=raw["name"])

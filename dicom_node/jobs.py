@@ -1,4 +1,4 @@
-"""The job store: one SQLite file (sqlite-utils, WAL) shared by the plugin and the workers.
+"""The job store: one SQLite file (WAL) shared by the plugin and the workers.
 
 States: ``queued`` -> ``running`` -> ``done`` | ``failed`` | ``skipped``.
 
@@ -14,16 +14,30 @@ States: ``queued`` -> ``running`` -> ``done`` | ``failed`` | ``skipped``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
 STATES = ("queued", "running", "done", "failed", "skipped")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY, orthanc_study_id TEXT NOT NULL, study_uid TEXT, state TEXT NOT NULL,
+    reason TEXT, force INTEGER, created TEXT NOT NULL, started TEXT, finished TEXT, worker TEXT,
+    attempts INTEGER, series_uid TEXT, selection TEXT, timings TEXT, result TEXT, error TEXT
+);
+CREATE INDEX IF NOT EXISTS idx_jobs_state_id ON jobs (state, id);
+CREATE INDEX IF NOT EXISTS idx_jobs_orthanc_study_id ON jobs (orthanc_study_id);
+CREATE TABLE IF NOT EXISTS outputs (
+    series_uid TEXT PRIMARY KEY, study_uid TEXT, fingerprint TEXT, objects TEXT, updated TEXT
+);
+"""
+_COLUMNS = ("orthanc_study_id", "study_uid", "state", "reason", "force", "created", "started", "finished", "worker",
+            "attempts", "series_uid", "selection", "timings", "result", "error")
 
 
 class NotFoundError(KeyError):
@@ -44,24 +58,11 @@ class JobStore:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(str(self.path), timeout=30, isolation_level=None,
-                                     check_same_thread=False)
-        self.db = sqlite_utils.Database(connection)
+        self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA busy_timeout=30000")
-        if "jobs" not in self.db.table_names():
-            self.db["jobs"].create({
-                "id": int, "orthanc_study_id": str, "study_uid": str, "state": str, "reason": str,
-                "force": int, "created": str, "started": str, "finished": str, "worker": str,
-                "attempts": int, "series_uid": str, "selection": str, "timings": str,
-                "result": str, "error": str,
-            }, pk="id", not_null={"orthanc_study_id", "state", "created"}, if_not_exists=True)
-            self.db["jobs"].create_index(["state", "id"], if_not_exists=True)
-            self.db["jobs"].create_index(["orthanc_study_id"], if_not_exists=True)
-        if "outputs" not in self.db.table_names():
-            self.db["outputs"].create({
-                "series_uid": str, "study_uid": str, "fingerprint": str, "objects": str, "updated": str,
-            }, pk="series_uid", if_not_exists=True)
+        self.db.executescript(_SCHEMA)
 
     # ----------------------------------------------------------------- queue
     def enqueue(self, orthanc_study_id: str, study_uid: str | None = None, reason: str = "stable",
@@ -75,29 +76,29 @@ class JobStore:
             force: re-process even if the content did not change (manual re-runs).
         """
         with self._immediate():
-            waiting = list(self.db.query(
+            waiting = self.db.execute(
                 "select id from jobs where orthanc_study_id = ? and state = 'queued' order by id limit 1",
-                [orthanc_study_id]))
+                [orthanc_study_id]).fetchone()
             if waiting:
-                job_id = waiting[0]["id"]
+                job_id = waiting["id"]
                 if force:
-                    self.db["jobs"].update(job_id, {"force": 1, "reason": reason})
+                    self.db.execute("update jobs set force = 1, reason = ? where id = ?", [reason, job_id])
             else:
-                job_id = self.db["jobs"].insert({
-                    "orthanc_study_id": orthanc_study_id, "study_uid": study_uid, "state": "queued",
-                    "reason": reason, "force": int(force), "created": _now(), "attempts": 0,
-                }).last_pk
+                job_id = self.db.execute(
+                    "insert into jobs (orthanc_study_id, study_uid, state, reason, force, created, attempts) "
+                    "values (?, ?, 'queued', ?, ?, ?, 0)",
+                    [orthanc_study_id, study_uid, reason, int(force), _now()]).lastrowid
         return self.get(job_id)
 
     def claim(self, worker: str) -> dict[str, Any] | None:
         """Atomically take the oldest queued job whose study has no running job."""
         with self._immediate():
-            rows = list(self.db.query(
+            row = self.db.execute(
                 "select id from jobs where state = 'queued' and orthanc_study_id not in "
-                "(select orthanc_study_id from jobs where state = 'running') order by id limit 1"))
-            if not rows:
+                "(select orthanc_study_id from jobs where state = 'running') order by id limit 1").fetchone()
+            if row is None:
                 return None
-            job_id = rows[0]["id"]
+            job_id = row["id"]
             self.db.execute(
                 "update jobs set state = 'running', started = ?, finished = null, worker = ?, "
                 "attempts = attempts + 1, error = null where id = ?", [_now(), worker, job_id])
@@ -105,7 +106,11 @@ class JobStore:
 
     def update(self, job_id: int, **fields: Any) -> None:
         """Record progress of a running job (study_uid, series_uid, selection, timings ...)."""
-        self.db["jobs"].update(job_id, {k: _encode(v) for k, v in fields.items()})
+        unknown = set(fields) - set(_COLUMNS)
+        if unknown:
+            raise ValueError(f"update(): unknown job field(s) {sorted(unknown)}")
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        self.db.execute(f"update jobs set {assignments} where id = ?", [*(_encode(v) for v in fields.values()), job_id])
 
     def finish(self, job_id: int, state: str, *, error: str | None = None,
                result: dict[str, Any] | None = None, timings: dict[str, float] | None = None) -> None:
@@ -127,7 +132,7 @@ class JobStore:
                 (the node is starting, so no worker can be running one).
         """
         with self._immediate():
-            rows = list(self.db.query("select id, started from jobs where state = 'running'"))
+            rows = self.db.execute("select id, started from jobs where state = 'running'").fetchall()
             if timeout_seconds is not None:
                 limit = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=timeout_seconds)
                 rows = [r for r in rows if r["started"] and dt.datetime.fromisoformat(r["started"]) < limit]
@@ -144,10 +149,9 @@ class JobStore:
         Raises:
             NotFoundError: no such job.
         """
-        try:
-            row = self.db["jobs"].get(job_id)
-        except sqlite_utils.db.NotFoundError:
-            raise NotFoundError(job_id) from None
+        row = self.db.execute("select * from jobs where id = ?", [job_id]).fetchone()
+        if row is None:
+            raise NotFoundError(job_id)
         return _decode(row)
 
     def list(self, state: str | None = None, study_uid: str | None = None,
@@ -159,43 +163,37 @@ class JobStore:
                 clauses.append(f"{column} = ?")
                 params.append(value)
         where = ("where " + " and ".join(clauses)) if clauses else ""
-        rows = self.db.query(f"select * from jobs {where} order by id desc limit ?", [*params, int(limit)])
+        rows = self.db.execute(f"select * from jobs {where} order by id desc limit ?", [*params, int(limit)])
         return [_decode(row) for row in rows]
 
     # --------------------------------------------------------------- outputs
     def output_for(self, series_uid: str) -> dict[str, Any] | None:
         """What we stored for this source series last time (fingerprint and objects), if anything."""
-        rows = list(self.db.query("select * from outputs where series_uid = ?", [series_uid]))
-        return _decode(rows[0]) if rows else None
+        row = self.db.execute("select * from outputs where series_uid = ?", [series_uid]).fetchone()
+        return _decode(row) if row else None
 
     def outputs_of_study(self, study_uid: str) -> list[dict[str, Any]]:
         """Every source series of the study we produced objects for."""
-        return [_decode(r) for r in self.db.query("select * from outputs where study_uid = ?", [study_uid])]
+        return [_decode(r) for r in self.db.execute("select * from outputs where study_uid = ?", [study_uid])]
 
     def record_output(self, series_uid: str, study_uid: str, fingerprint: str,
                       objects: dict[str, Any]) -> None:
         """Remember the objects stored for a source series (replaces the previous record)."""
-        self.db["outputs"].upsert({
-            "series_uid": series_uid, "study_uid": study_uid, "fingerprint": fingerprint,
-            "objects": json.dumps(objects), "updated": _now(),
-        }, pk="series_uid")
+        self.db.execute(
+            "insert or replace into outputs (series_uid, study_uid, fingerprint, objects, updated) values (?, ?, ?, ?, ?)",
+            [series_uid, study_uid, fingerprint, json.dumps(objects), _now()])
 
     # -------------------------------------------------------------- helpers
-    def _immediate(self) -> "_Immediate":
-        return _Immediate(self.db.conn)
-
-
-class _Immediate:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``: one writer at a time across processes."""
-
-    def __init__(self, connection: sqlite3.Connection) -> None:
-        self.connection = connection
-
-    def __enter__(self) -> None:
-        self.connection.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: Any, *_: Any) -> None:
-        self.connection.execute("ROLLBACK" if exc_type else "COMMIT")
+    @contextlib.contextmanager
+    def _immediate(self) -> Iterator[None]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``: one writer at a time across processes."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
 
 def _encode(value: Any) -> Any:
@@ -206,7 +204,7 @@ def _encode(value: Any) -> Any:
     return value
 
 
-def _decode(row: dict[str, Any]) -> dict[str, Any]:
+def _decode(row: sqlite3.Row) -> dict[str, Any]:
     decoded = dict(row)
     for column in ("selection", "timings", "result", "objects"):
         if isinstance(decoded.get(column), str):

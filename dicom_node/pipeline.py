@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import io
 import logging
 import shutil
 import time
@@ -22,26 +21,32 @@ from typing import Any, Protocol
 import numpy as np
 
 from dicom_node.config import NodeConfig
+from dicom_node.identity import (
+    DEVICE_NAME,
+    MEASUREMENT_SERIES_NUMBER,
+    NODE_NAME,
+    SIMILAR_CASES_SERIES_NUMBER,
+    dataset_bytes,
+)
 from dicom_node.jobs import JobStore
 from dicom_node.orthanc_client import OrthancClient, OrthancError
-from dicom_node.seg import NODE_NAME, build_segmentation
+from dicom_node.reports.measurement import build_measurement_report
+from dicom_node.reports.similar_cases import ReportedQuery, build_similar_cases_report
+from dicom_node.seg import build_segmentation
 from dicom_node.series import InputError, SeriesCandidate, SeriesGeometry, read_geometry, read_hu, select_series
-from dicom_node.similar import SimilarQuery, find_similar, open_index, study_record
-from dicom_node.sr import build_measurement_report, build_similar_cases_report
-from index.lesions import measure_lesions
-from index.store import SliceRecord
+from dicom_node.similar.query import SimilarQuery, find_similar, open_index, study_record
+from index.lesions import Lesion, measure_lesions
+from index.records import SliceRecord
+from models.weights import AlgorithmInfo
 
 log = logging.getLogger("abscess_node.pipeline")
-NODE_AET = "ABSCESS_NODE"
-MEASUREMENT_SERIES_NUMBER = 9902
-SIMILAR_SERIES_NUMBER = 9903
 MAX_REPORTED_LESIONS = 20
 
 
 class SegmenterLike(Protocol):
     """What the pipeline needs of ``models.segmenter.Segmenter``."""
 
-    info: dict[str, Any]
+    info: AlgorithmInfo
 
     def run(self, slices_hu: np.ndarray, batch_size: int = 8) -> Any:
         """Probabilities and embeddings for [n, H, W] HU slices."""
@@ -82,13 +87,12 @@ def series_candidates(client: OrthancClient, orthanc_study_id: str) -> list[Seri
     return candidates
 
 
-def content_fingerprint(geometry: SeriesGeometry, segmenter_info: dict[str, Any], config: NodeConfig) -> str:
+def content_fingerprint(geometry: SeriesGeometry, algorithm: AlgorithmInfo, config: NodeConfig) -> str:
     """Hash of what determines our output: the slices, the weights and the SEG settings."""
     digest = hashlib.sha256()
     for header in geometry.headers:
         digest.update(str(header.SOPInstanceUID).encode() + b"\n")
-    digest.update(f"{segmenter_info.get('name')}|{segmenter_info.get('version')}|"
-                  f"{config.segmentation_type}|{config.threshold}".encode())
+    digest.update(f"{algorithm.name}|{algorithm.version}|{config.segmentation_type}|{config.threshold}".encode())
     return digest.hexdigest()
 
 
@@ -166,14 +170,14 @@ def _process(job: dict[str, Any], config: NodeConfig, store: JobStore, client: O
     with watch.stage("measure"):
         measured = _measure(segmented.mask, segmented.volume_hu, geometry.spacing_mm)
         # a report of hundreds of specks helps nobody: the largest MAX_REPORTED_LESIONS are reported
-        lesions = sorted(measured, key=lambda item: -item["volume_ml"])[:MAX_REPORTED_LESIONS]
+        lesions = sorted(measured, key=lambda lesion: -lesion.volume_ml)[:MAX_REPORTED_LESIONS]
     with watch.stage("seg"):
         seg_values = segmented.probabilities if config.segmentation_type == "FRACTIONAL" else segmented.mask
         seg = build_segmentation(geometry.headers, seg_values, segmenter.info, config.segmentation_type)
     with watch.stage("sr"):
         measurements = build_measurement_report(
             geometry.headers, seg if lesions else None, lesions, segmenter.info, series_number=MEASUREMENT_SERIES_NUMBER,
-            instance_number=1, manufacturer=NODE_NAME, device_name=NODE_AET)
+            instance_number=1, manufacturer=NODE_NAME, device_name=DEVICE_NAME)
     with watch.stage("index"):
         with open_index(config.index_directory) as index:
             index.replace_study(
@@ -184,11 +188,11 @@ def _process(job: dict[str, Any], config: NodeConfig, store: JobStore, client: O
                                    config.pseudonymize_similar_cases)
     with watch.stage("sr"):
         similar_report = build_similar_cases_report(
-            geometry.headers, similar, {"mode": "study", "k": config.similar_cases_top_k, "requested_by": NODE_AET},
-            segmenter.info, series_number=SIMILAR_SERIES_NUMBER, instance_number=1, manufacturer=NODE_NAME,
-            device_name=NODE_AET)
+            geometry.headers, similar, ReportedQuery(mode="study", k=config.similar_cases_top_k, requested_by=DEVICE_NAME),
+            segmenter.info, series_number=SIMILAR_CASES_SERIES_NUMBER, instance_number=1, manufacturer=NODE_NAME,
+            device_name=DEVICE_NAME)
     with watch.stage("store"):
-        stored = {name: client.store(_dicom_bytes(dataset)) for name, dataset in
+        stored = {name: client.store(dataset_bytes(dataset)) for name, dataset in
                   (("seg", seg), ("measurements", measurements), ("similar_cases", similar_report))}
         new_ids = [answer["ID"] for answer in stored.values()]
         replaced = []
@@ -207,8 +211,10 @@ def _process(job: dict[str, Any], config: NodeConfig, store: JobStore, client: O
     mask = segmented.mask
     result = {**objects, "replaced": replaced, "forwarded": forwarded, "frames": int(mask.shape[0]),
               "lesion_voxels": int(mask.sum()), "slices_with_lesion": int(mask.any(axis=(1, 2)).sum()),
-              "lesions": lesions, "lesions_found": len(measured), "similar_studies": [{k: r[k] for k in ("rank", "study_uid", "score")} for r in similar],
-              "algorithm": segmenter.info,
+              "lesions": [lesion.as_dict() for lesion in lesions], "lesions_found": len(measured),
+              "similar_studies": [{"rank": case.rank, "study_uid": case.study_uid, "score": round(case.score, 6)}
+                                  for case in similar],
+              "algorithm": segmenter.info.as_dict(),
               "peak_rss_mb": peak_rss_mb()}
     failed_forwards = [f for f in forwarded if f["state"] != "Success"]
     if failed_forwards:
@@ -232,7 +238,7 @@ def peak_rss_mb() -> float | None:
     return None
 
 
-def _measure(mask: np.ndarray, volume_hu: np.ndarray, spacing_mm: tuple[float, float, float]) -> list[dict[str, Any]]:
+def _measure(mask: np.ndarray, volume_hu: np.ndarray, spacing_mm: tuple[float, float, float]) -> list[Lesion]:
     """Lesion descriptors, computed on the mask's bounding box only (memory stays bounded on long series)."""
     if not mask.any():
         return []
@@ -241,21 +247,8 @@ def _measure(mask: np.ndarray, volume_hu: np.ndarray, spacing_mm: tuple[float, f
         present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
         box.append((max(0, int(present[0]) - 2), min(mask.shape[axis], int(present[-1]) + 3)))
     (z0, z1), (y0, y1), (x0, x1) = box
-    lesions = []
-    for lesion in measure_lesions(mask[z0:z1, y0:y1, x0:x1], np.asarray(volume_hu[z0:z1, y0:y1, x0:x1]), spacing_mm):
-        described = lesion.as_dict()
-        described["first_slice"] += z0
-        described["last_slice"] += z0
-        cz, cy, cx = described["centroid_zyx"]
-        described["centroid_zyx"] = [cz + z0, cy + y0, cx + x0]
-        lesions.append(described)
-    return lesions
-
-
-def _dicom_bytes(dataset: Any) -> bytes:
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    return [lesion.shifted(z0, y0, x0)
+            for lesion in measure_lesions(mask[z0:z1, y0:y1, x0:x1], np.asarray(volume_hu[z0:z1, y0:y1, x0:x1]), spacing_mm)]
 
 
 @dataclasses.dataclass

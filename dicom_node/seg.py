@@ -10,34 +10,25 @@ AlgorithmIdentificationSequence, and this node as ContributingEquipment.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
 
-from dicom_node.convert import UID_ROOT
-
-NODE_NAME = "abscess-node"
-NODE_VERSION = "0.1.0"
-SEG_SERIES_NUMBER = 9901
-ABSCESS = hd.sr.CodedConcept("44132006", "SCT", "Abscess")  # morphologic abnormality
-MORPHOLOGICALLY_ABNORMAL = hd.sr.CodedConcept("49755003", "SCT", "Morphologically abnormal structure")
+from dicom_node.identity import MODEL_NAME, NODE_NAME, NODE_VERSION, SEG_SERIES_NUMBER, derived_uid, new_uid
+from dicom_node.reports.codes import ABSCESS, MORPHOLOGICALLY_ABNORMAL_STRUCTURE
+from models.weights import AlgorithmInfo
 
 
-def algorithm_identification(algorithm: Mapping[str, object]) -> hd.AlgorithmIdentificationSequence:
-    """VM-UNet with the weights' name/version (and the demo wording) as DICOM algorithm identification.
-
-    Args:
-        algorithm: ``Segmenter.info`` (name, version, description, demo, scan_backend).
-    """
-    parameters = {"weights": f"{algorithm.get('name', '?')} v{algorithm.get('version', '?')}"}
-    if algorithm.get("description"):
-        parameters["weights_description"] = str(algorithm["description"])[:64]
+def algorithm_identification(algorithm: AlgorithmInfo) -> hd.AlgorithmIdentificationSequence:
+    """VM-UNet with the weights' name/version (and the demo wording) as DICOM algorithm identification."""
+    parameters = {"weights": f"{algorithm.name} v{algorithm.version}"}
+    if algorithm.description:
+        parameters["weights_description"] = algorithm.description[:64]
     return hd.AlgorithmIdentificationSequence(
-        name="VM-UNet", version=f"{algorithm.get('name', '?')}-{algorithm.get('version', '?')}",
+        name="VM-UNet", version=f"{algorithm.name}-{algorithm.version}",
         family=codes.cid7162.ArtificialIntelligence,
         source=f"{NODE_NAME} {NODE_VERSION}", parameters=parameters)
 
@@ -46,19 +37,19 @@ def contributing_equipment() -> hd.ContributingEquipment:
     """This node as the equipment that derived the object."""
     return hd.ContributingEquipment(
         manufacturer=NODE_NAME, purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name="abscess-node VM-UNet", software_versions=NODE_VERSION,
+        manufacturer_model_name=MODEL_NAME, software_versions=NODE_VERSION,
         institution_name=None)
 
 
 def build_segmentation(source_images: Sequence[pydicom.Dataset], mask: np.ndarray,
-                       algorithm: Mapping[str, object], segmentation_type: str = "BINARY",
+                       algorithm: AlgorithmInfo, segmentation_type: str = "BINARY",
                        uid_seed: str | None = None) -> hd.seg.Segmentation:
     """Build the SEG for one series.
 
     Args:
         source_images: the series' datasets (headers suffice), sorted as the mask's first axis.
         mask: bool [n, rows, columns] for BINARY; float probabilities in [0, 1] for FRACTIONAL.
-        algorithm: ``Segmenter.info``.
+        algorithm: the network that produced the mask (``Segmenter.info``).
         segmentation_type: ``"BINARY"`` or ``"FRACTIONAL"``.
         uid_seed: derive the SEG's UIDs from it (same content -> same UIDs); random if None.
 
@@ -76,20 +67,20 @@ def build_segmentation(source_images: Sequence[pydicom.Dataset], mask: np.ndarra
         raise ValueError(f"segmentation_type must be BINARY or FRACTIONAL, not {segmentation_type!r}")
     description = hd.seg.SegmentDescription(
         segment_number=1, segment_label="Abscess",
-        segmented_property_category=MORPHOLOGICALLY_ABNORMAL, segmented_property_type=ABSCESS,
+        segmented_property_category=MORPHOLOGICALLY_ABNORMAL_STRUCTURE, segmented_property_type=ABSCESS,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm_identification(algorithm),
-        tracking_uid=generate_uid(UID_ROOT, [uid_seed, "tracking"]) if uid_seed else generate_uid(UID_ROOT),
+        tracking_uid=derived_uid(uid_seed, "tracking") if uid_seed else new_uid(),
         tracking_id="abscess",
         display_color=hd.color.CIELabColor(53.2, 80.1, 67.2))  # red, so every viewer shows the same colour
-    demo = bool(algorithm.get("demo"))
+    demo = algorithm.demo
     seg = hd.seg.Segmentation(
         source_images=list(source_images), pixel_array=pixel_array,
         segmentation_type=segmentation_type, segment_descriptions=[description],
-        series_instance_uid=generate_uid(UID_ROOT, [uid_seed, "seg-series"]) if uid_seed else generate_uid(UID_ROOT),
+        series_instance_uid=derived_uid(uid_seed, "seg-series") if uid_seed else new_uid(),
         series_number=SEG_SERIES_NUMBER,
-        sop_instance_uid=generate_uid(UID_ROOT, [uid_seed, "seg-instance"]) if uid_seed else generate_uid(UID_ROOT),
-        instance_number=1, manufacturer=NODE_NAME, manufacturer_model_name="abscess-node VM-UNet",
+        sop_instance_uid=derived_uid(uid_seed, "seg-instance") if uid_seed else new_uid(),
+        instance_number=1, manufacturer=NODE_NAME, manufacturer_model_name=MODEL_NAME,
         software_versions=NODE_VERSION, device_serial_number=NODE_NAME,
         content_description=("VM-UNet abscess; demo weights, not for clinical use" if demo
                              else "VM-UNet neck abscess segmentation"),

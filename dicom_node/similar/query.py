@@ -1,0 +1,218 @@
+"""Similar-case retrieval as the node offers it: the query, its typed answers, the index lock.
+
+Wraps :class:`index.store.CaseIndex`: one writer at a time per index directory (a file lock,
+since several worker processes may finish studies together), and results turned into
+:class:`SimilarCase` objects that the similar-cases SR, the REST answer and the C-FIND
+identifiers all read. Other patients' identities are replaced by stable pseudonyms when
+``PseudonymizeSimilarCases`` is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydicom.uid import CTImageStorage
+
+from dicom_node.identity import is_uid
+from index.lesions import Lesion
+from index.records import StudyRecord
+from index.store import CaseIndex
+
+MODES = {
+    "study": {"space": "slice", "rerank": True},
+    "study-count": {"space": "slice", "rerank": False},
+    "roi": {"space": "roi", "rerank": True},
+}
+MAX_K = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class SimilarQuery:
+    """One similar-case request.
+
+    Attributes:
+        study_uid: the query study (must be indexed).
+        k: number of studies to return.
+        mode: ``study`` (count-based hits re-ranked by late interaction), ``study-count``
+            (count-based only) or ``roi`` (ROI embeddings of the predicted abscess).
+        filters: lesion descriptor filters such as ``loculi>=2``, ``volume_ml>5``,
+            ``space=parapharyngeal``.
+        slice_range: region query: first and last slice index of the query series.
+        use_descriptors: mix descriptor similarity into the score (mixed query).
+    """
+
+    study_uid: str
+    k: int = 5
+    mode: str = "study"
+    filters: tuple[str, ...] = ()
+    slice_range: tuple[int, int] | None = None
+    use_descriptors: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if not 1 <= self.k <= MAX_K:
+            raise ValueError(f"k must be between 1 and {MAX_K}, not {self.k}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SlicePair:
+    """A query slice and the slice of a similar study that matches it best.
+
+    Attributes:
+        query_slice: index of the query slice in the query series (0-based, index order).
+        matched_slice: index of the matched slice in its series.
+        matched_sop_instance_uid: SOPInstanceUID of the matched slice ("" when not known).
+        similarity: cosine similarity of the two slices.
+    """
+
+    query_slice: int
+    matched_slice: int
+    matched_sop_instance_uid: str
+    similarity: float
+
+    def __post_init__(self) -> None:
+        for name in ("query_slice", "matched_slice"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < 0:
+                raise ValueError(f"SlicePair.{name} must be a non-negative integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        if self.matched_sop_instance_uid and not is_uid(self.matched_sop_instance_uid):
+            raise ValueError(f"SlicePair.matched_sop_instance_uid is not a UID: {self.matched_sop_instance_uid!r}")
+        if not math.isfinite(float(self.similarity)):
+            raise ValueError(f"SlicePair.similarity must be finite, got {self.similarity!r}")
+        object.__setattr__(self, "similarity", float(self.similarity))
+
+
+@dataclasses.dataclass(frozen=True)
+class SimilarCase:
+    """One ranked answer to a similar-case query.
+
+    Attributes:
+        rank: 1-based rank.
+        score: similarity score of the ranking (higher is more similar).
+        mode: retrieval mode that produced it (``study``, ``study-count``, ``roi``).
+        study: the similar study as indexed (identity pseudonymised when the policy says so).
+        best_slices: best-matching slice pairs, best first.
+        lesions: the similar study's lesions.
+        sop_class_uid: SOP Class of the matched slices (CT Image Storage).
+
+    Raises:
+        ValueError: a value is impossible (the message names it).
+    """
+
+    rank: int
+    score: float
+    mode: str
+    study: StudyRecord
+    best_slices: tuple[SlicePair, ...] = ()
+    lesions: tuple[Lesion, ...] = ()
+    sop_class_uid: str = CTImageStorage
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not hasattr(self.rank, "__index__") or int(self.rank) < 1:
+            raise ValueError(f"SimilarCase.rank must be a positive integer, got {self.rank!r}")
+        object.__setattr__(self, "rank", int(self.rank))
+        if isinstance(self.score, bool) or not math.isfinite(float(self.score)):
+            raise ValueError(f"SimilarCase.score must be a finite number, got {self.score!r}")
+        object.__setattr__(self, "score", float(self.score))
+        if not isinstance(self.mode, str) or not self.mode.strip():
+            raise ValueError(f"SimilarCase.mode must be a non-empty string, got {self.mode!r}")
+        if not isinstance(self.study, StudyRecord) or not is_uid(self.study.study_uid):
+            raise ValueError("SimilarCase.study must be a StudyRecord with a valid StudyInstanceUID")
+        if self.study.series_uid and not is_uid(self.study.series_uid):
+            raise ValueError(f"SimilarCase.study.series_uid is not a UID: {self.study.series_uid!r}")
+        object.__setattr__(self, "best_slices", tuple(self.best_slices))
+        object.__setattr__(self, "lesions", tuple(self.lesions))
+
+    @property
+    def study_uid(self) -> str:
+        """StudyInstanceUID of the similar study."""
+        return self.study.study_uid
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form of the REST answer and of the job record."""
+        study = self.study
+        return {
+            "rank": self.rank, "score": round(self.score, 6), "mode": self.mode,
+            "study_uid": study.study_uid, "series_uid": study.series_uid, "sop_class_uid": self.sop_class_uid,
+            "study_date": study.study_date, "study_description": study.study_description,
+            "accession_number": study.accession_number, "patient_id": study.patient_id,
+            "patient_name": study.patient_name, "orthanc_study_id": study.orthanc_study_id,
+            "best_slices": [[pair.query_slice, pair.matched_sop_instance_uid or pair.matched_slice,
+                             round(pair.similarity, 6)] for pair in self.best_slices],
+            "lesions": [lesion.as_dict() for lesion in self.lesions],
+        }
+
+
+@contextlib.contextmanager
+def open_index(directory: Path) -> Iterator[CaseIndex]:
+    """Open the case index under an exclusive lock (one writer across worker processes)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        index = CaseIndex.open(directory)
+        try:
+            yield index
+        finally:
+            index.close()
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def study_record(study: dict[str, Any], series_uid: str, orthanc_series_id: str, fingerprint: str) -> StudyRecord:
+    """Index metadata from Orthanc's ``/studies/{id}`` resource."""
+    tags, patient = study.get("MainDicomTags", {}), study.get("PatientMainDicomTags", {})
+    return StudyRecord(
+        study_uid=tags.get("StudyInstanceUID", ""), series_uid=series_uid,
+        patient_id=patient.get("PatientID", ""), patient_name=patient.get("PatientName", ""),
+        patient_sex=patient.get("PatientSex", ""), patient_birth_date=patient.get("PatientBirthDate", ""),
+        study_date=tags.get("StudyDate", ""), study_description=tags.get("StudyDescription", ""),
+        modalities=("CT",), accession_number=tags.get("AccessionNumber", ""),
+        orthanc_study_id=study.get("ID", ""), orthanc_series_id=orthanc_series_id,
+        content_fingerprint=fingerprint)
+
+
+def pseudonym(value: str, kind: str) -> str:
+    """A stable pseudonym (same input, same output) that reveals nothing of ``value``."""
+    if not value:
+        return ""
+    return f"{kind}-{hashlib.sha256(f'{kind}:{value}'.encode()).hexdigest()[:12].upper()}"
+
+
+def pseudonymised(study: StudyRecord) -> StudyRecord:
+    """The record with patient name, patient ID and accession number replaced by pseudonyms."""
+    return dataclasses.replace(study, patient_id=pseudonym(study.patient_id, "PID"),
+                               patient_name=pseudonym(study.patient_name, "NAME"),
+                               accession_number=pseudonym(study.accession_number, "ACC"))
+
+
+def find_similar(index: CaseIndex, query: SimilarQuery, pseudonymize: bool) -> list[SimilarCase]:
+    """Ranked similar studies, best first.
+
+    Raises:
+        index.store.StudyNotIndexed: the query study has not been processed yet.
+        ValueError: a bad filter or slice range.
+    """
+    mode = MODES[query.mode]
+    hits = index.similar_studies(
+        query.study_uid, space=mode["space"], slice_range=query.slice_range,
+        use_descriptors=query.use_descriptors, top=query.k, rerank=mode["rerank"],
+        filters=list(query.filters))
+    cases = []
+    for hit in hits:
+        study = hit.study or StudyRecord(hit.study_uid)
+        slice_uids = index.slice_instance_uids(hit.study_uid)
+        cases.append(SimilarCase(
+            rank=hit.rank, score=hit.score, mode=query.mode,
+            study=pseudonymised(study) if pseudonymize else study,
+            best_slices=tuple(SlicePair(q, s, slice_uids.get(int(s), ""), similarity)
+                              for q, s, similarity in hit.best_slices),
+            lesions=tuple(hit.lesions)))
+    return cases

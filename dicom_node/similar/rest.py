@@ -1,0 +1,86 @@
+"""The REST twin of the similar-case C-FIND: ``GET /abscess-node/studies/{id}/similar``.
+
+The query parameters are turned into the same identifier a C-FIND would carry, so both routes
+share the parsing, the search and the report of :class:`~dicom_node.similar.service.SimilarCaseService`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from dicom_node.similar.request import (
+    FILTERS,
+    IDENTIFIER_DOES_NOT_MATCH,
+    MODE,
+    OUT_OF_RESOURCES,
+    PRIVATE_CREATOR,
+    PRIVATE_GROUP,
+    QUERY_OBJECT_NOT_INDEXED,
+    REQUESTED_K,
+    SLICE_RANGE,
+    STANDARD_FILTER_KEYWORDS,
+    USE_DESCRIPTORS,
+    QueryError,
+    parse_request,
+)
+from dicom_node.similar.service import SimilarCaseService
+
+log = logging.getLogger("abscess_node.similar_find")
+audit = logging.getLogger("abscess_node.audit")
+
+HTTP_STATUS = {QUERY_OBJECT_NOT_INDEXED: 404, IDENTIFIER_DOES_NOT_MATCH: 400, OUT_OF_RESOURCES: 503}
+"""HTTP status of each failure status (any other: 500)."""
+
+
+def identifier_from_params(study_uid: str, params: Mapping[str, str]) -> Dataset:
+    """The STUDY-level C-FIND identifier equivalent to the REST query parameters."""
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study_uid
+    block = identifier.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+    for name, element in (("k", REQUESTED_K), ("mode", MODE), ("descriptors", USE_DESCRIPTORS)):
+        if params.get(name):
+            block.add_new(element.offset, element.vr, params[name].upper() if name == "descriptors" else params[name])
+    if params.get("filters"):
+        block.add_new(FILTERS.offset, FILTERS.vr, [f.strip() for f in params["filters"].split(",") if f.strip()])
+    if params.get("slices"):
+        block.add_new(SLICE_RANGE.offset, SLICE_RANGE.vr, params["slices"].replace("-", "\\", 1).split("\\"))
+    for keyword in STANDARD_FILTER_KEYWORDS:
+        if params.get(keyword):
+            setattr(identifier, keyword, params[keyword])
+    return identifier
+
+
+def rest_query(service: SimilarCaseService, study_uid: str, params: Mapping[str, str],
+               calling: str = "REST") -> tuple[int, Any]:
+    """JSON answer of ``GET /abscess-node/studies/{id}/similar``.
+
+    Args:
+        service: the similar-case service.
+        study_uid: StudyInstanceUID of the query study.
+        params: ``k``, ``mode``, ``filters`` (comma-separated), ``slices`` (``first-last``),
+            ``descriptors`` (``yes``/``no``), ``StudyDate``, ``StudyDescription``, ``PatientSex``.
+        calling: who asks (written into an on-demand SR).
+
+    Returns:
+        (HTTP status, JSON-ready body): 200 with the ranked results, 400 for a bad parameter,
+        404 for a study that is not indexed, 503 when the index is unusable.
+    """
+    try:
+        request = parse_request(identifier_from_params(study_uid, params), service.config.similar_cases_top_k)
+        query, cases = service.search(request)
+        report = service.reports.report_for(request, query, cases, calling)
+    except QueryError as error:
+        return HTTP_STATUS.get(error.status, 500), {"error": error.comment, "dicom_status": f"0x{error.status:04X}"}
+    except Exception:
+        log.exception("REST similar-cases query for %s failed", study_uid)
+        return 500, {"error": "internal error; see the similar-cases service log"}
+    audit.info("similar-cases REST query: study %s -> %d result(s)", study_uid, len(cases))
+    return 200, {"query": {"study_uid": study_uid, "k": request.k, "mode": query.mode, "filters": list(query.filters),
+                           "slice_range": list(query.slice_range) if query.slice_range else None},
+                 "similar_cases_sr": ({"series_uid": report[0], "sop_instance_uid": report[1]} if report else None),
+                 "results": [case.as_dict() for case in cases]}

@@ -1,0 +1,255 @@
+"""The similar-case query service: one handler behind every front end.
+
+:meth:`SimilarCaseService.find` answers a similar-case C-FIND identifier like a pynetdicom
+C-FIND handler: it yields ``(status, identifier)`` pairs, pending answers best first, and never
+raises (every error becomes a failure status and a log line). The pynetdicom AE
+(:mod:`dicom_node.similar.dicom_ae`), the relay the Orthanc plugin calls
+(:mod:`dicom_node.similar.relay`) and the REST twin (:mod:`dicom_node.similar.rest`) all call it.
+Audit lines carry UIDs and AE titles only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sqlite3
+from collections.abc import Iterator
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from dicom_node.config import NodeConfig
+from dicom_node.jobs import JobStore
+from dicom_node.orthanc_client import OrthancClient, OrthancError
+from dicom_node.similar.on_demand import SimilarCasesReports
+from dicom_node.similar.query import SimilarCase, SimilarQuery, find_similar, open_index
+from dicom_node.similar.request import (
+    IDENTIFIER_DOES_NOT_MATCH,
+    MODE,
+    OUT_OF_RESOURCES,
+    PENDING,
+    PRIVATE_CREATOR,
+    PRIVATE_GROUP,
+    QUERY_OBJECT_NOT_INDEXED,
+    QUERY_STUDY_UID,
+    RANK,
+    REFUSED_NOT_AUTHORISED,
+    SCORE,
+    SR_SERIES_INSTANCE_UID,
+    SR_SOP_INSTANCE_UID,
+    SUCCESS,
+    UNABLE_TO_PROCESS,
+    ParsedRequest,
+    QueryError,
+    parse_request,
+    passes_standard_keys,
+    status_dataset,
+)
+
+log = logging.getLogger("abscess_node.similar_find")
+audit = logging.getLogger("abscess_node.audit")
+
+
+class SimilarCaseService:
+    """Answers similar-case queries from the case index (shared by every front end).
+
+    Args:
+        config: the node configuration (index, job store, K, allow-list, pseudonymisation).
+        client: Orthanc REST client (series/instance look-ups, ModalitiesInStudy, storing the
+            on-demand SR); without it SERIES/IMAGE look-ups use the index only and no SR is written.
+        retrieve_aet: the AE title answers give as RetrieveAETitle (Orthanc's ``DicomAet``).
+    """
+
+    def __init__(self, config: NodeConfig, client: OrthancClient | None = None, retrieve_aet: str = "ORTHANC") -> None:
+        self.config = config
+        self.client = client
+        self.retrieve_aet = retrieve_aet
+        self.reports = SimilarCasesReports(config, client)
+
+    # -- the C-FIND handler ---------------------------------------------------------------------
+    def find(self, identifier: Dataset, calling_aet: str) -> Iterator[tuple[Dataset, Dataset | None]]:
+        """Answer one C-FIND: pending identifiers best first, then success; or one failure.
+
+        Never raises; every failure is a status Dataset with an ErrorComment.
+        """
+        calling_aet = (calling_aet or "").strip()
+        try:
+            answers = self._answers(identifier, calling_aet)
+        except QueryError as error:
+            audit.warning("similar-cases C-FIND from %s: status 0x%04X (%s)", calling_aet, error.status, error.comment)
+            yield status_dataset(error.status, error.comment, error.offending), None
+            return
+        except Exception:  # the network layer must never see an exception
+            log.exception("similar-cases C-FIND from %s failed", calling_aet)
+            yield status_dataset(UNABLE_TO_PROCESS, "internal error; see the similar-cases service log"), None
+            return
+        for answer in answers:
+            yield status_dataset(PENDING), answer
+        yield status_dataset(SUCCESS), None
+
+    def check_access(self, calling_aet: str) -> None:
+        """Raise a refusal (0x0124) unless the calling AE title is allowed."""
+        if calling_aet not in self.config.allowed_similar_cases_aets:
+            raise QueryError(REFUSED_NOT_AUTHORISED, f"calling AE {calling_aet[:16]} is not allowed similar cases")
+
+    def _answers(self, identifier: Dataset, calling_aet: str) -> list[Dataset]:
+        self.check_access(calling_aet)
+        if not isinstance(identifier, Dataset):
+            raise QueryError(IDENTIFIER_DOES_NOT_MATCH, "no identifier")
+        request = parse_request(identifier, self.config.similar_cases_top_k)
+        query, results = self.search(request)
+        report = self.reports.report_for(request, query, results, calling_aet)
+        audit.info("similar-cases C-FIND from %s: %s %s -> %d answer(s)%s", calling_aet, request.level,
+                   request.unique_uid, len(results), f", SR {report[1]}" if report else "")
+        return [self.identifier_for(result, request, report) for result in results]
+
+    # -- resolution and search ----------------------------------------------------------------------
+    def resolve(self, request: ParsedRequest, index: Any) -> SimilarQuery:
+        """Turn the identifier's query object into an index query.
+
+        Raises:
+            QueryError: 0xC001 when the study/slice/series is not in the index.
+        """
+        indexed = set(index.study_uids())
+        mode, slice_range = request.mode, request.slice_range
+        if request.level == "STUDY":
+            study_uid = request.unique_uid
+            if study_uid not in indexed:
+                raise QueryError(QUERY_OBJECT_NOT_INDEXED, self._not_indexed_comment(study_uid))
+        elif request.level == "IMAGE":
+            study_uid, slice_index = self._find_slice(request, index, indexed)
+            slice_range = (slice_index, slice_index)
+        else:
+            study_uid, default_mode = self._find_series(request, index, indexed)
+            mode = mode or default_mode
+        try:
+            return SimilarQuery(study_uid, k=100 if request.has_result_filters else request.k, mode=mode or "study",
+                                filters=request.filters, slice_range=slice_range, use_descriptors=request.use_descriptors)
+        except ValueError as error:
+            raise QueryError(IDENTIFIER_DOES_NOT_MATCH, str(error)) from None
+
+    def _not_indexed_comment(self, study_uid: str) -> str:
+        try:
+            jobs = JobStore(self.config.jobs_database).list(study_uid=study_uid, limit=1)
+        except Exception:  # noqa: BLE001 - the job store only words the message
+            jobs = []
+        if jobs and jobs[0]["state"] in ("queued", "running"):
+            return f"study not indexed yet: job {jobs[0]['id']} {jobs[0]['state']}; retry later"
+        if jobs:
+            return f"study not indexed: last job {jobs[0]['id']} {jobs[0]['state']}"
+        return "study not indexed: not processed by this node"
+
+    def _find_slice(self, request: ParsedRequest, index: Any, indexed: set[str]) -> tuple[str, int]:
+        candidates = [request.study_uid_hint] if request.study_uid_hint in indexed else []
+        if not candidates and self.client is not None:
+            candidates = [uid for uid in [self._parent_study_uid(request.unique_uid, "Instance")] if uid in indexed]
+        if not candidates:
+            candidates = sorted(indexed)  # no hint: scan the index
+        for study_uid in candidates:
+            for slice_index, sop_uid in index.slice_instance_uids(study_uid).items():
+                if sop_uid == request.unique_uid:
+                    return study_uid, slice_index
+        raise QueryError(QUERY_OBJECT_NOT_INDEXED, "SOPInstanceUID is not a slice of an indexed series")
+
+    def _find_series(self, request: ParsedRequest, index: Any, indexed: set[str]) -> tuple[str, str]:
+        for study_uid in ([request.study_uid_hint] if request.study_uid_hint in indexed else []):
+            if index.get_study(study_uid).series_uid == request.unique_uid:
+                return study_uid, "study"
+        if self.client is not None:
+            series = self._lookup(request.unique_uid, "Series")
+            if series is not None:
+                tags = series.get("MainDicomTags", {})
+                study_uid = self._parent_study_uid(request.unique_uid, "Series")
+                if study_uid in indexed:
+                    if tags.get("Modality") == "SEG":
+                        return study_uid, "roi"
+                    if index.get_study(study_uid).series_uid == request.unique_uid:
+                        return study_uid, "study"
+                raise QueryError(QUERY_OBJECT_NOT_INDEXED, "series is neither our SEG nor an indexed CT series")
+        for study_uid in sorted(indexed):
+            if index.get_study(study_uid).series_uid == request.unique_uid:
+                return study_uid, "study"
+        raise QueryError(QUERY_OBJECT_NOT_INDEXED, "SeriesInstanceUID unknown to this node")
+
+    def _lookup(self, uid: str, level: str) -> dict[str, Any] | None:
+        """Orthanc's expanded resource (``Series`` or ``Instance``) holding this UID, if any."""
+        key = "SeriesInstanceUID" if level == "Series" else "SOPInstanceUID"
+        found = self.client.post_json("/tools/find", {"Level": level, "Query": {key: uid}, "Expand": True})
+        return found[0] if found else None
+
+    def _parent_study_uid(self, uid: str, level: str) -> str | None:
+        resource = self._lookup(uid, level)
+        if resource is None:
+            return None
+        study = self.client.get_json(f"/{'series' if level == 'Series' else 'instances'}/{resource['ID']}/study")
+        return study.get("MainDicomTags", {}).get("StudyInstanceUID")
+
+    def search(self, request: ParsedRequest) -> tuple[SimilarQuery, list[SimilarCase]]:
+        """Resolve the query object, run the index search, apply the standard-key filters.
+
+        Raises:
+            QueryError: 0xC001 (not indexed), 0xA900 (bad filter), 0xA700 (index unusable).
+        """
+        try:
+            with open_index(self.config.index_directory) as index:
+                query = self.resolve(request, index)
+                try:
+                    results = find_similar(index, query, self.config.pseudonymize_similar_cases)
+                except ValueError as error:  # bad filter / range
+                    raise QueryError(IDENTIFIER_DOES_NOT_MATCH, str(error)) from None
+        except QueryError:
+            raise
+        except OrthancError as error:
+            log.warning("Orthanc look-up failed: %s", error)
+            raise QueryError(UNABLE_TO_PROCESS, "Orthanc look-up failed; see the similar-cases service log") from None
+        except (OSError, RuntimeError, sqlite3.Error) as error:
+            log.exception("case index %s unusable", self.config.index_directory)
+            raise QueryError(OUT_OF_RESOURCES, f"case index unavailable: {type(error).__name__}") from None
+        if request.has_result_filters:
+            kept = [case for case in results if passes_standard_keys(case.study, request)][:request.k]
+            results = [dataclasses.replace(case, rank=rank) for rank, case in enumerate(kept, start=1)]
+        return query, results
+
+    # -- answers ---------------------------------------------------------------------------------
+    def identifier_for(self, case: SimilarCase, request: ParsedRequest, report: tuple[str, str, str] | None) -> Dataset:
+        """One pending identifier: the requested keys, the fixed study keys, rank/score/mode/SR UID."""
+        answer = Dataset()
+        answer.SpecificCharacterSet = "ISO_IR 192"
+        answer.QueryRetrieveLevel = request.level
+        study = case.study
+        values: dict[str, Any] = {
+            "StudyInstanceUID": study.study_uid, "PatientID": study.patient_id,
+            "PatientName": study.patient_name, "StudyDate": study.study_date,
+            "StudyDescription": study.study_description, "AccessionNumber": study.accession_number,
+            "ModalitiesInStudy": self._modalities(case), "RetrieveAETitle": self.retrieve_aet,
+        }
+        if request.level in ("SERIES", "IMAGE"):
+            values.update(SeriesInstanceUID=study.series_uid, Modality="CT")
+        if request.level == "IMAGE":
+            matched = case.best_slices[0].matched_sop_instance_uid if case.best_slices else ""
+            values.update(SOPInstanceUID=matched, SOPClassUID=case.sop_class_uid if matched else "")
+        for keyword in request.return_keywords:
+            if keyword not in values and keyword not in ("QueryRetrieveLevel", "SpecificCharacterSet"):
+                values[keyword] = ""
+        for keyword, value in values.items():
+            setattr(answer, keyword, value)
+        block = answer.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+        block.add_new(RANK.offset, RANK.vr, str(case.rank))
+        block.add_new(SCORE.offset, SCORE.vr, f"{case.score:.6f}"[:16])
+        block.add_new(MODE.offset, MODE.vr, case.mode)
+        if report:
+            block.add_new(SR_SERIES_INSTANCE_UID.offset, SR_SERIES_INSTANCE_UID.vr, report[0])
+            block.add_new(SR_SOP_INSTANCE_UID.offset, SR_SOP_INSTANCE_UID.vr, report[1])
+            block.add_new(QUERY_STUDY_UID.offset, QUERY_STUDY_UID.vr, report[2])
+        return answer
+
+    def _modalities(self, case: SimilarCase) -> list[str] | str:
+        if self.client is not None and case.study.orthanc_study_id:
+            try:
+                series = self.client.get_json(f"/studies/{case.study.orthanc_study_id}/series")
+                return sorted({s.get("MainDicomTags", {}).get("Modality", "") for s in series} - {""}) or "CT"
+            except Exception:  # noqa: BLE001 - the index record still knows CT
+                log.warning("ModalitiesInStudy of %s: Orthanc look-up failed", case.study_uid)
+        return "CT"
+
+    # -- the similar-cases SR ------------------------------------------------------------------------

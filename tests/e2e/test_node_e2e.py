@@ -1,0 +1,146 @@
+"""End to end: a study sent with storescu comes back from the real Orthanc as a valid DICOM SEG."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import requests
+
+from tooling.convert import StudyInfo, nifti_to_ct_series, write_series
+from tooling.dciodvfy import assert_valid
+from dicom_node.series import read_geometry, read_hu
+
+
+def seg_instances(node, study_uid: str) -> list[str]:
+    """Orthanc ids of the SEG instances of a study."""
+    found = requests.post(node.url + "/tools/find", json={
+        "Level": "Instance", "Query": {"StudyInstanceUID": study_uid, "Modality": "SEG"}}, timeout=30).json()
+    return found
+
+
+@pytest.fixture(scope="module")
+def head_ct(tmp_path_factory, sample) -> tuple[list[pydicom.Dataset], Path]:
+    """The real head-and-neck CT (dicom2stl) as a DICOM series, written to disk."""
+    datasets = nifti_to_ct_series(sample("ct_head"), StudyInfo(), uid_seed="e2e-head")
+    directory = tmp_path_factory.mktemp("head_ct")
+    write_series(datasets, directory)
+    return datasets, directory
+
+
+def test_study_comes_back_as_seg_then_growth_replaces_it(node, head_ct, forward_scp, weights_path, tmp_path):
+    datasets, directory = head_ct
+    study_uid = datasets[0].StudyInstanceUID
+    files = sorted(directory.glob("*.dcm"))
+
+    # A PACS sends the first 60 slices; the node segments them.
+    sent = node.storescu(files[:60])
+    assert sent.returncode == 0, sent.stderr
+    first = node.wait_for_job(study_uid)
+    assert first["state"] == "done", first
+    assert first["series_uid"] == datasets[0].SeriesInstanceUID
+    assert set(first["timings"]) >= {"select", "download", "geometry", "segment", "seg", "store", "forward"}
+    assert first["result"]["frames"] == 60
+    first_seg_id = first["result"]["seg"]["orthanc_id"]
+    assert seg_instances(node, study_uid) == [first_seg_id]
+
+    # The study grows: the rest of the slices arrive later. The SEG is replaced, never duplicated.
+    sent = node.storescu(files[60:])
+    assert sent.returncode == 0, sent.stderr
+    second = node.wait_for_job(study_uid, after_id=first["id"], accept=lambda job: job["state"] != "skipped")
+    assert second["state"] == "done", second
+    assert second["result"]["frames"] == len(files)
+    assert sorted(second["result"]["replaced"]) == sorted(first["result"]["orthanc_ids"])  # SEG + both SRs
+    seg_id = second["result"]["seg"]["orthanc_id"]
+    assert seg_instances(node, study_uid) == [seg_id]
+
+    # The SEG as any client gets it from Orthanc.
+    seg_bytes = requests.get(f"{node.url}/instances/{seg_id}/file", timeout=60).content
+    seg_path = tmp_path / "seg.dcm"
+    seg_path.write_bytes(seg_bytes)
+    assert_valid(seg_path)
+    seg = hd.seg.segread(io.BytesIO(seg_bytes))
+    source = datasets[0]
+    assert seg.StudyInstanceUID == study_uid
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID"):
+        assert seg.get(keyword) == source.get(keyword), keyword
+    assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
+    assert seg.SegmentationType == "BINARY"
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+    assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == len(datasets)
+    assert int(seg.NumberOfFrames) == len(datasets)  # a frame for every slice, empty ones too
+    description = seg.SegmentSequence[0]
+    assert description.SegmentLabel == "Abscess"
+    assert description.SegmentedPropertyTypeCodeSequence[0].CodeValue == "44132006"
+    algorithm = description.SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == "VM-UNet"
+    assert "not for clinical use" in seg.ContentDescription
+    assert "abscess-node" in [item.Manufacturer for item in seg.ContributingEquipmentSequence]
+
+    # Frame i covers source slice i: same position, same referenced instance.
+    by_uid = {ds.SOPInstanceUID: ds for ds in datasets}
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        referenced = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        position = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+        assert position == pytest.approx([float(v) for v in by_uid[referenced].ImagePositionPatient], abs=1e-3)
+
+    # Pixel-exact: the SEG holds what the network gives for these slices.
+    from models.segmenter import Segmenter
+
+    geometry = read_geometry(files)
+    probabilities = Segmenter.load(weights_path, device="cpu").run(read_hu(geometry)).probabilities
+    stored = np.stack([
+        seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=[ds.SOPInstanceUID], combine_segments=True, skip_overlap_checks=True)[0]
+        for ds in geometry.headers]).astype(bool)
+    assert stored.shape == probabilities.shape
+    # exact wherever the network is not within float noise of the threshold (thread counts differ)
+    decided = np.abs(probabilities - 0.5) > 1e-4
+    assert np.array_equal(stored[decided], probabilities[decided] > 0.5)
+    assert decided.mean() > 0.999
+
+    # The measurement SR and the similar-cases SR sit in the same study, valid, with the demo wording.
+    for name, title in (("measurements", "Imaging Measurement Report"), ("similar_cases", "Similar cases")):
+        sr_bytes = requests.get(f"{node.url}{second['result'][name]['url']}/file", timeout=60).content
+        sr_path = tmp_path / f"{name}.dcm"
+        sr_path.write_bytes(sr_bytes)
+        assert_valid(sr_path)
+        sr = pydicom.dcmread(sr_path)
+        assert sr.StudyInstanceUID == study_uid and sr.Modality == "SR"
+        assert sr.ConceptNameCodeSequence[0].CodeMeaning == title
+        assert "NOT FOR CLINICAL USE" in sr_path.read_bytes().decode("latin-1").upper()
+    measurement_sr = pydicom.dcmread(tmp_path / "measurements.dcm")
+    assert seg.SOPInstanceUID in str(measurement_sr.CurrentRequestedProcedureEvidenceSequence) or not second["result"]["lesions"]
+
+    # Forwarded to the configured modality with a real C-STORE.
+    forwarded = [pydicom.dcmread(p, stop_before_pixels=True) for p in Path(forward_scp["directory"]).rglob("*")
+                 if p.is_file()]
+    assert {seg.SOPInstanceUID, second["result"]["measurements"]["sop_instance_uid"],
+            second["result"]["similar_cases"]["sop_instance_uid"]} <= {ds.SOPInstanceUID for ds in forwarded}
+    assert second["result"]["forwarded"][0]["state"] == "Success"
+
+
+def test_same_content_again_does_nothing(node, head_ct):
+    datasets, directory = head_ct
+    study_uid = datasets[0].StudyInstanceUID
+    before = node.wait_for_job(study_uid)
+    orthanc_study = requests.post(node.url + "/tools/lookup", data=study_uid, timeout=30).json()[0]["ID"]
+    answer = requests.post(f"{node.url}/abscess-node/studies/{orthanc_study}/process",
+                           data=json.dumps({"Force": False}), timeout=30)
+    assert answer.status_code == 200 and answer.json()["state"] in ("queued", "running", "skipped")
+    again = node.wait_for_job(study_uid, after_id=before["id"])
+    assert again["state"] == "skipped" and again["result"]["unchanged"] is True
+    assert len(seg_instances(node, study_uid)) == 1
+
+
+def test_jobs_rest_routes(node):
+    assert requests.get(node.url + "/abscess-node/jobs/999999", timeout=10).status_code == 404
+    assert requests.get(node.url + "/abscess-node/jobs?state=bogus", timeout=10).status_code == 400
+    assert requests.post(node.url + "/abscess-node/studies/0000-unknown/process", timeout=10).status_code == 404
+    jobs = requests.get(node.url + "/abscess-node/jobs", timeout=10).json()
+    assert isinstance(jobs, list)
