@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 
 REFERENCE_PARAMETERS = 27_427_561  # JCruan519/VM-UNet default config; Table I: 27.43 M
 REFERENCE_GMACS = 4.11  # Table I (thop; skips the selective scan and the einsums)
-DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "weights" / "vmunet-demo-v1.pt"
+DEMO_WEIGHTS = Path(__file__).resolve().parents[3] / "models" / "weights" / "vmunet-demo-v1.pt"
 # Outputs of the shipped demo checkpoint on torch.rand(2, 3, 128, 96) seeded 0, computed with the
 # hand-written DropPath/trunc_normal_ and the unfused scan (commit c02c0da): logits[:, 0, 8::32, 8::32]
 # and the first 6 channels of the globally pooled deepest features.
