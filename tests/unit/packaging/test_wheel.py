@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,8 +14,11 @@ TRAINING_ONLY = {"matplotlib", "thop", "nibabel", "tqdm"}
 
 
 def test_the_wheel_holds_the_product_and_no_tooling(tmp_path):
+    source = tmp_path / "source"  # a copy: the build leaves build/ and *.egg-info where it runs
+    shutil.copytree(CHECKOUT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".cache", "runtime", "viewer", "build", "*.egg-info", "__pycache__"))
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path), str(CHECKOUT)], capture_output=True, text=True, timeout=300)
+                            "-w", str(tmp_path), str(source)], capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr
     (wheel,) = tmp_path.glob("*.whl")
     with zipfile.ZipFile(wheel) as archive:
