@@ -6,9 +6,9 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install apt venv data viewer demo stop test test-unit lint-imports bench clean
+.PHONY: install apt venv secrets data viewer demo stop test test-unit lint-imports bench clean
 
-install: apt venv data viewer  ## Debian packages + .venv + sample data + OHIF viewer (idempotent)
+install: apt venv secrets data viewer  ## Debian packages + .venv + secrets + sample data + OHIF viewer (idempotent)
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -24,6 +24,9 @@ $(VENV)/.installed: requirements.txt setup.cfg
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
 	$(PY) -m pip install -q -r requirements.txt
 	@touch $@
+
+secrets: venv  ## the admin's HTTP password and the pseudonym secret in runtime/secrets (0600, created once)
+	@$(PY) -m dicom_node init-secrets
 
 data: venv
 	@$(PY) -m tooling fetch-data ct_head rider_lung_ct jpeg2000_ct >/dev/null

@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     worker = commands.add_parser("worker", help="claim and process jobs (started by the Orthanc plugin)")
     worker.add_argument("--settings", type=Path, required=True, help="settings file written by the plugin")
     worker.add_argument("--once", action="store_true", help="process at most one job, then exit")
+    init = commands.add_parser("init-secrets", help="create the admin's HTTP password and the pseudonym secret (make install)")
+    init.add_argument("--directory", type=Path, default=None, help="where (default: runtime/secrets of the checkout)")
     serve = commands.add_parser("serve", help="similar-cases service: pynetdicom AE (C-ECHO, C-FIND) and/or the plugin's relay")
     source = serve.add_mutually_exclusive_group(required=True)
     source.add_argument("--settings", type=Path, help="settings file written by the plugin (as for `worker`)")
@@ -31,13 +33,25 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--aet", help="AE title of the AE (default: AbscessNode.SimilarCasesAet)")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address the DICOM listener binds (default 127.0.0.1; 0.0.0.0 opens it to the network)")
+    serve.add_argument("--tls-certificate", type=Path, help="DICOM TLS: this AE's certificate (PEM); TLS only when given")
+    serve.add_argument("--tls-private-key", type=Path, help="DICOM TLS: the certificate's private key (PEM)")
+    serve.add_argument("--tls-trusted-certificates", type=Path,
+                       help="DICOM TLS: CA certificates of the clients (PEM); given: clients must present one")
     serve.add_argument("--relay-address-file", type=Path, help="run the plugin's relay; write its port here")
     serve.add_argument("--token-file", type=Path, help="file holding the relay's bearer token")
     serve.add_argument("--retrieve-aet", help="RetrieveAETitle of the answers (default: Orthanc's DicomAet)")
     serve.add_argument("--orthanc-url", help="Orthanc REST URL with --config (default http://127.0.0.1:HttpPort)")
+    serve.add_argument("--orthanc-user", default="admin", help="HTTP user of Orthanc's REST API with --config")
+    serve.add_argument("--orthanc-password-file", type=Path,
+                       help="file holding that user's password (default: runtime/secrets/admin-password)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dicom_node import phi
 
+    phi.install()
+
+    if args.command == "init-secrets":
+        return _init_secrets(args.directory)
     if args.command == "worker":
         from dicom_node.config import WorkerSettings
         from dicom_node.private_files import read_private_file
@@ -46,6 +60,38 @@ def main(argv: list[str] | None = None) -> int:
         run_worker(WorkerSettings.from_json(read_private_file(args.settings)), once=args.once)
         return 0
     return _serve(args)
+
+
+def _init_secrets(directory: Path | None) -> int:
+    """``init-secrets``: the admin's password and the pseudonym secret, 0600, created once, never printed."""
+    import secrets as random_secrets
+
+    from dicom_node.config import CHECKOUT
+    from dicom_node.http_security import PASSWORD_VARIABLE
+    from dicom_node.private_files import create_secret, write_private_file
+
+    directory = directory or CHECKOUT / "runtime" / "secrets"
+    password_file = directory / "admin-password"
+    if not password_file.exists():
+        write_private_file(password_file, random_secrets.token_urlsafe(24))
+        print(f"created the HTTP password of user admin in {password_file} (Orthanc reads it from ${PASSWORD_VARIABLE})")
+    if create_secret(directory / "pseudonym.key"):
+        print(f"created the pseudonym secret {directory / 'pseudonym.key'}")
+    return 0
+
+
+def _basic_authorization(user: str, password_file: Path | None) -> str | None:
+    """``Basic ...`` for Orthanc's REST API from a password file (None when there is none)."""
+    import base64
+
+    from dicom_node.config import CHECKOUT
+    from dicom_node.private_files import read_private_file
+
+    password_file = password_file or CHECKOUT / "runtime" / "secrets" / "admin-password"
+    if not password_file.exists():
+        return None
+    token = base64.b64encode(f"{user}:{read_private_file(password_file)}".encode()).decode()
+    return f"Basic {token}"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -76,7 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"invalid configuration: {error}", file=sys.stderr)
             return 2
         url = args.orthanc_url or f"http://127.0.0.1:{orthanc.get('HttpPort', 8042)}"
-        authorization = None
+        authorization = _basic_authorization(args.orthanc_user, args.orthanc_password_file)
         retrieve_aet = retrieve_aet or orthanc.get("DicomAet", "ORTHANC")
     relay = None
     if args.relay_address_file:
@@ -84,8 +130,13 @@ def _serve(args: argparse.Namespace) -> int:
             print("--relay-address-file needs --token-file", file=sys.stderr)
             return 2
         relay = (args.relay_address_file, read_private_file(args.token_file))
+    tls = None
+    if args.tls_certificate:
+        from dicom_node.similar.dicom_ae import tls_context
+
+        tls = tls_context(args.tls_certificate, args.tls_private_key, args.tls_trusted_certificates)
     service = SimilarCaseService(config, OrthancClient(url, authorization, timeout=60.0), retrieve_aet or "ORTHANC")
-    serve(service, args.aet or config.similar_cases_aet, args.port, relay, args.host)
+    serve(service, args.aet or config.similar_cases_aet, args.port, relay, args.host, tls)
     return 0
 
 

@@ -39,6 +39,8 @@ class SeriesRules:
         axial_tolerance_degrees: how far the slice normal may tilt from the patient z axis.
         exclude_descriptions: case-insensitive substrings of SeriesDescription to skip.
         prefer: ``"most-slices"`` or ``"thinnest"`` to rank the eligible series.
+        max_pixels_per_slice: Rows x Columns above this -> the job fails before any pixel is
+            decoded (a small compressed file must not make the worker allocate gigabytes).
     """
 
     modalities: tuple[str, ...] = ("CT",)
@@ -48,6 +50,7 @@ class SeriesRules:
     axial_tolerance_degrees: float = 15.0
     exclude_descriptions: tuple[str, ...] = ("scout", "localizer", "topogram", "dose")
     prefer: str = "most-slices"
+    max_pixels_per_slice: int = 1024 * 1024
 
 
 SERIES_RULE_KEYS = {
@@ -58,6 +61,7 @@ SERIES_RULE_KEYS = {
     "AxialToleranceDegrees": "axial_tolerance_degrees",
     "ExcludeDescriptions": "exclude_descriptions",
     "Prefer": "prefer",
+    "MaxPixelsPerSlice": "max_pixels_per_slice",
 }
 
 
@@ -79,8 +83,12 @@ class NodeConfig:
     forward_retries: int = 3
     similar_cases_aet: str = "ABSCESS_SIMILAR"
     allowed_similar_cases_aets: tuple[str, ...] = ()
+    allowed_similar_cases_users: tuple[str, ...] = ()
     similar_cases_top_k: int = 5
     pseudonymize_similar_cases: bool = False
+    similar_cases_report: str = "pseudonymized"
+    forward_similar_cases_report: bool = False
+    pseudonym_secret_path: Path = CHECKOUT / "runtime" / "secrets" / "pseudonym.key"
     segmentation_type: str = "BINARY"
     threshold: float = 0.5
     chunk_slices: int = 64
@@ -198,7 +206,7 @@ def _series_rules(where: str, raw: Any) -> SeriesRules:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
             value = tuple(v.upper() for v in value) if json_key == "Modalities" else tuple(value)
-        elif json_key in ("MinSlices", "MaxSlices"):
+        elif json_key in ("MinSlices", "MaxSlices", "MaxPixelsPerSlice"):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}: expected a whole number >= 1, got {value!r}")
         elif json_key == "RequireAxial":
@@ -227,13 +235,17 @@ KEYS: dict[str, Key] = {
     "WorkDirectory": Key("work_directory", "path", "Scratch space of the workers (downloaded instances, memory-mapped volumes)."),
     "LogDirectory": Key("log_directory", "path", "Worker log files (UIDs only, no patient data)."),
     "WorkerPython": Key("worker_python", "path", "Python interpreter of the project venv that runs the workers."),
-    "SeriesRules": Key("series_rules", "series-rules", "Which series is segmented: Modalities, MinSlices, MaxSlices, RequireAxial, AxialToleranceDegrees, ExcludeDescriptions, Prefer."),
+    "SeriesRules": Key("series_rules", "series-rules", "Which series is segmented: Modalities, MinSlices, MaxSlices, RequireAxial, AxialToleranceDegrees, ExcludeDescriptions, Prefer, MaxPixelsPerSlice."),
     "ForwardTo": Key("forward_to", "name-list", "Orthanc modality names (DicomModalities) that every SEG/SR is sent to."),
     "ForwardRetries": Key("forward_retries", "int", "Attempts per forward before the job records a forwarding error.", minimum=1, maximum=20),
     "SimilarCasesAet": Key("similar_cases_aet", "aet", "Called AE title that turns a C-FIND into a similar-case query."),
-    "AllowedSimilarCasesAets": Key("allowed_similar_cases_aets", "aet-list", "Calling AE titles allowed to receive similar-case answers (empty: nobody)."),
+    "AllowedSimilarCasesAets": Key("allowed_similar_cases_aets", "aet-list", "Calling AE titles allowed to receive similar-case answers over C-FIND (empty: nobody). Orthanc also checks the AE's host (DicomCheckModalityHost)."),
+    "AllowedSimilarCasesUsers": Key("allowed_similar_cases_users", "name-list", "Authenticated HTTP users allowed to receive similar-case answers over REST (empty: nobody; anonymous callers never)."),
     "SimilarCasesTopK": Key("similar_cases_top_k", "int", "Results in the similar-cases report written after each study.", minimum=1, maximum=100),
-    "PseudonymizeSimilarCases": Key("pseudonymize_similar_cases", "bool", "Return pseudonyms instead of other patients' names and IDs."),
+    "PseudonymizeSimilarCases": Key("pseudonymize_similar_cases", "bool", "Answer similar-case queries with keyed pseudonyms instead of other patients' names, IDs, accession numbers and UIDs."),
+    "SimilarCasesReport": Key("similar_cases_report", "choice", "The similar-cases SR written into each processed study: pseudonymized (other patients only as keyed case pseudonyms), identified (their IDs and UIDs; only where every reader of the study may see them) or off.", choices=("pseudonymized", "identified", "off")),
+    "ForwardSimilarCasesReport": Key("forward_similar_cases_report", "bool", "Also send the automatic similar-cases SR to ForwardTo (the SEG and the measurement SR are always sent)."),
+    "PseudonymSecretPath": Key("pseudonym_secret_path", "path", "Per-node secret of the keyed pseudonyms (HMAC-SHA256); created 0600 by `make install` or at the first start. Keep it: new secret, new pseudonyms."),
     "SegmentationType": Key("segmentation_type", "choice", "DICOM SEG type: BINARY or FRACTIONAL (probabilities).", choices=("BINARY", "FRACTIONAL")),
     "Threshold": Key("threshold", "float", "Probability above which a pixel is abscess.", minimum=0.0, maximum=1.0),
     "ChunkSlices": Key("chunk_slices", "int", "Slices held in memory at once while segmenting (bounds memory on long series).", minimum=1, maximum=4096),

@@ -35,6 +35,9 @@ CREATE INDEX IF NOT EXISTS idx_jobs_orthanc_study_id ON jobs (orthanc_study_id);
 CREATE TABLE IF NOT EXISTS outputs (
     series_uid TEXT PRIMARY KEY, study_uid TEXT, fingerprint TEXT, objects TEXT, updated TEXT
 );
+CREATE TABLE IF NOT EXISTS erasures (
+    id INTEGER PRIMARY KEY, orthanc_study_id TEXT NOT NULL, requested TEXT NOT NULL, done TEXT
+);
 """
 _COLUMNS = ("orthanc_study_id", "study_uid", "state", "reason", "force", "created", "started", "finished", "worker",
             "attempts", "series_uid", "selection", "timings", "result", "error")
@@ -182,6 +185,21 @@ class JobStore:
         self.db.execute(
             "insert or replace into outputs (series_uid, study_uid, fingerprint, objects, updated) values (?, ?, ?, ?, ?)",
             [series_uid, study_uid, fingerprint, json.dumps(objects), _now()])
+
+    # ------------------------------------------------------------- erasures
+    def request_erasure(self, orthanc_study_id: str) -> None:
+        """Remember that Orthanc deleted a study: the similar-cases service erases it from the index."""
+        self.db.execute("insert into erasures (orthanc_study_id, requested) values (?, ?)", [orthanc_study_id, _now()])
+
+    def pending_erasures(self, limit: int = 100) -> list[tuple[int, str]]:
+        """(erasure id, Orthanc study id) of the erasures not done yet, oldest first."""
+        rows = self.db.execute("select id, orthanc_study_id from erasures where done is null order by id limit ?",
+                               [int(limit)])
+        return [(row["id"], row["orthanc_study_id"]) for row in rows]
+
+    def erasure_done(self, erasure_id: int) -> None:
+        """Mark an erasure done (the study is gone from the index)."""
+        self.db.execute("update erasures set done = ? where id = ?", [_now(), erasure_id])
 
     # -------------------------------------------------------------- helpers
     @contextlib.contextmanager

@@ -94,6 +94,10 @@ class OrthancClient:
         """Delete an instance; False if it was already gone."""
         return self._found("DELETE", f"/instances/{orthanc_instance_id}")
 
+    def study_exists(self, orthanc_study_id: str) -> bool:
+        """Whether Orthanc still holds the study."""
+        return self._found("GET", f"/studies/{orthanc_study_id}")
+
     def instance_exists(self, orthanc_instance_id: str) -> bool:
         """Whether Orthanc still holds the instance."""
         return self._found("GET", f"/instances/{orthanc_instance_id}")

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from dicom_node import phi
 from dicom_node.config import NodeConfig
 from dicom_node.identity import (
     DEVICE_NAME,
@@ -30,6 +31,7 @@ from dicom_node.identity import (
 )
 from dicom_node.jobs import JobStore
 from dicom_node.orthanc_client import OrthancClient, OrthancError
+from dicom_node.pseudonyms import Pseudonymizer
 from dicom_node.reports.measurement import build_measurement_report
 from dicom_node.reports.similar_cases import ReportedQuery, build_similar_cases_report
 from dicom_node.seg import build_segmentation
@@ -96,34 +98,55 @@ def content_fingerprint(geometry: SeriesGeometry, algorithm: AlgorithmInfo, conf
     return digest.hexdigest()
 
 
-def process_job(job: dict[str, Any], config: NodeConfig, store: JobStore, client: OrthancClient,
-                segmenter: SegmenterLike) -> None:
-    """Run one claimed job to its end state (done, skipped or failed); never raises for bad input."""
+@dataclasses.dataclass(frozen=True)
+class WorkerContext:
+    """What a worker holds for every job: settings, job store, Orthanc, the network, the pseudonyms."""
+
+    config: NodeConfig
+    store: JobStore
+    client: OrthancClient
+    segmenter: SegmenterLike
+    pseudonymizer: Pseudonymizer
+
+
+def process_job(job: dict[str, Any], context: WorkerContext) -> None:
+    """Run one claimed job to its end state (done, skipped or failed); never raises for bad input.
+
+    Nothing that identifies the patient (name, ID, birth date, accession number) reaches the log
+    or the job's error text: they are redacted for the duration of the job (:mod:`dicom_node.phi`).
+    """
     watch = Stopwatch()
     reset_peak_rss()
     job_id = job["id"]
-    work_dir = config.work_directory / f"job-{job_id}"
-    try:
-        state, message, result = _process(job, config, store, client, segmenter, watch, work_dir)
-    except InputError as error:
-        state, message, result = "failed", str(error), None
-    except OrthancError as error:
-        state, message, result = "failed", f"Orthanc REST error: {error}", None
-    except Exception as error:  # a bug or an environment problem: keep the worker alive, report it
-        log.exception("job %s: unexpected error", job_id)
-        state, message, result = "failed", f"internal error ({type(error).__name__}: {error}); see the worker log", None
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    store.finish(job_id, state, error=message, result=result, timings=watch.seconds)
-    log.info("job %s study %s: %s %s", job_id, job.get("study_uid") or job["orthanc_study_id"], state,
-             f"({message})" if message else "")
+    work_dir = context.config.work_directory / f"job-{job_id}"
+    with contextlib.ExitStack() as redaction:
+        try:
+            study = context.client.study(job["orthanc_study_id"])
+            redaction.enter_context(phi.identifiers(
+                [*phi.identifiers_of(study.get("PatientMainDicomTags", {})),
+                 *phi.identifiers_of(study.get("MainDicomTags", {}))]))
+            state, message, result = _process(job, study, context, watch, work_dir)
+        except InputError as error:
+            state, message, result = "failed", str(error), None
+        except OrthancError as error:
+            state, message, result = "failed", f"Orthanc REST error: {error}", None
+        except Exception as error:  # a bug or an environment problem: keep the worker alive, report it
+            log.exception("job %s: unexpected error", job_id)
+            state, message, result = "failed", f"internal error ({type(error).__name__}: {error}); see the worker log", None
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        message = phi.redact(message) if message else message
+        context.store.finish(job_id, state, error=message, result=result, timings=watch.seconds)
+        log.info("job %s study %s: %s %s", job_id, job.get("study_uid") or job["orthanc_study_id"], state,
+                 f"({message})" if message else "")
 
 
-def _process(job: dict[str, Any], config: NodeConfig, store: JobStore, client: OrthancClient,
-             segmenter: SegmenterLike, watch: Stopwatch, work_dir: Path) -> tuple[str, str | None, dict[str, Any] | None]:
+def _process(job: dict[str, Any], study: dict[str, Any], context: WorkerContext, watch: Stopwatch,
+             work_dir: Path) -> tuple[str, str | None, dict[str, Any] | None]:
+    config, store, client, segmenter = context.config, context.store, context.client, context.segmenter
+    pseudonymizer = context.pseudonymizer
     job_id, orthanc_study_id = job["id"], job["orthanc_study_id"]
     with watch.stage("select"):
-        study = client.study(orthanc_study_id)
         study_uid = study["MainDicomTags"].get("StudyInstanceUID", "")
         store.update(job_id, study_uid=study_uid)
         candidates = series_candidates(client, orthanc_study_id)
@@ -144,7 +167,8 @@ def _process(job: dict[str, Any], config: NodeConfig, store: JobStore, client: O
             paths = client.download_instances(instance_ids, work_dir / candidate.orthanc_id)
         with watch.stage("geometry"):
             try:
-                geometry = read_geometry(paths, config.series_rules.max_slices)
+                geometry = read_geometry(paths, config.series_rules.max_slices,
+                                         config.series_rules.max_pixels_per_slice)
                 chosen = candidate
                 break
             except InputError as error:
@@ -184,30 +208,35 @@ def _process(job: dict[str, Any], config: NodeConfig, store: JobStore, client: O
                 study_record(study, chosen.series_uid, chosen.orthanc_id, fingerprint),
                 [SliceRecord(i, str(h.SOPInstanceUID), float(z)) for i, (h, z) in enumerate(zip(geometry.headers, geometry.positions))],
                 segmented.slice_embeddings, segmented.roi_embeddings, lesions)
-            similar = find_similar(index, SimilarQuery(study_uid, k=config.similar_cases_top_k),
-                                   config.pseudonymize_similar_cases)
-    with watch.stage("sr"):
-        similar_report = build_similar_cases_report(
-            geometry.headers, similar, ReportedQuery(mode="study", k=config.similar_cases_top_k, requested_by=DEVICE_NAME),
-            segmenter.info, series_number=SIMILAR_CASES_SERIES_NUMBER, instance_number=1, manufacturer=NODE_NAME,
-            device_name=DEVICE_NAME)
+            similar = find_similar(index, SimilarQuery(study_uid, k=config.similar_cases_top_k))
+    outputs = {"seg": seg, "measurements": measurements}
+    if config.similar_cases_report != "off":
+        with watch.stage("sr"):
+            # stored in this patient's study: other patients appear only as keyed pseudonyms unless
+            # the admin chose SimilarCasesReport "identified"
+            shown = similar if config.similar_cases_report == "identified" else [pseudonymizer.case(c) for c in similar]
+            outputs["similar_cases"] = build_similar_cases_report(
+                geometry.headers, shown, ReportedQuery(mode="study", k=config.similar_cases_top_k, requested_by=DEVICE_NAME),
+                segmenter.info, series_number=SIMILAR_CASES_SERIES_NUMBER, instance_number=1, manufacturer=NODE_NAME,
+                device_name=DEVICE_NAME)
     with watch.stage("store"):
-        stored = {name: client.store(dataset_bytes(dataset)) for name, dataset in
-                  (("seg", seg), ("measurements", measurements), ("similar_cases", similar_report))}
+        stored = {name: client.store(dataset_bytes(dataset)) for name, dataset in outputs.items()}
         new_ids = [answer["ID"] for answer in stored.values()]
         replaced = []
         for old_id in (previous or {}).get("objects", {}).get("orthanc_ids", []):
             if old_id not in new_ids and client.delete_instance(old_id):
                 replaced.append(old_id)
-        objects = {"orthanc_ids": new_ids}
-        for (name, answer), dataset in zip(stored.items(), (seg, measurements, similar_report)):
-            objects[name] = {"orthanc_id": answer["ID"], "sop_instance_uid": dataset.SOPInstanceUID,
-                             "series_uid": dataset.SeriesInstanceUID, "url": f"/instances/{answer['ID']}"}
+        objects: dict[str, Any] = {"orthanc_ids": new_ids}
+        for name, answer in stored.items():
+            objects[name] = {"orthanc_id": answer["ID"], "sop_instance_uid": outputs[name].SOPInstanceUID,
+                             "series_uid": outputs[name].SeriesInstanceUID, "url": f"/instances/{answer['ID']}"}
         store.record_output(chosen.series_uid, study_uid, fingerprint, objects)
     forwarded = []
     with watch.stage("forward"):
+        to_forward = [answer["ID"] for name, answer in stored.items()
+                      if name != "similar_cases" or config.forward_similar_cases_report]
         for modality in config.forward_to:
-            forwarded.append(client.send_to_modality(modality, new_ids, retries=config.forward_retries))
+            forwarded.append(client.send_to_modality(modality, to_forward, retries=config.forward_retries))
     mask = segmented.mask
     result = {**objects, "replaced": replaced, "forwarded": forwarded, "frames": int(mask.shape[0]),
               "lesion_voxels": int(mask.sum()), "slices_with_lesion": int(mask.any(axis=(1, 2)).sum()),

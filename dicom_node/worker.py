@@ -15,7 +15,8 @@ from typing import Any
 from dicom_node.config import NodeConfig, WorkerSettings
 from dicom_node.jobs import JobStore
 from dicom_node.orthanc_client import OrthancClient
-from dicom_node.pipeline import process_job
+from dicom_node.pipeline import WorkerContext, process_job
+from dicom_node.pseudonyms import Pseudonymizer
 
 log = logging.getLogger("abscess_node.worker")
 
@@ -43,6 +44,7 @@ def run_worker(settings: WorkerSettings, poll_seconds: float = 0.5, once: bool =
     config = settings.node
     store = JobStore(config.jobs_database)
     client = OrthancClient(settings.orthanc_url, settings.authorization)
+    pseudonymizer = Pseudonymizer.from_file(config.pseudonym_secret_path)
     segmenter, load_error = load_segmenter(config)
     last_requeue = 0.0
     log.info("worker %s ready (pid %d)", settings.name, os.getpid())
@@ -63,7 +65,7 @@ def run_worker(settings: WorkerSettings, poll_seconds: float = 0.5, once: bool =
         if load_error:
             store.finish(job["id"], "failed", error=load_error)
         else:
-            process_job(job, config, store, client, segmenter)
+            process_job(job, WorkerContext(config, store, client, segmenter, pseudonymizer))
         if once:
             return
     log.info("worker %s: parent gone, exiting", settings.name)

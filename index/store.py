@@ -351,6 +351,18 @@ class CaseIndex:
             raise StudyNotIndexed(study_uid)
         return rows[study_uid]
 
+    def study_uids_with(self, orthanc_study_id: str) -> list[str]:
+        """StudyInstanceUIDs indexed under an Orthanc study id (what to erase when Orthanc deletes it)."""
+        with self._lock:
+            rows = self._db.execute("SELECT study_uid FROM studies WHERE orthanc_study_id = ?", [orthanc_study_id])
+            return [row[0] for row in rows]
+
+    def orthanc_study_ids(self) -> dict[str, str]:
+        """StudyInstanceUID -> Orthanc study id of every indexed study that has one."""
+        with self._lock:
+            rows = self._db.execute("SELECT study_uid, orthanc_study_id FROM studies WHERE orthanc_study_id != ''")
+            return {row[0]: row[1] for row in rows}
+
     def study_uids(self) -> list[str]:
         """StudyInstanceUIDs of all indexed studies, sorted."""
         with self._lock:

@@ -18,6 +18,7 @@ import orthanc
 
 from dicom_node import job_routes, ordinary_find
 from dicom_node.config import ConfigError, NodeConfig
+from dicom_node.http_security import authenticated_user, orthanc_security_problems, query_arguments
 from dicom_node.jobs import JobStore
 from dicom_node.similar.relay import RelayUnavailable
 from dicom_node.supervisor import ProcessSupervisor
@@ -34,12 +35,14 @@ def _study_uid(orthanc_study_id: str) -> str | None:
 
 
 def on_change(change_type: int, level: int, resource_id: str) -> None:
-    """Enqueue stable studies; start/stop the workers with Orthanc."""
+    """Enqueue stable studies, record deleted ones for erasure, start/stop the child processes with Orthanc."""
     config: NodeConfig = STATE["config"]
     store: JobStore = STATE["store"]
     if change_type == orthanc.ChangeType.STABLE_STUDY and config.enabled:
         job = store.enqueue(resource_id, _study_uid(resource_id), reason="stable")
         orthanc.LogInfo(f"abscess-node: study {job['study_uid']} -> job {job['id']} ({job['state']})")
+    elif change_type == orthanc.ChangeType.DELETED and level == orthanc.ResourceType.STUDY:
+        store.request_erasure(resource_id)  # the similar-cases service erases it from the index
     elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
         requeued = store.requeue_interrupted()
         if requeued:
@@ -66,7 +69,7 @@ def on_jobs(output: Any, uri: str, **request: Any) -> None:
     if groups and groups[0]:
         _answer(output, job_routes.get_job(STATE["store"], groups[0]))
     else:
-        _answer(output, job_routes.list_jobs(STATE["store"], request.get("get") or {}))
+        _answer(output, job_routes.list_jobs(STATE["store"], query_arguments(request.get("get"))))
 
 
 def on_process(output: Any, uri: str, **request: Any) -> None:
@@ -133,18 +136,20 @@ def on_find(answers: Any, query: Any, issuer_aet: str, called_aet: str) -> None:
 
 
 def on_similar(output: Any, uri: str, **request: Any) -> None:
-    """GET /abscess-node/studies/{id}/similar?k=&mode=&filters=&slices=&descriptors= (REST twin of the C-FIND)."""
-    if request["method"] != "GET":
-        output.SendMethodNotAllowed("GET")
+    """GET /abscess-node/studies/{id}/similar (answers) and POST .../similar-report (answers + stored SR)."""
+    store_report = uri.endswith("/similar-report")
+    if request["method"] != ("POST" if store_report else "GET"):
+        output.SendMethodNotAllowed("POST" if store_report else "GET")
         return
     study_uid = _study_uid(request["groups"][0])
     if not study_uid:
         _answer(output, (404, {"error": f"no study {request['groups'][0]} in Orthanc"}))
         return
-    params = {key: value for key, value in (request.get("get") or {}).items() if isinstance(value, str)}
+    params = query_arguments(request.get("get"))
+    user = authenticated_user(request.get("headers") or {})
     supervisor: ProcessSupervisor = STATE["supervisor"]
     try:
-        status, body = supervisor.relay.similar(study_uid, params, str(request.get("username") or "REST")[:16])
+        status, body = supervisor.relay.similar(study_uid, params, user, store_report=store_report)
     except (RelayUnavailable, OSError) as error:
         status, body = 503, {"error": str(error)}
     _answer(output, (status, body))
@@ -158,6 +163,11 @@ def register() -> None:
     except ConfigError as error:
         orthanc.LogError(f"abscess-node: invalid configuration: {error}")
         raise SystemExit(f"abscess-node: invalid configuration: {error}") from None
+    problems = orthanc_security_problems(full_config)
+    if problems:
+        for problem in problems:
+            orthanc.LogError(f"abscess-node: refusing to start: {problem}")
+        raise SystemExit(f"abscess-node: refusing to start: {'; '.join(problems)}")
     port = int(full_config.get("HttpPort", 8042))
     STATE["config"] = config
     STATE["store"] = JobStore(config.jobs_database)
@@ -171,7 +181,7 @@ def register() -> None:
         "limit_instances": int(full_config.get("LimitFindInstances", 0))}
     orthanc.RegisterOnChangeCallback(on_change)
     orthanc.RegisterFindCallback(on_find)
-    orthanc.RegisterRestCallback("/abscess-node/studies/([0-9a-f-]+)/similar", on_similar)
+    orthanc.RegisterRestCallback("/abscess-node/studies/([0-9a-f-]+)/similar(?:-report)?", on_similar)
     orthanc.RegisterRestCallback("/abscess-node/jobs(?:/([0-9]+))?", on_jobs)
     orthanc.RegisterRestCallback("/abscess-node/studies/([0-9a-f-]+)/process", on_process)
     orthanc.LogWarning(f"abscess-node: enabled={config.enabled}, {config.worker_count} worker(s), "

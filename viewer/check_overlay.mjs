@@ -3,7 +3,8 @@
 //
 //   node check_overlay.mjs job.json
 //
-// job.json: {url, segDescription, outDir, slices: [{name, sopInstanceUid, points: {key: [x, y, z]}}]}
+// job.json: {url, credentials: {username, password}, segDescription, outDir,
+//            slices: [{name, sopInstanceUid, points: {key: [x, y, z]}}]}
 // (points in patient coordinates, mm). Prints one JSON object on stdout: what the page listed,
 // the segmentations OHIF holds, and per slice the screenshots and the page coordinates of the
 // points. The pixel checks are the test's (Python); this script only drives the browser.
@@ -29,7 +30,9 @@ const consoleErrors = [];
 const httpErrors = [];
 const result = { consoleErrors, httpErrors };
 try {
-  const page = await browser.newPage({ viewport: { width: 1400, height: 900 }, deviceScaleFactor: 1 });
+  // the node answers HTTP only to authenticated users: log in as a radiologist's browser would
+  const page = await browser.newPage({ viewport: { width: 1400, height: 900 }, deviceScaleFactor: 1,
+                                       httpCredentials: job.credentials });
   page.setDefaultTimeout(STEP_TIMEOUT);
   page.on('console', (message) => { if (message.type() === 'error') consoleErrors.push(message.text().slice(0, 500)); });
   page.on('response', (response) => { if (response.status() >= 400) httpErrors.push(`${response.status()} ${response.url()}`); });

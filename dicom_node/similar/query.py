@@ -3,8 +3,8 @@
 Wraps :class:`index.store.CaseIndex`: one writer at a time per index directory (a file lock,
 since several worker processes may finish studies together), and results turned into
 :class:`SimilarCase` objects that the similar-cases SR, the REST answer and the C-FIND
-identifiers all read. Other patients' identities are replaced by stable pseudonyms when
-``PseudonymizeSimilarCases`` is set.
+identifiers all read (as indexed: :mod:`dicom_node.pseudonyms` replaces other patients'
+identities where the policy asks for it).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,7 +98,7 @@ class SimilarCase:
         rank: 1-based rank.
         score: similarity score of the ranking (higher is more similar).
         mode: retrieval mode that produced it (``study``, ``study-count``, ``roi``).
-        study: the similar study as indexed (identity pseudonymised when the policy says so).
+        study: the similar study (as indexed, or pseudonymised by :mod:`dicom_node.pseudonyms`).
         best_slices: best-matching slice pairs, best first.
         lesions: the similar study's lesions.
         sop_class_uid: SOP Class of the matched slices (CT Image Storage).
@@ -179,22 +178,9 @@ def study_record(study: dict[str, Any], series_uid: str, orthanc_series_id: str,
         content_fingerprint=fingerprint)
 
 
-def pseudonym(value: str, kind: str) -> str:
-    """A stable pseudonym (same input, same output) that reveals nothing of ``value``."""
-    if not value:
-        return ""
-    return f"{kind}-{hashlib.sha256(f'{kind}:{value}'.encode()).hexdigest()[:12].upper()}"
-
-
-def pseudonymised(study: StudyRecord) -> StudyRecord:
-    """The record with patient name, patient ID and accession number replaced by pseudonyms."""
-    return dataclasses.replace(study, patient_id=pseudonym(study.patient_id, "PID"),
-                               patient_name=pseudonym(study.patient_name, "NAME"),
-                               accession_number=pseudonym(study.accession_number, "ACC"))
-
-
-def find_similar(index: CaseIndex, query: SimilarQuery, pseudonymize: bool) -> list[SimilarCase]:
-    """Ranked similar studies, best first.
+def find_similar(index: CaseIndex, query: SimilarQuery) -> list[SimilarCase]:
+    """Ranked similar studies, best first, as indexed (pseudonymise before showing them to a caller
+    the policy says so for: :class:`dicom_node.pseudonyms.Pseudonymizer`).
 
     Raises:
         index.store.StudyNotIndexed: the query study has not been processed yet.
@@ -211,7 +197,7 @@ def find_similar(index: CaseIndex, query: SimilarQuery, pseudonymize: bool) -> l
         slice_uids = index.slice_instance_uids(hit.study_uid)
         cases.append(SimilarCase(
             rank=hit.rank, score=hit.score, mode=query.mode,
-            study=pseudonymised(study) if pseudonymize else study,
+            study=study,
             best_slices=tuple(SlicePair(q, s, slice_uids.get(int(s), ""), similarity)
                               for q, s, similarity in hit.best_slices),
             lesions=tuple(hit.lesions)))

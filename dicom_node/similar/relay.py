@@ -7,7 +7,8 @@ through this relay. The protocol is defined here once, for both ends (standard l
 * ``POST /find`` with ``{"tags": [[group, element, value], ...], "calling_aet": str}`` (the
   C-FIND query as Orthanc hands it to the plugin) answers ``{"responses": [...]}``, one
   :class:`FindResponse` per DIMSE response (the identifier as DICOM, base64).
-* ``GET /similar?study_uid=...&user=...&<REST parameters>`` answers the REST twin's status and body.
+* ``GET /similar?study_uid=...&user=...&<REST parameters>`` answers the REST twin's status and
+  body; ``POST /similar-report?...`` (same parameters) also stores the on-demand SR.
 * ``GET /health`` answers ``{"ok": true}``.
 
 Every request carries ``Authorization: Bearer <token>``; the token is a secret the supervisor
@@ -37,6 +38,7 @@ log = logging.getLogger("abscess_node.relay")
 
 FIND_PATH = "/find"
 SIMILAR_PATH = "/similar"
+REPORT_PATH = "/similar-report"
 HEALTH_PATH = "/health"
 MAX_REQUEST_BYTES = 1 << 20
 
@@ -86,9 +88,12 @@ class RelayClient:
             raise RelayUnavailable(f"similar-cases service answered HTTP {status}")
         return [FindResponse.from_json(response) for response in body["responses"]]
 
-    def similar(self, study_uid: str, params: dict[str, str], user: str, wait_seconds: float = 20.0) -> tuple[int, Any]:
-        """Relay one REST similar-case query: (HTTP status, JSON body)."""
+    def similar(self, study_uid: str, params: dict[str, str], user: str, store_report: bool = False,
+                wait_seconds: float = 20.0) -> tuple[int, Any]:
+        """Relay one REST similar-case query (``store_report``: and store its SR): (HTTP status, JSON body)."""
         query = urllib.parse.urlencode({**params, "study_uid": study_uid, "user": user})
+        if store_report:
+            return self._request("POST", f"{REPORT_PATH}?{query}", {}, wait_seconds)
         return self._request("GET", f"{SIMILAR_PATH}?{query}", None, wait_seconds)
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None, wait_seconds: float) -> tuple[int, Any]:
@@ -113,7 +118,7 @@ class RelayClient:
 
 
 FindHandler = Callable[[list[list[Any]], str], list[FindResponse]]
-SimilarHandler = Callable[[str, dict[str, str], str], tuple[int, Any]]
+SimilarHandler = Callable[[str, dict[str, str], str, bool], tuple[int, Any]]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -138,7 +143,11 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorised():
             self._send(401, {"error": "missing or wrong token"})
             return
-        if urllib.parse.urlsplit(self.path).path != FIND_PATH:
+        url = urllib.parse.urlsplit(self.path)
+        if url.path == REPORT_PATH:
+            self._similar(url.query, store_report=True)
+            return
+        if url.path != FIND_PATH:
             self._send(404, {"error": "unknown path"})
             return
         try:
@@ -166,13 +175,16 @@ class _Handler(BaseHTTPRequestHandler):
         if url.path != SIMILAR_PATH:
             self._send(404, {"error": "unknown path"})
             return
-        params = {name: values[-1] for name, values in urllib.parse.parse_qs(url.query).items()}
+        self._similar(url.query, store_report=False)
+
+    def _similar(self, query: str, store_report: bool) -> None:
+        params = {name: values[-1] for name, values in urllib.parse.parse_qs(query).items()}
         study_uid = params.pop("study_uid", "")
-        user = params.pop("user", "REST")
+        user = params.pop("user", "")
         if not study_uid:
             self._send(400, {"error": "study_uid is required"})
             return
-        status, body = self.server.similar(study_uid, params, user)
+        status, body = self.server.similar(study_uid, params, user, store_report)
         self._send(status, body)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pydicom
-import requests
 
 from tooling.convert import StudyInfo, volume_to_ct_series, write_series
 
@@ -112,7 +111,7 @@ def test_undecodable_pixel_data_fails_naming_the_instance(node, tmp_path, sample
 
 def test_garbage_upload_is_refused_and_node_keeps_working(node, tmp_path, ct_crop):
     before = instance_count(node)
-    answer = requests.post(node.url + "/instances", data=b"this is not DICOM" * 100, timeout=30)
+    answer = node.http.post(node.url + "/instances", data=b"this is not DICOM" * 100, timeout=30)
     assert answer.status_code == 400
     datasets = volume_to_ct_series(ct_crop(12), (2.5, 1.0, 1.0), uid_seed="after-garbage")
     job = node.wait_for_job(send(node, datasets, tmp_path))

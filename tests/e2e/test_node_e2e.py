@@ -10,7 +10,6 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-import requests
 
 from tooling.convert import StudyInfo, nifti_to_ct_series, write_series
 from tooling.dciodvfy import assert_valid
@@ -19,7 +18,7 @@ from dicom_node.series import read_geometry, read_hu
 
 def seg_instances(node, study_uid: str) -> list[str]:
     """Orthanc ids of the SEG instances of a study."""
-    found = requests.post(node.url + "/tools/find", json={
+    found = node.http.post(node.url + "/tools/find", json={
         "Level": "Instance", "Query": {"StudyInstanceUID": study_uid, "Modality": "SEG"}}, timeout=30).json()
     return found
 
@@ -60,7 +59,7 @@ def test_study_comes_back_as_seg_then_growth_replaces_it(node, head_ct, forward_
     assert seg_instances(node, study_uid) == [seg_id]
 
     # The SEG as any client gets it from Orthanc.
-    seg_bytes = requests.get(f"{node.url}/instances/{seg_id}/file", timeout=60).content
+    seg_bytes = node.http.get(f"{node.url}/instances/{seg_id}/file", timeout=60).content
     seg_path = tmp_path / "seg.dcm"
     seg_path.write_bytes(seg_bytes)
     assert_valid(seg_path)
@@ -106,7 +105,7 @@ def test_study_comes_back_as_seg_then_growth_replaces_it(node, head_ct, forward_
 
     # The measurement SR and the similar-cases SR sit in the same study, valid, with the demo wording.
     for name, title in (("measurements", "Imaging Measurement Report"), ("similar_cases", "Similar cases")):
-        sr_bytes = requests.get(f"{node.url}{second['result'][name]['url']}/file", timeout=60).content
+        sr_bytes = node.http.get(f"{node.url}{second['result'][name]['url']}/file", timeout=60).content
         sr_path = tmp_path / f"{name}.dcm"
         sr_path.write_bytes(sr_bytes)
         assert_valid(sr_path)
@@ -117,11 +116,12 @@ def test_study_comes_back_as_seg_then_growth_replaces_it(node, head_ct, forward_
     measurement_sr = pydicom.dcmread(tmp_path / "measurements.dcm")
     assert seg.SOPInstanceUID in str(measurement_sr.CurrentRequestedProcedureEvidenceSequence) or not second["result"]["lesions"]
 
-    # Forwarded to the configured modality with a real C-STORE.
-    forwarded = [pydicom.dcmread(p, stop_before_pixels=True) for p in Path(forward_scp["directory"]).rglob("*")
-                 if p.is_file()]
-    assert {seg.SOPInstanceUID, second["result"]["measurements"]["sop_instance_uid"],
-            second["result"]["similar_cases"]["sop_instance_uid"]} <= {ds.SOPInstanceUID for ds in forwarded}
+    # SEG and measurement SR forwarded to the configured modality with a real C-STORE; the
+    # similar-cases SR (other patients, even pseudonymised) stays here (ForwardSimilarCasesReport false).
+    forwarded = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
+                 for p in Path(forward_scp["directory"]).rglob("*") if p.is_file()}
+    assert {seg.SOPInstanceUID, second["result"]["measurements"]["sop_instance_uid"]} <= forwarded
+    assert second["result"]["similar_cases"]["sop_instance_uid"] not in forwarded
     assert second["result"]["forwarded"][0]["state"] == "Success"
 
 
@@ -129,8 +129,8 @@ def test_same_content_again_does_nothing(node, head_ct):
     datasets, directory = head_ct
     study_uid = datasets[0].StudyInstanceUID
     before = node.wait_for_job(study_uid)
-    orthanc_study = requests.post(node.url + "/tools/lookup", data=study_uid, timeout=30).json()[0]["ID"]
-    answer = requests.post(f"{node.url}/abscess-node/studies/{orthanc_study}/process",
+    orthanc_study = node.http.post(node.url + "/tools/lookup", data=study_uid, timeout=30).json()[0]["ID"]
+    answer = node.http.post(f"{node.url}/abscess-node/studies/{orthanc_study}/process",
                            data=json.dumps({"Force": False}), timeout=30)
     assert answer.status_code == 200 and answer.json()["state"] in ("queued", "running", "skipped")
     again = node.wait_for_job(study_uid, after_id=before["id"])
@@ -139,8 +139,8 @@ def test_same_content_again_does_nothing(node, head_ct):
 
 
 def test_jobs_rest_routes(node):
-    assert requests.get(node.url + "/abscess-node/jobs/999999", timeout=10).status_code == 404
-    assert requests.get(node.url + "/abscess-node/jobs?state=bogus", timeout=10).status_code == 400
-    assert requests.post(node.url + "/abscess-node/studies/0000-unknown/process", timeout=10).status_code == 404
-    jobs = requests.get(node.url + "/abscess-node/jobs", timeout=10).json()
+    assert node.http.get(node.url + "/abscess-node/jobs/999999", timeout=10).status_code == 404
+    assert node.http.get(node.url + "/abscess-node/jobs?state=bogus", timeout=10).status_code == 400
+    assert node.http.post(node.url + "/abscess-node/studies/0000-unknown/process", timeout=10).status_code == 404
+    jobs = node.http.get(node.url + "/abscess-node/jobs", timeout=10).json()
     assert isinstance(jobs, list)

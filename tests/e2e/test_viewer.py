@@ -21,7 +21,6 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
-import requests
 from PIL import Image
 from scipy import ndimage
 
@@ -58,10 +57,10 @@ def demo_study(node, tmp_path_factory, sample):
     study_uid = datasets[0].StudyInstanceUID
     job = node.wait_for_job(study_uid, timeout=600)
     assert job["state"] in ("done", "skipped"), job
-    found = requests.post(node.url + "/tools/find", json={
+    found = node.http.post(node.url + "/tools/find", json={
         "Level": "Instance", "Query": {"StudyInstanceUID": study_uid, "Modality": "SEG"}}, timeout=30).json()
     assert len(found) == 1, found
-    seg = hd.seg.segread(io.BytesIO(requests.get(f"{node.url}/instances/{found[0]}/file", timeout=60).content))
+    seg = hd.seg.segread(io.BytesIO(node.http.get(f"{node.url}/instances/{found[0]}/file", timeout=60).content))
     return datasets, seg
 
 
@@ -154,6 +153,7 @@ def test_ohif_shows_our_seg_over_the_ct(node, demo_study, tmp_path):
         old.unlink()
     description = seg.SeriesDescription
     job = {"url": viewer_url(node, study_uid), "segDescription": description, "outDir": str(ARTIFACTS),
+           "credentials": {"username": node.credentials[0], "password": node.credentials[1]},
            "slices": [{"name": f"{name}-slice{z:03d}", "sopInstanceUid": datasets[z].SOPInstanceUID,
                        "points": slice_points(datasets[z], point)}
                       for name, z in (("largest-mask", largest), ("no-mask", without))]}
@@ -161,8 +161,8 @@ def test_ohif_shows_our_seg_over_the_ct(node, demo_study, tmp_path):
     (ARTIFACTS / "result.json").write_text(json.dumps(result, indent=1))
 
     # Listed: every series of the study (CT, our SEG, our SRs) shows in OHIF's study browser.
-    series = [requests.get(f"{node.url}/series/{s}", timeout=30).json()["MainDicomTags"]
-              for s in requests.get(f"{node.url}/studies/{seg_study_id(node, study_uid)}", timeout=30).json()["Series"]]
+    series = [node.http.get(f"{node.url}/series/{s}", timeout=30).json()["MainDicomTags"]
+              for s in node.http.get(f"{node.url}/studies/{seg_study_id(node, study_uid)}", timeout=30).json()["Series"]]
     for tags in series:
         assert tags.get("Modality") in result["studyBrowserText"], tags
         if tags.get("SeriesDescription"):
@@ -211,4 +211,4 @@ def test_ohif_shows_our_seg_over_the_ct(node, demo_study, tmp_path):
 
 def seg_study_id(node, study_uid: str) -> str:
     """Orthanc's id of a study."""
-    return requests.post(node.url + "/tools/lookup", data=study_uid, timeout=30).json()[0]["ID"]
+    return node.http.post(node.url + "/tools/lookup", data=study_uid, timeout=30).json()[0]["ID"]

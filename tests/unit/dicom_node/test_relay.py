@@ -23,8 +23,8 @@ def relay(tmp_path: Path):
         asked.append(("find", tags, calling_aet))
         return [FindResponse(0xFF00, None, b"DICM\x00\x01"), FindResponse(0x0000)]
 
-    def similar(study_uid, params, user):
-        asked.append(("similar", study_uid, params, user))
+    def similar(study_uid, params, user, store_report):
+        asked.append(("similar", study_uid, params, user, store_report))
         return 404, {"error": "study not indexed"}
 
     address = tmp_path / "service.address"
@@ -43,7 +43,9 @@ def test_find_and_similar_round_trip(relay):
     assert asked[0] == ("find", [[8, 82, "STUDY"]], "VIEWER")
     status, body = client.similar("1.2.3", {"k": "3"}, user="alice")
     assert status == 404 and body == {"error": "study not indexed"}
-    assert asked[1] == ("similar", "1.2.3", {"k": "3"}, "alice")
+    assert asked[1] == ("similar", "1.2.3", {"k": "3"}, "alice", False)
+    client.similar("1.2.3", {}, user="", store_report=True)
+    assert asked[2] == ("similar", "1.2.3", {}, "", True)
 
 
 def test_the_server_chooses_its_port_and_writes_it_owner_only(relay):
