@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     worker = commands.add_parser("worker", help="claim and process jobs (started by the Orthanc plugin)")
     worker.add_argument("--settings", type=Path, required=True, help="settings file written by the plugin")
     worker.add_argument("--once", action="store_true", help="process at most one job, then exit")
+    worker.add_argument("--log-file", type=Path, help="log here, rotated at 10 MB (5 files kept); default: stderr")
     init = commands.add_parser("init-secrets", help="create the admin's HTTP password and the pseudonym secret (make install)")
     init.add_argument("--directory", type=Path, default=None, help="where (default: runtime/secrets of the checkout)")
     serve = commands.add_parser("serve", help="similar-cases service: pynetdicom AE (C-ECHO, C-FIND) and/or the plugin's relay")
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--config", type=Path, help="orthanc.json: its AbscessNode section, HttpPort and DicomAet")
     serve.add_argument("--port", type=int, default=0, help="DICOM port of the AE (0: no DICOM listener)")
     serve.add_argument("--aet", help="AE title of the AE (default: AbscessNode.SimilarCasesAet)")
+    serve.add_argument("--log-file", type=Path, help="log here, rotated at 10 MB (5 files kept); default: stderr")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address the DICOM listener binds (default 127.0.0.1; 0.0.0.0 opens it to the network)")
     serve.add_argument("--tls-certificate", type=Path, help="DICOM TLS: this AE's certificate (PEM); TLS only when given")
@@ -45,7 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--orthanc-password-file", type=Path,
                        help="file holding that user's password (default: runtime/secrets/admin-password)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if getattr(args, "log_file", None):
+        from logging.handlers import RotatingFileHandler
+
+        args.log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers = [RotatingFileHandler(args.log_file, maxBytes=10 * 1024 * 1024, backupCount=5, encoding="utf-8")]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers)
     from dicom_node import phi
 
     phi.install()

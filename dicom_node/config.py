@@ -80,7 +80,7 @@ class NodeConfig:
     worker_python: Path = CHECKOUT / ".venv" / "bin" / "python"
     series_rules: SeriesRules = SeriesRules()
     forward_to: tuple[str, ...] = ()
-    forward_retries: int = 3
+    forward_retries: int = 6
     similar_cases_aet: str = "ABSCESS_SIMILAR"
     allowed_similar_cases_aets: tuple[str, ...] = ()
     allowed_similar_cases_users: tuple[str, ...] = ()
@@ -94,6 +94,13 @@ class NodeConfig:
     chunk_slices: int = 64
     inference_batch_size: int = 8
     job_timeout_seconds: int = 3600
+    stage_timeout_seconds: int = 1800
+    lease_seconds: int = 60
+    heartbeat_seconds: int = 10
+    max_attempts: int = 3
+    forward_backoff_seconds: int = 30
+    forward_timeout_seconds: int = 300
+    index_lock_timeout_seconds: int = 120
 
     @classmethod
     def from_section(cls, section: dict[str, Any] | None, base_directory: Path = CHECKOUT) -> "NodeConfig":
@@ -116,7 +123,11 @@ class NodeConfig:
                     f"AbscessNode.{json_key}: unknown key (known keys: {', '.join(sorted(KEYS))})")
             key = KEYS[json_key]
             values[key.attribute] = key.parse(json_key, raw, base_directory)
-        return cls(**values)
+        config = cls(**values)
+        if config.heartbeat_seconds * 2 > config.lease_seconds:
+            raise ConfigError(f"AbscessNode.HeartbeatSeconds ({config.heartbeat_seconds}) must be at most half of "
+                              f"AbscessNode.LeaseSeconds ({config.lease_seconds}): a lease must survive a late heartbeat")
+        return config
 
     def to_json(self) -> str:
         """Serialise for a worker process (inverse of :meth:`from_json`)."""
@@ -237,7 +248,9 @@ KEYS: dict[str, Key] = {
     "WorkerPython": Key("worker_python", "path", "Python interpreter of the project venv that runs the workers."),
     "SeriesRules": Key("series_rules", "series-rules", "Which series is segmented: Modalities, MinSlices, MaxSlices, RequireAxial, AxialToleranceDegrees, ExcludeDescriptions, Prefer, MaxPixelsPerSlice."),
     "ForwardTo": Key("forward_to", "name-list", "Orthanc modality names (DicomModalities) that every SEG/SR is sent to."),
-    "ForwardRetries": Key("forward_retries", "int", "Attempts per forward before the job records a forwarding error.", minimum=1, maximum=20),
+    "ForwardRetries": Key("forward_retries", "int", "Attempts per destination before forwarding gives up (the job then says so); between attempts the node waits ForwardBackoffSeconds, doubling each time.", minimum=1, maximum=20),
+    "ForwardBackoffSeconds": Key("forward_backoff_seconds", "int", "Wait before the second attempt to forward to a destination (doubled after each failure).", minimum=1, maximum=3600),
+    "ForwardTimeoutSeconds": Key("forward_timeout_seconds", "int", "Longest wait for one forwarding attempt (Orthanc's C-STORE job) before it counts as failed.", minimum=5, maximum=7200),
     "SimilarCasesAet": Key("similar_cases_aet", "aet", "Called AE title that turns a C-FIND into a similar-case query."),
     "AllowedSimilarCasesAets": Key("allowed_similar_cases_aets", "aet-list", "Calling AE titles allowed to receive similar-case answers over C-FIND (empty: nobody). Orthanc also checks the AE's host (DicomCheckModalityHost)."),
     "AllowedSimilarCasesUsers": Key("allowed_similar_cases_users", "name-list", "Authenticated HTTP users allowed to receive similar-case answers over REST (empty: nobody; anonymous callers never)."),
@@ -250,7 +263,12 @@ KEYS: dict[str, Key] = {
     "Threshold": Key("threshold", "float", "Probability above which a pixel is abscess.", minimum=0.0, maximum=1.0),
     "ChunkSlices": Key("chunk_slices", "int", "Slices held in memory at once while segmenting (bounds memory on long series).", minimum=1, maximum=4096),
     "InferenceBatchSize": Key("inference_batch_size", "int", "Slices per network forward pass.", minimum=1, maximum=256),
-    "JobTimeoutSeconds": Key("job_timeout_seconds", "int", "A running job older than this is considered dead and re-queued.", minimum=60),
+    "JobTimeoutSeconds": Key("job_timeout_seconds", "int", "Longest attempt at one job: a worker over it is killed and the attempt fails (counted against MaxAttempts).", minimum=10),
+    "StageTimeoutSeconds": Key("stage_timeout_seconds", "int", "Longest time in one pipeline stage (download, segment, store ...): a worker over it is killed and the attempt fails.", minimum=10),
+    "LeaseSeconds": Key("lease_seconds", "int", "A claimed job whose worker has not renewed its lease for this long goes back to the queue (a killed or hung worker).", minimum=5, maximum=3600),
+    "HeartbeatSeconds": Key("heartbeat_seconds", "int", "How often a worker renews the lease of its job (well below LeaseSeconds).", minimum=1, maximum=600),
+    "MaxAttempts": Key("max_attempts", "int", "Attempts at one job (crashes, lapsed leases, transient errors) before it ends failed with every attempt's error; a re-run is then explicit.", minimum=1, maximum=20),
+    "IndexLockTimeoutSeconds": Key("index_lock_timeout_seconds", "int", "Longest wait for the case index's write lock before the step fails with a clear error.", minimum=1, maximum=3600),
 }
 
 @dataclasses.dataclass(frozen=True)

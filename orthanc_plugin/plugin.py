@@ -12,12 +12,14 @@ embedded interpreter (orthanc-python 4.0 has no AllowThreads), so each callback 
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import orthanc
 
 from dicom_node import job_routes, ordinary_find
 from dicom_node.config import ConfigError, NodeConfig
+from dicom_node.intake import Intake
 from dicom_node.http_security import authenticated_user, orthanc_security_problems, query_arguments
 from dicom_node.jobs import JobStore
 from dicom_node.similar.relay import RelayUnavailable
@@ -36,20 +38,35 @@ def _study_uid(orthanc_study_id: str) -> str | None:
 
 def on_change(change_type: int, level: int, resource_id: str) -> None:
     """Enqueue stable studies, record deleted ones for erasure, start/stop the child processes with Orthanc."""
-    config: NodeConfig = STATE["config"]
-    store: JobStore = STATE["store"]
-    if change_type == orthanc.ChangeType.STABLE_STUDY and config.enabled:
-        job = store.enqueue(resource_id, _study_uid(resource_id), reason="stable")
-        orthanc.LogInfo(f"abscess-node: study {job['study_uid']} -> job {job['id']} ({job['state']})")
+    intake: Intake = STATE["intake"]
+    if change_type == orthanc.ChangeType.STABLE_STUDY:
+        job = intake.stable(resource_id, _study_uid(resource_id))
+        if job:
+            orthanc.LogInfo(f"abscess-node: study {job['study_uid']} -> job {job['id']} ({job['state']})")
     elif change_type == orthanc.ChangeType.DELETED and level == orthanc.ResourceType.STUDY:
-        store.request_erasure(resource_id)  # the similar-cases service erases it from the index
+        intake.deleted(resource_id)  # the similar-cases service erases it from the index
     elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
-        requeued = store.requeue_interrupted()
-        if requeued:
-            orthanc.LogWarning(f"abscess-node: re-queued jobs interrupted by the last shutdown: {requeued}")
+        config: NodeConfig = STATE["config"]
+        store: JobStore = STATE["store"]
+        for job in store.requeue_all_running("the node stopped while this attempt ran", config.max_attempts):
+            orthanc.LogWarning(f"abscess-node: job {job['id']} interrupted by the last shutdown -> {job['state']}")
         STATE["supervisor"].start()
+        threading.Thread(target=_start_intake, name="abscess-node-intake", daemon=True).start()
     elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
+        STATE["intake_stop"].set()
         STATE["supervisor"].stop()
+
+
+def _start_intake() -> None:
+    """Replay the changes Orthanc logged while the node was down, then keep retrying missed events."""
+    intake: Intake = STATE["intake"]
+    try:
+        replayed = intake.replay_changes()
+        if replayed:
+            orthanc.LogWarning(f"abscess-node: {replayed} study event(s) logged while the node was down were replayed")
+    except Exception as error:
+        orthanc.LogError(f"abscess-node: replaying Orthanc's change log failed: {error}")
+    intake.run(STATE["intake_stop"])
 
 
 def _answer(output: Any, answer: job_routes.Answer) -> None:
@@ -171,6 +188,8 @@ def register() -> None:
     port = int(full_config.get("HttpPort", 8042))
     STATE["config"] = config
     STATE["store"] = JobStore(config.jobs_database)
+    STATE["intake"] = Intake(STATE["store"], _rest_get, config.enabled, orthanc.LogError)
+    STATE["intake_stop"] = threading.Event()
     retrieve_aet = str(full_config.get("DicomAet", "ORTHANC"))
     STATE["supervisor"] = ProcessSupervisor(
         config, f"http://127.0.0.1:{port}", orthanc.GenerateRestApiAuthorizationToken(), orthanc.LogWarning,

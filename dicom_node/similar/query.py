@@ -12,8 +12,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import logging
 import math
-from collections.abc import Iterator
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,8 @@ from dicom_node.identity import is_uid
 from index.lesions import Lesion
 from index.records import StudyRecord
 from index.store import CaseIndex
+
+log = logging.getLogger("abscess_node.index")
 
 MODES = {
     "study": {"space": "slice", "rerank": True},
@@ -151,17 +156,53 @@ class SimilarCase:
         }
 
 
+class IndexBusy(RuntimeError):
+    """The case index stayed locked by another process longer than the allowed wait."""
+
+
 @contextlib.contextmanager
-def open_index(directory: Path) -> Iterator[CaseIndex]:
-    """Open the case index under an exclusive lock (one writer across worker processes)."""
+def open_index(directory: Path, lock_timeout_seconds: float = 120.0,
+               on_rebuild: Callable[[], None] | None = None) -> Iterator[CaseIndex]:
+    """Open the case index under an exclusive lock (one writer across worker processes).
+
+    A database that SQLite cannot read (corrupt, or not a database at all) is moved aside to
+    ``<directory>.corrupt-<time>`` with a loud error, a fresh index is opened, and ``on_rebuild``
+    is called (the worker queues every processed study again so that it is re-indexed).
+
+    Raises:
+        IndexBusy: the lock was not free within ``lock_timeout_seconds``.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        index = CaseIndex.open(directory)
+        deadline = time.monotonic() + lock_timeout_seconds
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise IndexBusy(f"the case index {directory} stayed locked for more than {lock_timeout_seconds:.0f} s "
+                                    "(IndexLockTimeoutSeconds); another process holds it") from None
+                time.sleep(0.05)
         try:
-            yield index
+            try:
+                index = CaseIndex.open(directory)
+            except sqlite3.DatabaseError as error:
+                quarantine = directory.with_name(f"{directory.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+                log.error("case index %s is unreadable (%s): moved to %s, starting an empty index", directory, error,
+                          quarantine)
+                quarantine.mkdir(parents=True, exist_ok=True)
+                for path in directory.iterdir():
+                    if path.name != ".lock":
+                        path.rename(quarantine / path.name)
+                index = CaseIndex.open(directory)
+                if on_rebuild is not None:
+                    on_rebuild()
+            try:
+                yield index
+            finally:
+                index.close()
         finally:
-            index.close()
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 

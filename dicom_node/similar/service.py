@@ -227,7 +227,8 @@ class SimilarCaseService:
             QueryError: 0xC001 (not indexed), 0xA900 (bad filter), 0xA700 (index unusable).
         """
         try:
-            with open_index(self.config.index_directory) as index:
+            with open_index(self.config.index_directory, self.config.index_lock_timeout_seconds,
+                            on_rebuild=JobStore(self.config.jobs_database).requeue_for_reindex) as index:
                 query = self.resolve(request, index)
                 try:
                     results = find_similar(index, query)

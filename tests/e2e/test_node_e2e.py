@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
 from pathlib import Path
 
 import highdicom as hd
@@ -51,7 +52,8 @@ def test_study_comes_back_as_seg_then_growth_replaces_it(node, head_ct, forward_
     # The study grows: the rest of the slices arrive later. The SEG is replaced, never duplicated.
     sent = node.storescu(files[60:])
     assert sent.returncode == 0, sent.stderr
-    second = node.wait_for_job(study_uid, after_id=first["id"], accept=lambda job: job["state"] != "skipped")
+    second = node.wait_for_job(study_uid, after_id=first["id"], accept=lambda job: job["state"] != "skipped"
+                               and bool(job["forwards"]) and job["forwards"][0]["state"] == "sent")
     assert second["state"] == "done", second
     assert second["result"]["frames"] == len(files)
     assert sorted(second["result"]["replaced"]) == sorted(first["result"]["orthanc_ids"])  # SEG + both SRs
@@ -122,7 +124,7 @@ def test_study_comes_back_as_seg_then_growth_replaces_it(node, head_ct, forward_
                  for p in Path(forward_scp["directory"]).rglob("*") if p.is_file()}
     assert {seg.SOPInstanceUID, second["result"]["measurements"]["sop_instance_uid"]} <= forwarded
     assert second["result"]["similar_cases"]["sop_instance_uid"] not in forwarded
-    assert second["result"]["forwarded"][0]["state"] == "Success"
+    assert [(f["destination"], f["state"], f["attempts"]) for f in second["forwards"]] == [("forward", "sent", 1)]
 
 
 def test_same_content_again_does_nothing(node, head_ct):
@@ -135,6 +137,25 @@ def test_same_content_again_does_nothing(node, head_ct):
     assert answer.status_code == 200 and answer.json()["state"] in ("queued", "running", "skipped")
     again = node.wait_for_job(study_uid, after_id=before["id"])
     assert again["state"] == "skipped" and again["result"]["unchanged"] is True
+    assert "download" not in again["timings"]  # recognised from Orthanc's index: no pixel data fetched
+    assert len(seg_instances(node, study_uid)) == 1
+    # our own SEG/SRs made the study stable again after the first run: those jobs downloaded nothing either
+    ours = [job for job in node.get("/abscess-node/jobs", study=study_uid) if (job.get("result") or {}).get("unchanged")]
+    assert ours and all("download" not in job["timings"] for job in ours)
+
+
+def test_a_crash_between_storing_and_recording_is_adopted_not_duplicated(node, head_ct):
+    """The outputs record is lost (a crash right after the store): the forced re-run stores the very
+    same SEG/SRs (UIDs derived from the content), which Orthanc already holds: adopted, not duplicated."""
+    datasets, _ = head_ct
+    study_uid = datasets[0].StudyInstanceUID
+    before = node.wait_for_job(study_uid)
+    with sqlite3.connect(node.directory / "jobs.sqlite") as jobs:
+        jobs.execute("delete from outputs where study_uid = ?", [study_uid])
+    orthanc_study = node.http.post(node.url + "/tools/lookup", data=study_uid, timeout=30).json()[0]["ID"]
+    assert node.http.post(f"{node.url}/abscess-node/studies/{orthanc_study}/process", timeout=30).status_code == 200
+    again = node.wait_for_job(study_uid, after_id=before["id"], accept=lambda job: job["state"] != "skipped")
+    assert again["state"] == "done" and sorted(again["result"]["adopted"]) == ["measurements", "seg", "similar_cases"]
     assert len(seg_instances(node, study_uid)) == 1
 
 
