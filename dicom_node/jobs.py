@@ -265,30 +265,30 @@ class JobStore:
             rows = self.db.execute("select id, worker, attempts, stage, attempt_errors from jobs "
                                    "where state = 'running' and lease_expires < ?", [now]).fetchall()
             return [self._lapse(row, max_attempts, f"worker {row['worker']} lost its lease in stage "
-                                f"{row['stage']} (killed, hung or cut off)") for row in rows]
+                                f"{row['stage']} (killed, hung or cut off)", "lease-lapsed") for row in rows]
 
     def requeue_all_running(self, reason: str, max_attempts: int = 3) -> list[dict[str, Any]]:
         """At node start no worker can hold a job: every running job is lapsed at once."""
         with self._immediate():
             rows = self.db.execute("select id, worker, attempts, stage, attempt_errors from jobs "
                                    "where state = 'running'").fetchall()
-            return [self._lapse(row, max_attempts, reason) for row in rows]
+            return [self._lapse(row, max_attempts, reason, "restart") for row in rows]
 
     def fail_attempt(self, job_id: int, message: str, max_attempts: int = 3) -> dict[str, Any] | None:
         """End the running attempt of a job from outside (the supervisor killed its worker)."""
         with self._immediate():
             row = self.db.execute("select id, worker, attempts, stage, attempt_errors from jobs "
                                   "where id = ? and state = 'running'", [job_id]).fetchone()
-            return self._lapse(row, max_attempts, message) if row else None
+            return self._lapse(row, max_attempts, message, "retry") if row else None
 
-    def _lapse(self, row: sqlite3.Row, max_attempts: int, message: str) -> dict[str, Any]:
+    def _lapse(self, row: sqlite3.Row, max_attempts: int, message: str, reason: str) -> dict[str, Any]:
         errors = json.loads(row["attempt_errors"] or "[]")
         errors.append({"attempt": row["attempts"], "at": _now(), "error": message})
         fields: dict[str, Any] = {"attempt_errors": errors, "lease_token": None, "lease_expires": None, "stage": None}
         if row["attempts"] >= max_attempts:
             fields.update(state="failed", finished=_now(), error=_final_error("failed", message, errors, max_attempts))
         else:
-            fields.update(state="queued", reason="lease-lapsed", worker=None, not_before=0)
+            fields.update(state="queued", reason=reason, worker=None, not_before=0)
         self._set(row["id"], fields)
         return {"id": row["id"], "worker": row["worker"], "state": fields["state"]}
 

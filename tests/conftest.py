@@ -96,6 +96,19 @@ def weights_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_weights_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded tiny VM-UNet checkpoint (64-pixel input): the real code path where the network's
+    quality does not matter and its speed would dominate (thousands of slices)."""
+    from models import VMUNet
+    from models.weights import make_meta, save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-weights") / "tiny.pt"
+    save_checkpoint(path, VMUNet(**TINY_VMUNET_CONFIG), make_meta("vmunet-tiny-test", "0", demo=True, input_size=64))
+    return path
+
+
+@pytest.fixture(scope="session")
 def forward_scp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """dcmtk's storescp: the modality every SEG is forwarded to (AE FORWARD_SCP)."""
     directory = tmp_path_factory.mktemp("forwarded")
