@@ -43,6 +43,7 @@ from dicom_node.reports.similar_cases import ReportedQuery, build_similar_cases_
 from dicom_node.seg import build_segmentation
 from dicom_node.series import InputError, SeriesCandidate, SeriesGeometry, read_geometry, read_hu, select_series
 from dicom_node.similar.query import SimilarQuery, find_similar, open_index, study_record
+from dicom_node.source_headers import repair_source_headers
 from index.lesions import Lesion, measure_lesions
 from index.records import SliceRecord
 from models.weights import AlgorithmInfo
@@ -255,9 +256,14 @@ def _process(job: dict[str, Any], study: dict[str, Any], context: WorkerContext,
                     keeper.update(selection={"chosen": None, "skipped": skipped})
                     raise
     assert geometry is not None and chosen is not None
+    with watch.stage("geometry"):
+        # what highdicom copies from the source into our SEG/SRs, repaired so that they stay valid
+        repaired = repair_source_headers(geometry.headers)
+        geometry = dataclasses.replace(geometry, headers=repaired.headers)
     skipped.pop(chosen.series_uid, None)
     selection = {"chosen": chosen.series_uid, "why": f"{chosen.modality}, {geometry.shape[0]} slices, axial, "
-                 f"ranked first by {config.series_rules.prefer}", "skipped": skipped, "warnings": geometry.warnings}
+                 f"ranked first by {config.series_rules.prefer}", "skipped": skipped,
+                 "warnings": [*geometry.warnings, *(f"source header: {finding}" for finding in repaired.findings)]}
     keeper.update(series_uid=chosen.series_uid, selection=selection)
 
     with watch.stage("segment"):
@@ -322,7 +328,7 @@ def _process(job: dict[str, Any], study: dict[str, Any], context: WorkerContext,
               "lesions": [lesion.as_dict() for lesion in lesions], "lesions_found": len(measured),
               "similar_studies": [{"rank": case.rank, "study_uid": case.study_uid, "score": round(case.score, 6)}
                                   for case in similar],
-              "algorithm": segmenter.info.as_dict(),
+              "algorithm": segmenter.info.as_dict(), "source_repairs": repaired.findings,
               "peak_rss_mb": peak_rss_mb()}
     return "done", None, result
 
