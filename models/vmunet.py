@@ -31,52 +31,14 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from monai.networks.layers import DropPath, trunc_normal_
 from torch import nn
 
 from models.scan import choose_backend, four_direction_scan_numba, log_backend, selective_scan
 
-__all__ = ["SS2D", "DropPath", "VMUNet", "VSSBlock", "trunc_normal_"]
+__all__ = ["SS2D", "VMUNet", "VSSBlock"]
 
 NUM_SCAN_DIRECTIONS = 4
-
-
-def trunc_normal_(tensor: torch.Tensor, std: float = 0.02, bound_in_std: float = 2.0) -> torch.Tensor:
-    """Fill ``tensor`` in place from N(0, std^2) truncated at +-``bound_in_std`` * std.
-
-    Args:
-        tensor: Tensor to fill.
-        std: Standard deviation of the untruncated normal.
-        bound_in_std: Truncation bound, in standard deviations.
-
-    Returns:
-        The same tensor, for chaining.
-    """
-    with torch.no_grad():
-        return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-bound_in_std * std, b=bound_in_std * std)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch per sample during training.
-
-    Args:
-        drop_prob: Probability of dropping the branch of one sample.
-    """
-
-    def __init__(self, drop_prob: float = 0.0) -> None:
-        super().__init__()
-        self.drop_prob = float(drop_prob)
-
-    def forward(self, branch: torch.Tensor) -> torch.Tensor:
-        """Zero the branch for a random subset of samples and rescale the rest."""
-        if self.drop_prob == 0.0 or not self.training:
-            return branch
-        keep_prob = 1.0 - self.drop_prob
-        mask_shape = (branch.shape[0],) + (1,) * (branch.ndim - 1)
-        keep_mask = branch.new_empty(mask_shape).bernoulli_(keep_prob)
-        return branch * keep_mask / keep_prob
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob:.3f}"
 
 
 class PatchEmbed2D(nn.Module):
@@ -424,9 +386,11 @@ class VMUNet(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        """Reference init: truncated-normal(0.02) linear weights, zero biases, unit LayerNorms."""
+        """Reference init: truncated-normal linear weights (std 0.02, cut at +-2 as timm's
+        ``trunc_normal_`` of the reference, whose arguments MONAI's shares), zero biases, unit
+        LayerNorms."""
         if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
+            trunc_normal_(module.weight, std=0.02, a=-2.0, b=2.0)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):

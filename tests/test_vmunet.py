@@ -4,16 +4,32 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from models import VMUNet
+from models.weights import load_checkpoint
 
 torch.set_num_threads(1)
 
 REFERENCE_PARAMETERS = 27_427_561  # JCruan519/VM-UNet default config; Table I: 27.43 M
 REFERENCE_GMACS = 4.11  # Table I (thop; skips the selective scan and the einsums)
+DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "weights" / "vmunet-demo-v1.pt"
+# Outputs of the shipped demo checkpoint on torch.rand(2, 3, 128, 96) seeded 0, computed with the
+# hand-written DropPath/trunc_normal_ and the unfused scan (commit c02c0da): logits[:, 0, 8::32, 8::32]
+# and the first 6 channels of the globally pooled deepest features.
+DEMO_LOGITS = [
+    [[-9.915581, -9.130239, -9.814693], [-9.763876, -9.915770, -9.500160],
+     [-9.956000, -9.957583, -9.902985], [-9.949762, -9.976985, -10.013523]],
+    [[-9.662657, -8.269613, -9.309196], [-9.921125, -9.457897, -10.163862],
+     [-10.248557, -10.288401, -9.889591], [-10.082292, -10.145351, -10.047592]],
+]  # fmt: skip
+DEMO_POOLED_FEATURES = [
+    [-2.094615, 2.045165, -0.595840, -1.884062, -0.574057, -1.192508],
+    [-1.846779, 1.728401, -0.747037, -1.988057, -0.561870, -1.057310],
+]
 
 TINY_CONFIGS = {
     "two-stage": {"dims": 16, "depths": [1, 1], "depths_decoder": [1, 1], "d_state": 4},
@@ -50,6 +66,19 @@ def test_default_config_is_the_papers() -> None:
     assert parameters == REFERENCE_PARAMETERS
     drop_rates = [block.drop_path.drop_prob for stage in model.layers for block in stage.blocks]
     assert drop_rates[0] == 0.0 and drop_rates[-1] == pytest.approx(0.2)
+
+
+def test_shipped_demo_checkpoint_loads_and_gives_the_pinned_outputs() -> None:
+    checkpoint = load_checkpoint(DEMO_WEIGHTS)
+    images = torch.rand(2, 3, 128, 96, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        logits, features = checkpoint.model.forward_with_features(images)
+    torch.testing.assert_close(logits[:, 0, 8::32, 8::32], torch.tensor(DEMO_LOGITS), rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        features.mean(dim=(2, 3))[:, :6], torch.tensor(DEMO_POOLED_FEATURES), rtol=0, atol=1e-4
+    )
+    training_path = checkpoint.model(images.clone().requires_grad_())  # autograd scan backend
+    assert (training_path.detach() - logits).abs().max().item() < 1e-4
 
 
 def test_default_config_macs_by_thop() -> None:
