@@ -50,7 +50,9 @@ from models import VMUNet
 
 INPUT_SIZE = 256
 MATMUL_SIZE = 2048
-VMUNET, MONAI_UNET, BASIC_UNET = "VM-UNet (numba scan)", "MONAI UNet 64..1024 s2 ru2", "BasicUNet 64..1024 (paper U-Net)"
+VMUNET = "VM-UNet (numba scan)"
+MONAI_UNET = "MONAI UNet 64..1024 s2 ru2"
+BASIC_UNET = "BasicUNet 64..1024 (paper U-Net)"
 RATIO_KEYS = {MONAI_UNET: "monai_unet", BASIC_UNET: "basic_unet"}
 
 

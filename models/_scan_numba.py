@@ -203,8 +203,9 @@ def _scan_block(
     delta_softplus: bool,
     out: np.ndarray,
     out_first: int,
+    accumulate: bool,
 ) -> None:
-    """Scan one block of up to ``CHANNEL_BLOCK`` channels along one direction; add to ``out``.
+    """Scan one block of up to ``CHANNEL_BLOCK`` channels along one direction; write or add to ``out``.
 
     Args:
         width: Channels in the block (<= CHANNEL_BLOCK).
@@ -222,8 +223,9 @@ def _scan_block(
         C_rows: Output projection rows [L, n].
         positions: Position of every time step [L].
         delta_softplus: Apply softplus to ``dt + dt_bias``.
-        out: Output of this batch element [L, out_channels]; the block's result is added.
+        out: Output of this batch element [L, out_channels].
         out_first: First output channel of the block.
+        accumulate: Add the block's result to ``out`` (else overwrite: the first direction).
     """
     length = positions.shape[0]
     state_size = a_log2.shape[0]
@@ -240,14 +242,20 @@ def _scan_block(
             position = positions[start + i]
             for c in range(width):
                 u_tile[i, c] = u[position, u_first + c]
-            if rank > 0:
+            if rank > 0:  # four ranks per pass over the tile row: fewer loads and stores of it
+                steps_row = dt_tile[i]
                 for c in range(CHANNEL_BLOCK):
-                    dt_tile[i, c] = 0.0
-                for r in range(rank):
+                    steps_row[c] = 0.0
+                for r in range(0, rank - 3, 4):
+                    f0, f1, f2, f3 = dt[position, r], dt[position, r + 1], dt[position, r + 2], dt[position, r + 3]
+                    w0, w1, w2, w3 = dt_weight_t[r], dt_weight_t[r + 1], dt_weight_t[r + 2], dt_weight_t[r + 3]
+                    for c in range(CHANNEL_BLOCK):
+                        steps_row[c] += w0[c] * f0 + w1[c] * f1 + w2[c] * f2 + w3[c] * f3
+                for r in range(rank - rank % 4, rank):
                     factor = dt[position, r]
                     weights = dt_weight_t[r]
                     for c in range(CHANNEL_BLOCK):
-                        dt_tile[i, c] += weights[c] * factor
+                        steps_row[c] += weights[c] * factor
             else:
                 for c in range(width):
                     dt_tile[i, c] = dt[position, dt_first + c]
@@ -287,8 +295,12 @@ def _scan_block(
                 y_tile[i, c] = y[c] + skip[c] * u_tile[i, c]
         for i in range(steps):
             position = positions[start + i]
-            for c in range(width):
-                out[position, out_first + c] += y_tile[i, c]
+            if accumulate:
+                for c in range(width):
+                    out[position, out_first + c] += y_tile[i, c]
+            else:
+                for c in range(width):
+                    out[position, out_first + c] = y_tile[i, c]
 
 
 
@@ -352,7 +364,7 @@ def _ss2d_job(
         A: State matrices [4, d, n]; D: skip weights [4, d]; dt_bias: step bias [4, d].
         positions: int64 [4, L], storage position of time step t of direction g.
         delta_softplus: Apply softplus to ``dt + dt_bias``.
-        out: Zero-initialised sum of the four directions [b, L, d], accumulated in place.
+        out: Sum of the four directions [b, L, d] (the first direction overwrites it).
     """
     directions, channels, rank = dt_weight.shape
     state_size = A.shape[2]
@@ -383,6 +395,7 @@ def _ss2d_job(
             delta_softplus,
             out[b],
             first,
+            g > 0,
         )
 
 
@@ -458,6 +471,7 @@ def _generic_job(
             delta_softplus,
             out[b],
             g * channels + first,
+            False,
         )
 
 

@@ -266,7 +266,7 @@ def selective_scan_numba(
             kernels.GENERIC_DT_BIAS: _numpy(
                 delta_bias.view(groups, channels_per_group) if delta_bias is not None else zeros
             ),
-            kernels.GENERIC_OUT: np.zeros((batch, length, channels), np.float32),
+            kernels.GENERIC_OUT: np.empty((batch, length, channels), np.float32),
         }
         sizes = {
             kernels.GENERIC_GROUPS: groups,
@@ -420,7 +420,7 @@ def four_direction_scan_numba(
     batch, height, width, channels = x.shape
     rank, state_size = dt_weight.shape[2], A.shape[2]
     length = height * width
-    out = torch.zeros(batch, height, width, channels)
+    out = torch.empty(batch, height, width, channels)  # every position written by the first direction
     with torch.no_grad():
         arrays = {
             kernels.SS2D_X: _numpy(x),
