@@ -179,7 +179,7 @@ def _process(job: dict[str, Any], config: NodeConfig, store: JobStore, client: O
             geometry.headers, seg if lesions else None, lesions, segmenter.info, series_number=MEASUREMENT_SERIES_NUMBER,
             instance_number=1, manufacturer=NODE_NAME, device_name=DEVICE_NAME)
     with watch.stage("index"):
-        with open_index(config.index_directory) as index:
+        with open_index(config.index_directory, config.index_vector_encoding) as index:
             index.replace_study(
                 study_record(study, chosen.series_uid, chosen.orthanc_id, fingerprint),
                 [SliceRecord(i, str(h.SOPInstanceUID), float(z)) for i, (h, z) in enumerate(zip(geometry.headers, geometry.positions))],

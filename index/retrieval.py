@@ -365,7 +365,7 @@ def rank_studies(
     positions: np.ndarray,
     slice_hits: Sequence[Sequence[SliceHit]],
     lesions: Mapping[str, Sequence[Lesion]],
-    candidate_embeddings: Callable[[str], tuple[np.ndarray, np.ndarray]],
+    candidate_embeddings: Callable[[Sequence[str]], Mapping[str, tuple[np.ndarray, np.ndarray]]],
     *,
     space: str,
     k: int,
@@ -384,8 +384,9 @@ def rank_studies(
         positions: Slice index of each query row [n].
         slice_hits: Per query row, its database hits (eq. 1), best first.
         lesions: Lesions of every candidate study (missing: none).
-        candidate_embeddings: ``study_uid -> (slice indices [m], embeddings [m, D])`` of a
-            candidate, in the searched space (read only when re-ranking).
+        candidate_embeddings: ``study_uids -> {study_uid: (slice indices [m], embeddings [m, D])}``
+            of the candidates to re-rank, in the searched space (called once, only when
+            re-ranking; a study left out of the answer, e.g. deleted meanwhile, is dropped).
         space: ``"slice"`` or ``"roi"`` (written into each hit's mode).
         k: Neighbours that were retrieved per query slice (normalises the count score).
         top: Number of studies returned.
@@ -404,8 +405,12 @@ def rank_studies(
         table = [row for row in table if study_passes(lesions.get(row.study_uid, []), filters)]
     mode = f"{space}:{'late_interaction' if rerank else 'count'}"
     mode += "+descriptors" if query_descriptors is not None else ""
+    rows = table[: max_candidates if rerank else None]
+    embeddings = candidate_embeddings([row.study_uid for row in rows]) if rerank and rows else {}
     results = []
-    for row in table[: max_candidates if rerank else None]:
+    for row in rows:
+        if rerank and row.study_uid not in embeddings:
+            continue
         hit = StudyHit(
             study_uid=row.study_uid,
             rank=0,
@@ -417,7 +422,7 @@ def rank_studies(
             lesions=list(lesions.get(row.study_uid, [])),
         )
         if rerank:
-            candidate_positions, candidate_matrix = candidate_embeddings(row.study_uid)
+            candidate_positions, candidate_matrix = embeddings[row.study_uid]
             hit.late_interaction_score, hit.best_slices = late_interaction(
                 queries, candidate_matrix, positions, candidate_positions, localization_l
             )

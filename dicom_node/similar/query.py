@@ -1,7 +1,8 @@
 """Similar-case retrieval as the node offers it: the query, its typed answers, the index lock.
 
 Wraps :class:`index.store.CaseIndex`: one writer at a time per index directory (a file lock,
-since several worker processes may finish studies together), and results turned into
+since several worker processes may finish studies together); queries read one long-lived
+read-only index per process that never takes that lock; and results turned into
 :class:`SimilarCase` objects that the similar-cases SR, the REST answer and the C-FIND
 identifiers all read. Other patients' identities are replaced by stable pseudonyms when
 ``PseudonymizeSimilarCases`` is set.
@@ -14,6 +15,7 @@ import dataclasses
 import fcntl
 import hashlib
 import math
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -153,17 +155,42 @@ class SimilarCase:
 
 
 @contextlib.contextmanager
-def open_index(directory: Path) -> Iterator[CaseIndex]:
-    """Open the case index under an exclusive lock (one writer across worker processes)."""
+def open_index(directory: Path, vector_encoding: str | None = None) -> Iterator[CaseIndex]:
+    """Open the case index to write, under an exclusive lock (one writer across worker processes).
+
+    ``vector_encoding`` (``IndexVectorEncoding``: flat or sq8) converts the index when it differs
+    from the stored one; None keeps the index's own.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        index = CaseIndex.open(directory)
+        index = CaseIndex.open(directory, vector_encoding=vector_encoding)
         try:
             yield index
         finally:
             index.close()
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+_query_indexes: dict[Path, CaseIndex] = {}
+_query_indexes_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def query_index(directory: Path) -> Iterator[CaseIndex]:
+    """The process's read-only case index for similar-case queries, kept open between queries.
+
+    The first call opens it (loads the graphs and checks them); later calls hand out the same
+    object, which catches up with the workers' commits incrementally before each search. It
+    takes no lock a writer holds, so a query never waits for a study being indexed.
+    """
+    directory = Path(directory)
+    with _query_indexes_lock:
+        index = _query_indexes.get(directory)
+        if index is None:
+            directory.mkdir(parents=True, exist_ok=True)
+            index = _query_indexes[directory] = CaseIndex.open(directory, read_only=True)
+    yield index
 
 
 def study_record(study: dict[str, Any], series_uid: str, orthanc_series_id: str, fingerprint: str) -> StudyRecord:

@@ -22,7 +22,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.jobs import JobStore
 from dicom_node.orthanc_client import OrthancClient, OrthancError
 from dicom_node.similar.on_demand import SimilarCasesReports
-from dicom_node.similar.query import SimilarCase, SimilarQuery, find_similar, open_index
+from dicom_node.similar.query import SimilarCase, SimilarQuery, find_similar, query_index
 from dicom_node.similar.request import (
     IDENTIFIER_DOES_NOT_MATCH,
     MODE,
@@ -191,7 +191,7 @@ class SimilarCaseService:
             QueryError: 0xC001 (not indexed), 0xA900 (bad filter), 0xA700 (index unusable).
         """
         try:
-            with open_index(self.config.index_directory) as index:
+            with query_index(self.config.index_directory) as index:
                 query = self.resolve(request, index)
                 try:
                     results = find_similar(index, query, self.config.pseudonymize_similar_cases)
