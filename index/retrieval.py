@@ -190,7 +190,17 @@ def late_interaction(
         (RS, best_slices) with best_slices as (query_slice_index, slice_index, similarity),
         best first.
     """
-    sim = similarity_matrix(query_matrix, candidate_matrix)
+    return late_interaction_of(similarity_matrix(query_matrix, candidate_matrix), query_slice_indices,
+                               candidate_slice_indices, localization_l)
+
+
+def late_interaction_of(
+    sim: np.ndarray,
+    query_slice_indices: Sequence[int],
+    candidate_slice_indices: Sequence[int],
+    localization_l: int = LOCALIZATION_L,
+) -> tuple[float, list[tuple[int, int, float]]]:
+    """:func:`late_interaction` from an already computed similarity matrix SIM [n, m]."""
     rank_score = float(sim.max(axis=1).sum())
     column_best_query = sim.argmax(axis=0)
     m_sim = sim[column_best_query, np.arange(sim.shape[1])]
@@ -406,11 +416,17 @@ def rank_studies(
     mode = f"{space}:{'late_interaction' if rerank else 'count'}"
     mode += "+descriptors" if query_descriptors is not None else ""
     rows = table[: max_candidates if rerank else None]
-    embeddings = candidate_embeddings([row.study_uid for row in rows]) if rerank and rows else {}
+    similarities: dict[str, np.ndarray] = {}
+    if rerank and rows:
+        embeddings = candidate_embeddings([row.study_uid for row in rows])
+        rows = [row for row in rows if row.study_uid in embeddings]
+        if rows:  # one matrix product for all candidates, then split by candidate
+            matrices = [embeddings[row.study_uid][1] for row in rows]
+            split = np.split(similarity_matrix(queries, np.concatenate(matrices)),
+                             np.cumsum([len(matrix) for matrix in matrices])[:-1], axis=1)
+            similarities = {row.study_uid: sim for row, sim in zip(rows, split)}
     results = []
     for row in rows:
-        if rerank and row.study_uid not in embeddings:
-            continue
         hit = StudyHit(
             study_uid=row.study_uid,
             rank=0,
@@ -422,9 +438,8 @@ def rank_studies(
             lesions=list(lesions.get(row.study_uid, [])),
         )
         if rerank:
-            candidate_positions, candidate_matrix = embeddings[row.study_uid]
-            hit.late_interaction_score, hit.best_slices = late_interaction(
-                queries, candidate_matrix, positions, candidate_positions, localization_l
+            hit.late_interaction_score, hit.best_slices = late_interaction_of(
+                similarities[row.study_uid], positions, embeddings[row.study_uid][0], localization_l
             )
             hit.image_score = min(max(hit.late_interaction_score / len(queries), 0.0), 1.0)
         hit.score = hit.image_score

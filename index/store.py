@@ -95,6 +95,8 @@ REFRESH_VECTORS = 5_000
 """A read-only index reloads its graphs in the background once this many vectors wait in its
 exact-search tier (each query scans that tier: 5,000 x 768 floats per query slice is ~4 M MACs)."""
 _ADD_BATCH = 65_536
+MMAP_BYTES = 1 << 31
+"""SQLite maps this much of the database into memory (its compile-time ceiling is 2 GiB)."""
 _TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS studies (
@@ -271,6 +273,7 @@ class CaseIndex:
             db.executescript(_RETIRED_INDEXES)
         if not self.read_only:
             db.execute("PRAGMA synchronous = FULL")
+        db.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")  # re-rank reads of embeddings without a read() per page
         return db
 
     def close(self) -> None:
@@ -924,12 +927,14 @@ class CaseIndex:
     def _slice_rows(self, table: str, ids: np.ndarray) -> dict[int, tuple[str, int, str]]:
         """vector id -> (study_uid, slice_index, sop_instance_uid) of *live* slice or ROI vectors
         (a tombstone a reader has not heard of yet is dropped here, by the source of truth)."""
-        rows = self._db.execute(
-            f"SELECT v.vector_id, v.study_uid, v.slice_index, s.sop_instance_uid FROM {table} AS v "
-            "LEFT JOIN slices AS s ON s.study_uid = v.study_uid AND s.slice_index = v.slice_index AND s.live = 1 "
-            "WHERE v.vector_id IN (SELECT value FROM json_each(?)) AND v.live = 1",
-            [json.dumps(np.unique(ids).tolist())],
-        ).fetchall()
+        if table == "slices":
+            query = ("SELECT vector_id, study_uid, slice_index, sop_instance_uid FROM slices "
+                     "WHERE vector_id IN (SELECT value FROM json_each(?)) AND live = 1")
+        else:
+            query = (f"SELECT v.vector_id, v.study_uid, v.slice_index, s.sop_instance_uid FROM {table} AS v "
+                     "LEFT JOIN slices AS s ON s.study_uid = v.study_uid AND s.slice_index = v.slice_index "
+                     "AND s.live = 1 WHERE v.vector_id IN (SELECT value FROM json_each(?)) AND v.live = 1")
+        rows = self._db.execute(query, [json.dumps(np.unique(ids).tolist())]).fetchall()
         return {row[0]: (row[1], row[2], row[3] or "") for row in rows}
 
     def _lesions(self, study_uids: Sequence[str]) -> dict[str, list[Lesion]]:

@@ -48,14 +48,22 @@ class ClusteredEmbeddings:
 
     def sample(self, count: int) -> np.ndarray:
         """Draw ``count`` vectors: float32 [count, dim] with unit-norm rows."""
+        return self.around(self.rng.integers(0, len(self.centres), size=count))
+
+    def around(self, centre_indices: np.ndarray) -> np.ndarray:
+        """One vector around each given centre: float32 [len(centre_indices), dim], unit-norm rows.
+
+        A study's slices drawn around consecutive centres (``start + slice // 4``) resemble a
+        scan moving through the anatomy: studies over the same region share their neighbours.
+        """
         rng = self.rng
-        assignment = rng.integers(0, len(self.centres), size=count)
+        count = len(centre_indices)
         offsets = rng.standard_normal((count, self.dim), dtype=np.float32) / np.sqrt(self.dim)
         if self.basis is not None:
             rank = len(self.basis)
             in_subspace = rng.standard_normal((count, rank), dtype=np.float32) / np.sqrt(rank)
             offsets = 0.9 * (in_subspace @ self.basis) + 0.1 * offsets
-        return normalize_rows(self.centres[assignment] + self.noise * offsets)
+        return normalize_rows(self.centres[np.asarray(centre_indices) % len(self.centres)] + self.noise * offsets)
 
 
 def clustered_unit_vectors(
