@@ -52,44 +52,12 @@ from dicom_node.config import CHECKOUT, NodeConfig
 from dicom_node.similar.query import SimilarQuery, find_similar, open_index
 from dicom_node.similar.request import SUCCESS
 from dicom_node.similar.service import SimilarCaseService
-from index.lesions import Lesion
-from index.records import SliceRecord, StudyRecord
-from tooling.synthetic_embeddings import ClusteredEmbeddings
+from tooling.synthetic_embeddings import SLICES_PER_STUDY, SyntheticStudies
 
-SLICES_PER_STUDY = 100
-ROI_BAND = 20
 FILL_ROOT = "1.2.826.0.1.3680043.10.1"
 WRITER_ROOT = "1.2.826.0.1.3680043.10.2"
 CALLING_AET = "BENCH"
 SIMILAR_AET = "ABSCESS_SIMILAR"
-
-
-class SyntheticStudies:
-    """Seeded synthetic studies: slice embeddings along anatomical centres, an ROI band, a lesion."""
-
-    def __init__(self, dim: int, seed: int, centres: int = 400) -> None:
-        self.rng = np.random.default_rng(seed)
-        self.slices = ClusteredEmbeddings(dim, self.rng, centres, noise=0.6, intrinsic_dim=32)
-        self.rois = ClusteredEmbeddings(dim, self.rng, centres // 4, noise=0.6, intrinsic_dim=32)
-
-    def study(self, uid: str) -> tuple[StudyRecord, list[SliceRecord], np.ndarray, np.ndarray, list[Lesion]]:
-        """One study's record, slice records, slice and ROI embeddings and lesion."""
-        rng = self.rng
-        start = int(rng.integers(0, len(self.slices.centres)))
-        slice_embeddings = self.slices.around(start + np.arange(SLICES_PER_STUDY) // 4)
-        roi_embeddings = np.zeros_like(slice_embeddings)
-        first = int(rng.integers(0, SLICES_PER_STUDY - ROI_BAND))
-        roi_start = int(rng.integers(0, len(self.rois.centres)))
-        roi_embeddings[first : first + ROI_BAND] = self.rois.around(roi_start + np.arange(ROI_BAND) // 5)
-        volume = float(rng.uniform(0.5, 40.0))
-        lesion = Lesion(label=1, voxel_count=int(volume * 1000), volume_ml=volume,
-                        longest_axial_diameter_mm=float(rng.uniform(10, 60)), core_mean_hu=float(rng.uniform(5, 40)),
-                        core_sd_hu=float(rng.uniform(3, 15)), loculi=int(rng.integers(1, 4)), first_slice=first,
-                        last_slice=first + ROI_BAND - 1, space=str(rng.choice(["parapharyngeal", "retropharyngeal"])))
-        record = StudyRecord(uid, series_uid=f"{uid}.1", patient_id=f"BENCH-{uid.rsplit('.', 1)[1]}",
-                             patient_name="Bench^Synthetic", study_date="20260101", modalities=("CT",))
-        slices = [SliceRecord(i, f"{uid}.1.{i + 1}", 2.5 * i) for i in range(SLICES_PER_STUDY)]
-        return record, slices, slice_embeddings, roi_embeddings, [lesion]
 
 
 def fill(directory: Path, studies: int, dim: int, seed: int) -> float:
@@ -227,7 +195,8 @@ def main() -> None:
 
     rng = np.random.default_rng(args.seed)
     rows: list[tuple[str, int, str, np.ndarray]] = []
-    print(f"similar-case STUDY query latency, {os.cpu_count()} CPUs, dim {args.dim}, {SLICES_PER_STUDY} slices/study")
+    print(f"similar-case STUDY query latency, {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f}), "
+          f"dim {args.dim}, {SLICES_PER_STUDY} slices/study")
     for size in (int(value) for value in args.sizes.split(",")):
         studies = size // SLICES_PER_STUDY
         directory = args.cache / f"{size}-{args.dim}"
@@ -262,7 +231,7 @@ def main() -> None:
                         _print_row(rows[-1])
             finally:
                 node.stop()
-    print()
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     for path, size, writer, times in rows:
         name = f"query_{path}_{_size_name(size)}_{writer}"
         print(f"{name}_p50_ms={np.percentile(times, 50):.1f} {name}_p99_ms={np.percentile(times, 99):.1f}")

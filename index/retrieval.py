@@ -214,18 +214,20 @@ def late_interaction_of(
     return rank_score, best
 
 
-def normalize_rows(vectors: np.ndarray) -> np.ndarray:
+def normalize_rows(vectors: np.ndarray, in_place: bool = False) -> np.ndarray:
     """L2-normalise the rows of a float matrix (rows of zeros stay zero).
 
     Args:
         vectors: [n, D] array.
+        in_place: Overwrite ``vectors`` (a float32 array the caller owns) instead of copying it.
 
     Returns:
         float32 [n, D] with unit-norm rows.
     """
     vectors = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))[:, None]
+    out = vectors if in_place else np.zeros_like(vectors)
+    return np.divide(vectors, norms, out=out, where=norms > 0)
 
 
 _OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
@@ -422,7 +424,8 @@ def rank_studies(
         rows = [row for row in rows if row.study_uid in embeddings]
         if rows:  # one matrix product for all candidates, then split by candidate
             matrices = [embeddings[row.study_uid][1] for row in rows]
-            split = np.split(similarity_matrix(queries, np.concatenate(matrices)),
+            candidates = np.concatenate(matrices).astype(np.float32, copy=False)
+            split = np.split(normalize_rows(queries) @ normalize_rows(candidates, in_place=True).T,  # eq. 3-4
                              np.cumsum([len(matrix) for matrix in matrices])[:-1], axis=1)
             similarities = {row.study_uid: sim for row, sim in zip(rows, split)}
     results = []

@@ -498,22 +498,36 @@ class CaseIndex:
         return self._unpack(rows)
 
     def embeddings_of_studies(self, study_uids: Sequence[str], space: str = "slice") -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """The stored embeddings of several studies in one read (studies without rows are left out).
+        """The embeddings of several studies in one go (studies without rows are left out).
+
+        The vectors come from memory where the index holds them exactly (its recent tier, a flat
+        graph) and from the database otherwise.
 
         Returns:
             study_uid -> (slice_indices int [m], embeddings float32 [m, D]) ordered by slice index.
         """
-        table = self._space(space).table
+        vector_space = self._space(space)
         with self._lock:
             rows = self._db.execute(
-                f"SELECT study_uid, slice_index, embedding FROM {table} "
+                f"SELECT study_uid, slice_index, vector_id FROM {vector_space.table} "
                 "WHERE study_uid IN (SELECT value FROM json_each(?)) AND live = 1 ORDER BY study_uid, slice_index",
                 [json.dumps(list(study_uids))],
             ).fetchall()
-        grouped: dict[str, list[tuple[int, bytes]]] = {}
-        for study_uid, slice_index, embedding in rows:
-            grouped.setdefault(study_uid, []).append((slice_index, embedding))
-        return {study_uid: self._unpack(study_rows) for study_uid, study_rows in grouped.items()}
+            snapshot = vector_space.snapshot()
+        if not rows:
+            return {}
+        ids = np.fromiter((row[2] for row in rows), dtype=np.int64, count=len(rows))
+        with self._search_guard():
+            found, vectors = snapshot.stored_vectors(ids, self.dim)
+        if not found.all():
+            with self._lock:
+                for stored_ids, stored in self.embeddings_by_id(vector_space.table, ids[~found]):
+                    vectors[np.searchsorted(ids, stored_ids, sorter=np.argsort(ids))] = stored
+        studies = np.asarray([row[0] for row in rows])
+        slice_indices = np.fromiter((row[1] for row in rows), dtype=np.int64, count=len(rows))
+        starts = np.flatnonzero(np.r_[True, studies[1:] != studies[:-1]])
+        ends = np.r_[starts[1:], len(rows)]
+        return {str(studies[start]): (slice_indices[start:end], vectors[start:end]) for start, end in zip(starts, ends)}
 
     def vector_count(self, space: str = "slice", *, live_only: bool = True) -> int:
         """Number of vectors in a space: live rows, or everything searchable (graph, tombstones, recent tier)."""

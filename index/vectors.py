@@ -103,6 +103,34 @@ class SpaceSnapshot:
     dead_ids: np.ndarray
     recent_ids: np.ndarray
     recent_vectors: np.ndarray
+    graph_ids: np.ndarray
+    """Sorted ids held by the graph (tombstones included)."""
+    exact_graph: bool
+    """Whether the graph keeps the float32 vectors themselves (``flat``), so they can be read back."""
+
+    def stored_vectors(self, ids: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """The unit vectors of ``ids`` as this snapshot holds them (recent tier, or a flat graph).
+
+        Returns:
+            (found bool [m], vectors float32 [m, D]); rows not found are zero (read them from the
+            database: an ``sq8`` graph only holds approximations).
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        vectors = np.zeros((ids.size, dim), np.float32)
+        position = np.searchsorted(self.recent_ids, ids)
+        in_recent = position < self.recent_ids.size
+        in_recent[in_recent] = self.recent_ids[position[in_recent]] == ids[in_recent]
+        if in_recent.any():
+            vectors[in_recent] = self.recent_vectors[position[in_recent]]
+        found = in_recent.copy()
+        if self.exact_graph and self.graph is not None:
+            position = np.searchsorted(self.graph_ids, ids)
+            in_graph = ~in_recent & (position < self.graph_ids.size)
+            in_graph[in_graph] = self.graph_ids[position[in_graph]] == ids[in_graph]
+            if in_graph.any():
+                vectors[in_graph] = self.graph.reconstruct_batch(ids[in_graph])
+            found |= in_graph
+        return found, vectors
 
     def search(
         self, queries: np.ndarray, k: int, exclude_ids: np.ndarray, ef_search: int
@@ -162,6 +190,8 @@ class VectorSpace:
         self.recent_vectors = np.empty((0, 0), dtype=np.float32)
         self.high_water = 0
         """The largest row id this space has caught up to (everything at or below is mirrored)."""
+        self.graph_ids = np.empty(0, dtype=np.int64)
+        """Sorted ids in the graph (kept with it: :meth:`SpaceSnapshot.stored_vectors` looks them up)."""
         self.broken = ""
         self.file_stamp: tuple[int, int] | None = None
 
@@ -171,12 +201,13 @@ class VectorSpace:
 
     def snapshot(self) -> SpaceSnapshot:
         """The current graph, tombstones and recent tier (take it under the index's lock)."""
-        return SpaceSnapshot(self.index, self.dead_ids, self.recent_ids, self.recent_vectors)
+        exact = self.index is not None and encoding_of(self.index) == "flat"
+        return SpaceSnapshot(self.index, self.dead_ids, self.recent_ids, self.recent_vectors, self.graph_ids, exact)
 
     # -- loading and checking ------------------------------------------------------------
     def load(self, dim: int) -> None:
         """Read the FAISS file (remembering why it is unusable, if it is)."""
-        self.index, self.broken = None, ""
+        self.index, self.broken, self.graph_ids = None, "", np.empty(0, dtype=np.int64)
         self.recent_ids, self.recent_vectors = np.empty(0, dtype=np.int64), np.empty((0, dim), dtype=np.float32)
         self.file_stamp = _stamp(self.path)
         if not self.path.exists():
@@ -255,6 +286,7 @@ class VectorSpace:
             self.index = self.new_graph(dim)
         known, known_live = self.row_ids()
         in_faiss = self.faiss_ids()
+        self.graph_ids = np.sort(in_faiss)
         self.dead_ids = in_faiss[~np.isin(in_faiss, known_live)]
         self.high_water = int(max(known.max(initial=0), in_faiss.max(initial=0)))
         return report
@@ -297,7 +329,9 @@ class VectorSpace:
         """Add vectors to the graph in place (an untrained ``sq8`` graph trains on them first)."""
         if not self.index.is_trained:
             train_quantiser(self.index, vectors)
-        self.index.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
+        ids = np.asarray(ids, dtype=np.int64)
+        self.index.add_with_ids(vectors, ids)
+        self.graph_ids = np.union1d(self.graph_ids, ids)
         self.high_water = max(self.high_water, int(np.max(ids)))
 
     def rebuild(self, dim: int) -> None:
@@ -305,10 +339,12 @@ class VectorSpace:
         started = time.perf_counter()
         known, live = self.row_ids()
         self.index, path = None, "cpu-hnsw"
+        self.graph_ids = np.empty(0, dtype=np.int64)
         if self.encoding == "flat" and live.size >= GPU_BUILD_MIN_VECTORS and faiss.get_num_gpus() > 0:
             vectors = np.concatenate([v for _, v in self.rows.embeddings_by_id(self.table, live)])
             self.index = _build_on_gpu(vectors, live, self.rows.hnsw_m)
             path = "gpu-cagra->hnsw" if self.index is not None else "cpu-hnsw (GPU build failed)"
+            self.graph_ids = np.sort(live) if self.index is not None else self.graph_ids
         if self.index is None:
             self.index = self.new_graph(dim)
             if self.encoding != "flat" and live.size:

@@ -414,6 +414,12 @@ def test_a_read_only_index_catches_up_incrementally_and_writes_nothing(tmp_path)
     assert reader.search_slices(replaced[2], k=1)[0][0].study_uid == "1.2.826.0.1.1"
     assert [h.study_uid for h in reader.similar_studies("1.2.826.0.1.3", top=5)] == [
         h.study_uid for h in writer.similar_studies("1.2.826.0.1.3", top=5)]
+    stored = reader.embeddings_of_studies(["1.2.826.0.1.0", "1.2.826.0.1.3", "1.2.826.0.1.9"])  # graph, tier, none
+    assert sorted(stored) == ["1.2.826.0.1.0", "1.2.826.0.1.3"]
+    for uid, (positions, matrix) in stored.items():
+        expected_positions, expected = writer.study_embeddings(uid)
+        assert positions.tolist() == expected_positions.tolist()
+        np.testing.assert_array_equal(matrix, expected)
     roi_hits = reader.similar_studies("1.2.826.0.1.1", space="roi", top=5)
     assert {h.study_uid for h in roi_hits} == {"1.2.826.0.1.0", "1.2.826.0.1.3"}
     assert all(report.ok for report in reader.check_consistency())
