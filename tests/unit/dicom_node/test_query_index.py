@@ -112,3 +112,18 @@ def test_the_configured_vector_encoding_reaches_the_writer(tmp_path: Path):
         assert index.vector_encoding == "sq8"
     with open_index(config.index_directory) as index:  # a writer that names no encoding keeps the index's
         assert index.vector_encoding == "sq8"
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_node_processes_let_openmp_threads_sleep_unless_the_admin_chose(given, expected):
+    import os
+    import subprocess
+    import sys
+
+    environment = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    if given:
+        environment["OMP_WAIT_POLICY"] = given
+    printed = subprocess.run([sys.executable, "-c", "import dicom_node, os; print(os.environ['OMP_WAIT_POLICY'])"],
+                             env=environment, capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parents[3])
+    assert printed.stdout.strip() == expected
