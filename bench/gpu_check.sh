@@ -8,6 +8,9 @@
 #   bash bench/gpu_check.sh --fetch-wheels       here (registry reachable): download into .whl/ what
 #                                                the device machine lacks, to carry there
 #
+# On a lent machine (the session's device tool): fetch the wheels here, then run there
+#   command "bash bench/gpu_check.sh", carry [".whl"], timeout_s 540; the JSON comes back in $OUT.
+#
 # The device machine reaches no registry. It has Python 3.12 with a CUDA torch (never replaced
 # here), nvcc and numba, but no faiss, MONAI or mamba-ssm: those come from the wheels carried in
 # .whl/ (GPU_CHECK_WHEELS), installed into a scratch target (GPU_CHECK_SITE), and mamba-ssm's
