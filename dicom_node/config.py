@@ -74,6 +74,7 @@ class NodeConfig:
     device: str = "auto"
     weights_path: Path = CHECKOUT / "models" / "weights" / "vmunet-demo-v1.pt"
     index_directory: Path = CHECKOUT / "runtime" / "index"
+    index_vector_encoding: str = "flat"
     jobs_database: Path = CHECKOUT / "runtime" / "jobs.sqlite"
     work_directory: Path = CHECKOUT / "runtime" / "work"
     log_directory: Path = CHECKOUT / "runtime" / "logs"
@@ -242,6 +243,7 @@ KEYS: dict[str, Key] = {
     "Device": Key("device", "choice", "Where the network runs: auto (CUDA when available), cpu, cuda.", choices=("auto", "cpu", "cuda")),
     "WeightsPath": Key("weights_path", "path", "VM-UNet checkpoint. The shipped default is the demo checkpoint (not for clinical use)."),
     "IndexDirectory": Key("index_directory", "path", "Where the case index (FAISS + SQLite) lives."),
+    "IndexVectorEncoding": Key("index_vector_encoding", "choice", "How the FAISS HNSW graphs store vectors: flat (float32) or sq8 (8-bit scalar quantised: about a third of the memory per vector, recall in bench/index.py). A change converts the index at the next indexing job.", choices=("flat", "sq8")),
     "JobsDatabase": Key("jobs_database", "path", "SQLite file of the job store (survives restarts)."),
     "WorkDirectory": Key("work_directory", "path", "Scratch space of the workers (downloaded instances, memory-mapped volumes)."),
     "LogDirectory": Key("log_directory", "path", "Worker log files (UIDs only, no patient data)."),

@@ -1,7 +1,8 @@
 """Similar-case retrieval as the node offers it: the query, its typed answers, the index lock.
 
 Wraps :class:`index.store.CaseIndex`: one writer at a time per index directory (a file lock,
-since several worker processes may finish studies together), and results turned into
+since several worker processes may finish studies together); queries read one long-lived
+read-only index per process that never takes that lock; and results turned into
 :class:`SimilarCase` objects that the similar-cases SR, the REST answer and the C-FIND
 identifiers all read (as indexed: :mod:`dicom_node.pseudonyms` replaces other patients'
 identities where the policy asks for it).
@@ -15,6 +16,7 @@ import fcntl
 import logging
 import math
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -161,13 +163,15 @@ class IndexBusy(RuntimeError):
 
 
 @contextlib.contextmanager
-def open_index(directory: Path, lock_timeout_seconds: float = 120.0,
-               on_rebuild: Callable[[], None] | None = None) -> Iterator[CaseIndex]:
-    """Open the case index under an exclusive lock (one writer across worker processes).
+def open_index(directory: Path, lock_timeout_seconds: float = 120.0, on_rebuild: Callable[[], None] | None = None,
+               vector_encoding: str | None = None) -> Iterator[CaseIndex]:
+    """Open the case index to write, under an exclusive lock (one writer across worker processes).
 
-    A database that SQLite cannot read (corrupt, or not a database at all) is moved aside to
-    ``<directory>.corrupt-<time>`` with a loud error, a fresh index is opened, and ``on_rebuild``
-    is called (the worker queues every processed study again so that it is re-indexed).
+    ``vector_encoding`` (``IndexVectorEncoding``: flat or sq8) converts the index when it differs
+    from the stored one; None keeps the index's own. A database that SQLite cannot read (corrupt,
+    or not a database at all) is moved aside to ``<directory>.corrupt-<time>`` with a loud error, a
+    fresh index is opened, and ``on_rebuild`` is called (the worker queues every processed study
+    again so that it is re-indexed).
 
     Raises:
         IndexBusy: the lock was not free within ``lock_timeout_seconds``.
@@ -186,7 +190,7 @@ def open_index(directory: Path, lock_timeout_seconds: float = 120.0,
                 time.sleep(0.05)
         try:
             try:
-                index = CaseIndex.open(directory)
+                index = CaseIndex.open(directory, vector_encoding=vector_encoding)
             except sqlite3.DatabaseError as error:
                 quarantine = directory.with_name(f"{directory.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
                 log.error("case index %s is unreadable (%s): moved to %s, starting an empty index", directory, error,
@@ -195,7 +199,7 @@ def open_index(directory: Path, lock_timeout_seconds: float = 120.0,
                 for path in directory.iterdir():
                     if path.name != ".lock":
                         path.rename(quarantine / path.name)
-                index = CaseIndex.open(directory)
+                index = CaseIndex.open(directory, vector_encoding=vector_encoding)
                 if on_rebuild is not None:
                     on_rebuild()
             try:
@@ -204,6 +208,41 @@ def open_index(directory: Path, lock_timeout_seconds: float = 120.0,
                 index.close()
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+_query_indexes: dict[Path, CaseIndex] = {}
+_query_indexes_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def query_index(directory: Path) -> Iterator[CaseIndex]:
+    """The process's read-only case index for similar-case queries, kept open between queries.
+
+    The first call opens it (loads the graphs and checks them); later calls hand out the same
+    object, which catches up with the workers' commits incrementally before each search. It
+    takes no lock a writer holds, so a query never waits for a study being indexed.
+    """
+    directory = Path(directory)
+    with _query_indexes_lock:
+        index, identity = _query_indexes.get(directory, (None, None))
+        current = _file_identity(directory / "index.sqlite")
+        if index is not None and identity != current:  # the index was moved aside and rebuilt: reopen
+            index.close()
+            index = None
+        if index is None:
+            directory.mkdir(parents=True, exist_ok=True)
+            index = CaseIndex.open(directory, read_only=True)
+            _query_indexes[directory] = (index, _file_identity(directory / "index.sqlite"))
+    yield index
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a file, None when it does not exist."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino
 
 
 def study_record(study: dict[str, Any], series_uid: str, orthanc_series_id: str, fingerprint: str) -> StudyRecord:

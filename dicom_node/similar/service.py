@@ -24,7 +24,7 @@ from dicom_node.orthanc_client import OrthancClient, OrthancError
 from dicom_node.pseudonyms import Pseudonymizer
 from dicom_node.similar.on_demand import SimilarCasesReports
 from dicom_node.similar.policy import AccessPolicy, AuditLog, Caller
-from dicom_node.similar.query import SimilarCase, SimilarQuery, find_similar, open_index
+from dicom_node.similar.query import SimilarCase, SimilarQuery, find_similar, open_index, query_index
 from dicom_node.similar.request import (
     IDENTIFIER_DOES_NOT_MATCH,
     MODE,
@@ -227,8 +227,7 @@ class SimilarCaseService:
             QueryError: 0xC001 (not indexed), 0xA900 (bad filter), 0xA700 (index unusable).
         """
         try:
-            with open_index(self.config.index_directory, self.config.index_lock_timeout_seconds,
-                            on_rebuild=JobStore(self.config.jobs_database).requeue_for_reindex) as index:
+            with query_index(self.config.index_directory) as index:
                 query = self.resolve(request, index)
                 try:
                     results = find_similar(index, query)
@@ -239,6 +238,12 @@ class SimilarCaseService:
         except OrthancError as error:
             log.warning("Orthanc look-up failed: %s", error)
             raise QueryError(UNABLE_TO_PROCESS, "Orthanc look-up failed; see the similar-cases service log") from None
+        except sqlite3.DatabaseError as error:
+            log.error("case index %s unreadable (%s): rebuilding it", self.config.index_directory, error)
+            with open_index(self.config.index_directory, self.config.index_lock_timeout_seconds,
+                            on_rebuild=JobStore(self.config.jobs_database).requeue_for_reindex):
+                pass  # moved aside, reopened empty, processed studies queued for re-indexing
+            raise QueryError(OUT_OF_RESOURCES, "case index was unreadable and is being rebuilt; retry later") from None
         except (OSError, RuntimeError, sqlite3.Error) as error:
             log.exception("case index %s unusable", self.config.index_directory)
             raise QueryError(OUT_OF_RESOURCES, f"case index unavailable: {type(error).__name__}") from None

@@ -44,6 +44,7 @@ def test_defaults():
     ({"SeriesRules": {"MinSlices": 50, "MaxSlices": 10}}, "MinSlices (50) is larger than MaxSlices (10)"),
     ({"SeriesRules": {"Prefer": "newest"}}, "AbscessNode.SeriesRules.Prefer"),
     ({"Threshold": 1.5}, "AbscessNode.Threshold: 1.5 is outside"),
+    ({"IndexVectorEncoding": "pq"}, "AbscessNode.IndexVectorEncoding: expected one of flat, sq8"),
 ])
 def test_bad_values_name_the_key(section, message):
     with pytest.raises(ConfigError) as raised:
