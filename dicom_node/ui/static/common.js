@@ -1,4 +1,4 @@
-// Shared by the node's pages: DOM building without innerHTML (every value is text), JSON requests.
+// Shared by the node's pages: DOM building from text nodes only (no markup from strings), JSON requests.
 'use strict';
 
 /** An element with attributes and children; strings become text nodes, null/false children are skipped. */
