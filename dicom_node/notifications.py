@@ -8,8 +8,9 @@ transaction: ``POST`` of a JSON payload, a timeout per call (``NotificationTimeo
 retries with doubling back-off (``NotificationBackoffSeconds``) up to ``NotificationRetries``
 attempts, then given up (logged, and counted in ``abscess_node_notification_failures_total``).
 
-A cursor in the job store's ``meta`` says up to which event deliveries were planned; the first
-worker that ever plans starts at the latest event (enabling webhooks does not replay history).
+A cursor in the job store's ``meta`` says up to which event deliveries were planned; it starts
+at the latest event when the first worker ever starts, and moves on whether or not webhooks
+are configured (enabling them later does not replay history).
 The payload names the job, its state, its UIDs and its error, never a patient's name or ID
 (job errors carry UIDs only: :mod:`dicom_node.phi`).
 """
@@ -76,6 +77,8 @@ class NotificationQueue:
     def __init__(self, store: JobStore) -> None:
         self.store = store
         store.db.executescript(_SCHEMA)
+        if store.get_meta(CURSOR) is None:  # a new node: its notifications start now
+            store.set_meta(CURSOR, str(store.last_event_id()))
 
     def plan(self, webhooks: Sequence[Webhook]) -> int:
         """Turn the job events since the cursor into deliveries for the webhooks subscribed to their state.
@@ -83,16 +86,11 @@ class NotificationQueue:
         Returns:
             The number of deliveries added.
         """
-        cursor = self.store.get_meta(CURSOR)
-        if cursor is not None and self.store.last_event_id() <= int(cursor):
+        if self.store.last_event_id() <= int(self.store.get_meta(CURSOR) or 0):
             return 0  # nothing new: no write transaction
         added = 0
         with self.store.transaction():
-            cursor = self.store.get_meta(CURSOR)
-            if cursor is None:  # the first planner starts now: enabling webhooks does not replay history
-                self.store.set_meta(CURSOR, str(self.store.last_event_id()))
-                return 0
-            events = self.store.events_after(int(cursor))
+            events = self.store.events_after(int(self.store.get_meta(CURSOR) or 0))
             for event in events:
                 body = json.dumps(payload(event))
                 for webhook in webhooks:

@@ -75,9 +75,9 @@ def finish(store: JobStore, orthanc_id: str, state: str, error: str | None = Non
 def test_one_call_per_finished_job_in_a_subscribed_state(tmp_path: Path, receiver: Receiver):
     config = config_for(tmp_path, [{"Url": receiver.url, "On": ["failed", "done"]}])
     store = JobStore(config.jobs_database)
-    queue = NotificationQueue(store)
-    old = finish(store, "before-webhooks", "done")
-    assert send_due_notifications(queue, config) == 0  # the first planner starts now: no history replayed
+    old = finish(store, "before-the-first-worker", "done")
+    queue = NotificationQueue(store)  # the first worker starts: notifications start now, no history replayed
+    assert send_due_notifications(queue, config) == 0
     done = finish(store, "s-done", "done")
     failed = finish(store, "s-failed", "failed", error="series 1.2.3: PixelSpacing (0028,0030) missing")
     finish(store, "s-skipped", "skipped", error="no CT series")
