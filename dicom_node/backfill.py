@@ -139,7 +139,8 @@ class RichProgress:
 
     def __init__(self) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as Bar
 
         self.bar = Bar(TextColumn("backfill"), BarColumn(), MofNCompleteColumn(), TextColumn("processed"),
                        TextColumn("· {task.fields[queued]} queued"), TimeElapsedColumn(),

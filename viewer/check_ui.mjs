@@ -10,21 +10,13 @@
 // checks are the test's (Python); this script only drives the browser. Uses Debian's
 // /usr/bin/chromium (CHROMIUM overrides it); never downloads a browser.
 
-import fs from 'node:fs';
 import path from 'node:path';
-import { chromium } from 'playwright-core';
+import { launchChromium, logger, readJob, runSteps } from './driver.mjs';
 
-const job = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
+const job = readJob();
 const STEP_TIMEOUT = Number(job.stepTimeoutMs || 60000);
-const log = (...parts) => console.error(`[check_ui ${new Date().toISOString().slice(11, 19)}]`, ...parts);
-
-fs.mkdirSync(job.outDir, { recursive: true });
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  headless: true,
-  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-         '--disable-component-update', '--disable-sync'],
-});
+const log = logger('check_ui');
+const browser = await launchChromium();
 const result = { consoleErrors: [], httpErrors: [], outsideRequests: [] };
 
 async function openPage(credentials, viewport = { width: 1400, height: 900 }) {
@@ -78,8 +70,10 @@ async function dashboard() {
 
   log('without a login');
   const stranger = await openPage(null);
-  const refused = await stranger.goto(job.url, { waitUntil: 'load' });
-  result.anonymousStatus = refused.status();
+  const answered = stranger.waitForResponse((response) => response.url() === job.url);
+  const shown = await stranger.goto(job.url, { waitUntil: 'load' }).then(() => 'page', (error) => String(error).split('\n')[0]);
+  result.anonymousStatus = (await answered).status();  // Chromium stops at the login prompt it cannot answer
+  result.anonymousPage = shown;
 
   log('open', job.ohifUrl);
   const viewer = await openPage(job.credentials);
@@ -118,7 +112,7 @@ async function gallery() {
   await page.screenshot({ path: result.screenshot, fullPage: true });
 
   log('as a user the policy refuses');
-  const refused = await openPage(job.refusedCredentials);
+  const refused = await openPage(job.refusedCredentials);  // logged in, but not allowed similar cases
   await refused.goto(job.url, { waitUntil: 'load' });
   const notice = refused.locator('#message .notice.error');
   await notice.waitFor({ state: 'visible' });
@@ -126,12 +120,4 @@ async function gallery() {
   result.refusedCards = await refused.locator('article.case').count();
 }
 
-try {
-  await (job.mode === 'gallery' ? gallery() : dashboard());
-} catch (error) {
-  result.error = String(error?.stack || error);
-} finally {
-  await browser.close();
-}
-process.stdout.write(JSON.stringify(result) + '\n');
-process.exit(result.error ? 1 : 0);
+await runSteps(browser, result, () => (job.mode === 'gallery' ? gallery() : dashboard()));

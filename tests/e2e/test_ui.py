@@ -15,10 +15,7 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -33,42 +30,14 @@ from tooling import demo
 from tooling.convert import StudyInfo, volume_to_ct_series, write_series
 from tooling.orthanc_harness import ADMIN, OrthancProcess, scratch_node_configuration
 from tooling.phantoms import make_case
+from tooling.webhook_receiver import WebhookReceiver
 
-VIEWER_DIR = CHECKOUT / "viewer"
 ARTIFACTS = CHECKOUT / "runtime" / "test-artifacts" / "ui"
 SCREENSHOTS = CHECKOUT / "docs" / "screenshots"
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-DRIVER_TIMEOUT_S = 240
 CLERK = ("clerk", "clerk-password-not-on-the-list")  # authenticated, not in AllowedSimilarCasesUsers
 PHANTOM_SEEDS = (21, 22, 23)
 K = 3
 EXTERNAL_WORKER = "worker-on-another-machine"
-
-
-class WebhookReceiver(ThreadingHTTPServer):
-    """The hospital's webhook endpoint: records every POSTed JSON body."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _ReceiverHandler)
-        self.bodies: list[dict] = []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/abscess-node-events"
-
-
-class _ReceiverHandler(BaseHTTPRequestHandler):
-    server: WebhookReceiver
-
-    def log_message(self, format: str, *args) -> None:
-        pass
-
-    def do_POST(self) -> None:
-        self.server.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-        self.send_response(204)
-        self.end_headers()
 
 
 def scrape(node: OrthancProcess) -> dict[tuple[str, tuple], float]:
@@ -108,21 +77,14 @@ def phantom_study(seed: int) -> list:
 
 @pytest.fixture(scope="module")
 def receiver():
-    server = WebhookReceiver()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    """The hospital's webhook endpoint."""
+    with WebhookReceiver() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
-def ui_node(tmp_path_factory, weights_path, forward_scp, receiver, ct_crop, sample):
+def ui_node(tmp_path_factory, weights_path, forward_scp, receiver, ct_crop, sample, browser_driver):
     """The node with a done demo study, three done phantom studies, a failed study and a running job."""
-    for needed, hint in ((VIEWER_DIR / "www" / "viewer", "run `make viewer`"),
-                         (VIEWER_DIR / "node_modules" / "playwright-core", "run `make viewer`"),
-                         (Path(CHROMIUM), "apt-get install chromium")):
-        if not needed.exists():
-            pytest.fail(f"{needed} is missing: {hint}")
     sample("ct_head")
     directory = tmp_path_factory.mktemp("ui-node")
     config = scratch_node_configuration(
@@ -178,30 +140,6 @@ def ui_node(tmp_path_factory, weights_path, forward_scp, receiver, ct_crop, samp
         if held is not None:
             JobStore(directory / "jobs.sqlite").finish(held, "skipped", error="released by the test's external worker")
         node.stop()
-
-
-def run_driver(job: dict, workdir: Path) -> dict:
-    """Run viewer/check_ui.mjs; its whole process group is ended whatever happens."""
-    job_path = workdir / "job.json"
-    job_path.write_text(json.dumps(job))
-    process = subprocess.Popen(["node", str(VIEWER_DIR / "check_ui.mjs"), str(job_path)], cwd=VIEWER_DIR,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=DRIVER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"the browser driver ran over {DRIVER_TIMEOUT_S} s:\n{stderr[-3000:]}")
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)  # a Chromium left behind by a crashed driver
-        except ProcessLookupError:
-            pass
-    lines = [line for line in stdout.splitlines() if line.startswith("{")]
-    assert lines, f"no result from the browser driver (exit {process.returncode}):\n{stderr[-3000:]}"
-    result = json.loads(lines[-1])
-    assert "error" not in result, f"{result['error']}\n{stderr[-3000:]}\nHTTP errors: {result.get('httpErrors')}"
-    return result
 
 
 def keep_screenshot(source: str, name: str) -> None:
@@ -277,11 +215,11 @@ def test_unauthenticated_access_is_refused(ui_node):
     assert forged.status_code == 415
 
 
-def test_dashboard_shows_jobs_and_retries_the_failed_one(ui_node, tmp_path):
+def test_dashboard_shows_jobs_and_retries_the_failed_one(ui_node, tmp_path, browser_driver):
     node, jobs = ui_node.node, ui_node.jobs
     done, failed, running = jobs["demo"], jobs["broken"], ui_node.running
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    result = run_driver({"mode": "dashboard", "url": node.url + "/abscess-node/ui/", "ohifUrl": node.url + "/ohif/",
+    result = browser_driver("check_ui.mjs", {"mode": "dashboard", "url": node.url + "/abscess-node/ui/", "ohifUrl": node.url + "/ohif/",
                          "credentials": {"username": node.credentials[0], "password": node.credentials[1]},
                          "outDir": str(ARTIFACTS), "expand": [running["id"], failed["id"], done["id"]],
                          "retry": failed["id"]}, tmp_path)
@@ -327,7 +265,7 @@ def has_overlay(picture: np.ndarray) -> int:
     return int(((picture[..., 0] > 200) & (picture[..., 1] < 140) & (picture[..., 2] < 90)).sum())
 
 
-def test_gallery_of_the_demo_study(ui_node, tmp_path):
+def test_gallery_of_the_demo_study(ui_node, tmp_path, browser_driver):
     node = ui_node.node
     demo_uid = ui_node.studies["demo"][0].StudyInstanceUID
     demo_id = orthanc_id(node, demo_uid)
@@ -340,7 +278,7 @@ def test_gallery_of_the_demo_study(ui_node, tmp_path):
 
     out = ARTIFACTS / "gallery"
     shutil.rmtree(out, ignore_errors=True)
-    result = run_driver({"mode": "gallery", "url": f"{node.url}/abscess-node/ui/similar.html?study={demo_id}&mode=roi&k={K}",
+    result = browser_driver("check_ui.mjs", {"mode": "gallery", "url": f"{node.url}/abscess-node/ui/similar.html?study={demo_id}&mode=roi&k={K}",
                          "credentials": {"username": node.credentials[0], "password": node.credentials[1]},
                          "refusedCredentials": {"username": CLERK[0], "password": CLERK[1]}, "cases": K,
                          "outDir": str(out)}, tmp_path)

@@ -122,7 +122,7 @@ def test_the_gallery_lists_ranked_cases_with_their_slice_pairs(tmp_path: Path):
 
 
 def test_a_pseudonymised_gallery_names_no_real_study_not_even_in_its_urls(tmp_path: Path):
-    gallery, slices = gallery_for(tmp_path, pseudonymize=True)
+    gallery, _ = gallery_for(tmp_path, pseudonymize=True)
     status, body = gallery.answer("1.2.7.0", {"k": "3", "pairs": "3", "mode": "study"}, "radiologist")
     assert status == 200 and body["pseudonymized"] is True
     shown = json.dumps(body["cases"])

@@ -3,10 +3,7 @@ retries with back-off, a timeout, give-up, no patient data, no history replayed.
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -15,49 +12,15 @@ from dicom_node.config import NodeConfig
 from dicom_node.jobs import JobStore
 from dicom_node.metrics import NOTIFICATION_FAILURES, MetricsStore
 from dicom_node.notifications import NotificationQueue, send_due_notifications
+from tooling.webhook_receiver import WebhookReceiver
 
 LEASE = 60.0
 
 
-class Receiver(ThreadingHTTPServer):
-    """Records every POST; answers ``failures`` 500s first, or sleeps ``delay`` seconds before answering."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), ReceiverHandler)
-        self.calls: list[dict] = []
-        self.failures = 0
-        self.delay = 0.0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/hook"
-
-
-class ReceiverHandler(BaseHTTPRequestHandler):
-    server: Receiver
-
-    def log_message(self, format: str, *args) -> None:
-        pass
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.calls.append({"path": self.path, "type": self.headers["Content-Type"], "body": body})
-        time.sleep(self.server.delay)
-        failing = self.server.failures > 0
-        self.server.failures -= 1
-        self.send_response(500 if failing else 204)
-        self.end_headers()
-
-
 @pytest.fixture
 def receiver():
-    server = Receiver()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with WebhookReceiver() as server:
+        yield server
 
 
 def config_for(tmp_path: Path, webhooks: list[dict], **extra) -> NodeConfig:
@@ -72,7 +35,7 @@ def finish(store: JobStore, orthanc_id: str, state: str, error: str | None = Non
     return job["id"]
 
 
-def test_one_call_per_finished_job_in_a_subscribed_state(tmp_path: Path, receiver: Receiver):
+def test_one_call_per_finished_job_in_a_subscribed_state(tmp_path: Path, receiver: WebhookReceiver):
     config = config_for(tmp_path, [{"Url": receiver.url, "On": ["failed", "done"]}])
     store = JobStore(config.jobs_database)
     old = finish(store, "before-the-first-worker", "done")
@@ -86,7 +49,7 @@ def test_one_call_per_finished_job_in_a_subscribed_state(tmp_path: Path, receive
     calls = {call["body"]["job_id"]: call for call in receiver.calls}
     assert sorted(calls) == [done, failed] and old not in calls and len(receiver.calls) == 2
     body = calls[failed]["body"]
-    assert calls[failed]["type"] == "application/json" and calls[failed]["path"] == "/hook"
+    assert calls[failed]["content_type"] == "application/json" and calls[failed]["path"] == "/abscess-node-events"
     assert body["event"] == "job.failed" and body["state"] == "failed" and "PixelSpacing" in body["error"]
     assert body["orthanc_study_id"] == "s-failed" and body["study_uid"].startswith("1.2.826.0.1.")
     assert body["job_url"] == f"/abscess-node/jobs/{failed}"
@@ -94,7 +57,7 @@ def test_one_call_per_finished_job_in_a_subscribed_state(tmp_path: Path, receive
     assert [d["state"] for d in queue.deliveries()] == ["sent", "sent"]
 
 
-def test_a_failing_receiver_is_retried_then_given_up(tmp_path: Path, receiver: Receiver):
+def test_a_failing_receiver_is_retried_then_given_up(tmp_path: Path, receiver: WebhookReceiver):
     config = config_for(tmp_path, [{"Url": receiver.url, "On": ["done"]}], NotificationRetries=3)
     store = JobStore(config.jobs_database)
     queue = NotificationQueue(store)
@@ -117,7 +80,7 @@ def test_a_failing_receiver_is_retried_then_given_up(tmp_path: Path, receiver: R
     assert MetricsStore(store).samples(NOTIFICATION_FAILURES) == {(): {"": 4.0}}
 
 
-def test_a_slow_receiver_times_out_and_an_unreachable_one_is_named(tmp_path: Path, receiver: Receiver):
+def test_a_slow_receiver_times_out_and_an_unreachable_one_is_named(tmp_path: Path, receiver: WebhookReceiver):
     config = config_for(tmp_path, [{"Url": receiver.url, "On": ["done"]}, {"Url": "http://127.0.0.1:9/", "On": ["done"]}],
                         NotificationTimeoutSeconds=1, NotificationRetries=1)
     store = JobStore(config.jobs_database)
@@ -132,7 +95,7 @@ def test_a_slow_receiver_times_out_and_an_unreachable_one_is_named(tmp_path: Pat
     assert errors == ["no answer within 1 s", "unreachable (ConnectionError)"]
 
 
-def test_without_webhooks_the_cursor_still_moves(tmp_path: Path, receiver: Receiver):
+def test_without_webhooks_the_cursor_still_moves(tmp_path: Path, receiver: WebhookReceiver):
     quiet = config_for(tmp_path, [])
     store = JobStore(quiet.jobs_database)
     queue = NotificationQueue(store)
