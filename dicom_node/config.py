@@ -53,6 +53,21 @@ class SeriesRules:
     max_pixels_per_slice: int = 1024 * 1024
 
 
+@dataclasses.dataclass(frozen=True)
+class Webhook:
+    """One entry of ``Notifications``: where to POST, and for which final job states.
+
+    Attributes:
+        url: an ``http://`` or ``https://`` URL.
+        on: the job states that are sent (done, failed, skipped, cancelled).
+    """
+
+    url: str
+    on: tuple[str, ...] = ("failed",)
+
+
+WEBHOOK_STATES = ("done", "failed", "skipped", "cancelled")
+
 SERIES_RULE_KEYS = {
     "Modalities": "modalities",
     "MinSlices": "min_slices",
@@ -102,6 +117,10 @@ class NodeConfig:
     forward_backoff_seconds: int = 30
     forward_timeout_seconds: int = 300
     index_lock_timeout_seconds: int = 120
+    notifications: tuple[Webhook, ...] = ()
+    notification_retries: int = 5
+    notification_timeout_seconds: int = 10
+    notification_backoff_seconds: int = 30
 
     @classmethod
     def from_section(cls, section: dict[str, Any] | None, base_directory: Path = CHECKOUT) -> "NodeConfig":
@@ -141,7 +160,7 @@ class NodeConfig:
                 value = {name: (list(v) if isinstance(v, tuple) else v) for name, v in
                          ((jk, getattr(value, attr)) for jk, attr in SERIES_RULE_KEYS.items())}
             elif isinstance(value, tuple):
-                value = list(value)
+                value = [{"Url": v.url, "On": list(v.on)} if isinstance(v, Webhook) else v for v in value]
             section[json_key] = value
         return json.dumps(section, indent=1)
 
@@ -197,6 +216,10 @@ class Key:
             return tuple(raw)
         if self.kind == "series-rules":
             return _series_rules(where, raw)
+        if self.kind == "webhooks":
+            if not isinstance(raw, list):
+                raise ConfigError(f'{where}: expected a list like [{{"Url": "https://...", "On": ["failed"]}}], got {raw!r}')
+            return tuple(_webhook(f"{where}[{i}]", item) for i, item in enumerate(raw))
         raise AssertionError(self.kind)
 
 
@@ -204,6 +227,18 @@ def _ae_title(where: str, raw: Any) -> str:
     if not isinstance(raw, str) or not AE_TITLE.match(raw) or not raw.strip():
         raise ConfigError(f"{where}: {raw!r} is not a DICOM AE title (1-16 printable characters, no backslash)")
     return raw.strip()
+
+
+def _webhook(where: str, raw: Any) -> Webhook:
+    if not isinstance(raw, dict) or set(raw) - {"Url", "On"}:
+        raise ConfigError(f'{where}: expected an object with "Url" and "On" only, got {raw!r}')
+    url = raw.get("Url")
+    if not isinstance(url, str) or not re.match(r"^https?://[^\s/]+", url):
+        raise ConfigError(f"{where}.Url: expected an http:// or https:// URL, got {url!r}")
+    on = raw.get("On", ["failed"])
+    if not isinstance(on, list) or not on or not all(state in WEBHOOK_STATES for state in on):
+        raise ConfigError(f"{where}.On: expected a non-empty list of {', '.join(WEBHOOK_STATES)}, got {on!r}")
+    return Webhook(url, tuple(dict.fromkeys(on)))
 
 
 def _series_rules(where: str, raw: Any) -> SeriesRules:
@@ -271,6 +306,10 @@ KEYS: dict[str, Key] = {
     "HeartbeatSeconds": Key("heartbeat_seconds", "int", "How often a worker renews the lease of its job (well below LeaseSeconds).", minimum=1, maximum=600),
     "MaxAttempts": Key("max_attempts", "int", "Attempts at one job (crashes, lapsed leases, transient errors) before it ends failed with every attempt's error; a re-run is then explicit.", minimum=1, maximum=20),
     "IndexLockTimeoutSeconds": Key("index_lock_timeout_seconds", "int", "Longest wait for the case index's write lock before the step fails with a clear error.", minimum=1, maximum=3600),
+    "Notifications": Key("notifications", "webhooks", "Webhooks: a list of {\"Url\": \"https://...\", \"On\": [\"failed\", \"done\"]}; the workers POST a JSON payload (job id, state, UIDs, error; never a patient name or ID) when a job ends in a listed state (done, failed, skipped, cancelled)."),
+    "NotificationRetries": Key("notification_retries", "int", "Attempts per webhook call before it is given up (logged and counted in the metrics).", minimum=1, maximum=20),
+    "NotificationTimeoutSeconds": Key("notification_timeout_seconds", "int", "Longest wait for a webhook receiver to answer one call.", minimum=1, maximum=300),
+    "NotificationBackoffSeconds": Key("notification_backoff_seconds", "int", "Wait before the second attempt of a failed webhook call (doubled after each failure).", minimum=1, maximum=3600),
 }
 
 @dataclasses.dataclass(frozen=True)

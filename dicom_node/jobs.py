@@ -16,6 +16,9 @@ A job is a **lease**, not a row with a timeout:
 * ``outputs`` remembers, per source series, the content fingerprint and the SEG/SR we stored;
   ``forwards`` what is sent to which destination (retried with back-off until it succeeds or
   gives up, visibly); ``erasures`` the studies Orthanc deleted.
+* ``job_events`` is an append-only log of every job reaching a final state (done, failed,
+  skipped, cancelled), written in the transaction that ends it, whichever process does so: the
+  finished-jobs counters of the metrics and the webhooks (:mod:`dicom_node.notifications`) read it.
 
 Every process and thread has its own connection; waits for the write lock are bounded
 (``busy_seconds``), and a wait that runs out raises :class:`StoreBusy` with a clear message.
@@ -65,7 +68,14 @@ CREATE TABLE IF NOT EXISTS forwards (
 );
 CREATE INDEX IF NOT EXISTS idx_forwards_due ON forwards (state, next_attempt);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS job_events (
+    id INTEGER PRIMARY KEY, job_id INTEGER NOT NULL, state TEXT NOT NULL, at REAL NOT NULL, job TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS idx_job_events_state ON job_events (state);
 """
+EVENT_FIELDS = ("id", "state", "reason", "study_uid", "orthanc_study_id", "series_uid", "attempts", "error", "created",
+                "finished", "priority")
+"""What a job event keeps of the job (UIDs and states only: no patient name or ID is ever in a job)."""
 # columns added after the first release: (name, declaration); added to old databases at open
 _ADDED_COLUMNS = (
     ("priority", "INTEGER NOT NULL DEFAULT 0"),
@@ -255,6 +265,8 @@ class JobStore:
             if timings is not None:
                 fields["timings"] = timings
             self._set(lease.job_id, fields)
+            if new_state != "queued":
+                self._ended(lease.job_id)
         return new_state
 
     def reap(self, max_attempts: int = 3, now: float | None = None) -> list[dict[str, Any]]:
@@ -290,12 +302,17 @@ class JobStore:
         else:
             fields.update(state="queued", reason=reason, worker=None, not_before=0)
         self._set(row["id"], fields)
+        if fields["state"] == "failed":
+            self._ended(row["id"])
         return {"id": row["id"], "worker": row["worker"], "state": fields["state"]}
 
     def cancel(self, job_id: int) -> bool:
         """Cancel a queued job (a running one finishes its attempt); True when it was cancelled."""
-        changed = self.db.execute("update jobs set state = 'cancelled', finished = ? where id = ? and state = 'queued'",
-                                  [_now(), job_id]).rowcount
+        with self._immediate():
+            changed = self.db.execute("update jobs set state = 'cancelled', finished = ? where id = ? and state = 'queued'",
+                                      [_now(), job_id]).rowcount
+            if changed == 1:
+                self._ended(job_id)
         return changed == 1
 
     def running_jobs(self) -> list[dict[str, Any]]:
@@ -431,10 +448,12 @@ class JobStore:
                             "last_error = ?, updated = ? where id = ?",
                             [state, attempts, next_attempt, None if sent else error, _now(), forward_id])
             if state == "failed":  # given up: the job says so
-                self.db.execute(
+                changed = self.db.execute(
                     "update jobs set state = 'failed', error = ? where id = ? and state in ('done', 'failed')",
                     [f"SEG and SRs stored, but forwarding to {row['destination']} gave up after {attempts} attempt(s): "
-                     f"{error}", row["job_id"]])
+                     f"{error}", row["job_id"]]).rowcount
+                if changed:
+                    self._ended(row["job_id"])
         return state
 
     # ------------------------------------------------------------- erasures
@@ -451,6 +470,34 @@ class JobStore:
     def erasure_done(self, erasure_id: int) -> None:
         """Mark an erasure done (the study is gone from the index)."""
         self.db.execute("update erasures set done = ? where id = ?", [_now(), erasure_id])
+
+    # ----------------------------------------------------------------- events
+    def _ended(self, job_id: int) -> None:
+        """Log that a job reached a final state (inside the transaction that ended it)."""
+        row = self.db.execute(f"select {', '.join(EVENT_FIELDS)} from jobs where id = ?", [job_id]).fetchone()
+        self.db.execute("insert into job_events (job_id, state, at, job) values (?, ?, ?, ?)",
+                        [job_id, row["state"], time.time(), json.dumps(dict(row))])
+
+    def events_after(self, event_id: int, limit: int = 500) -> list[dict[str, Any]]:
+        """Job events with an id above ``event_id``, oldest first: id, job_id, state, at, job (a snapshot)."""
+        rows = self.db.execute("select * from job_events where id > ? order by id limit ?", [int(event_id), int(limit)])
+        return [{**dict(row), "job": json.loads(row["job"])} for row in rows]
+
+    def last_event_id(self) -> int:
+        """The id of the latest job event (0 when there is none)."""
+        return int(self.db.execute("select coalesce(max(id), 0) from job_events").fetchone()[0])
+
+    def finished_counts(self) -> dict[str, int]:
+        """How many times a job reached each final state, ever (a counter: the log is append-only)."""
+        counted = {state: 0 for state in FINAL_STATES}
+        for row in self.db.execute("select state, count(*) as n from job_events group by state"):
+            counted[row["state"]] = row["n"]
+        return counted
+
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        """One write transaction on this database (``BEGIN IMMEDIATE``, bounded wait), for the modules that
+        keep tables of their own in it (:mod:`dicom_node.metrics`, :mod:`dicom_node.notifications`)."""
+        return self._immediate()
 
     # ------------------------------------------------------------------ meta
     def get_meta(self, key: str) -> str | None:

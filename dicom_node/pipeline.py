@@ -149,8 +149,9 @@ class WorkerContext:
     keeper: LeaseKeeper
 
 
-def process_job(job: dict[str, Any], context: WorkerContext) -> None:
-    """Run one claimed job to the end of its attempt; never raises for bad input.
+def process_job(job: dict[str, Any], context: WorkerContext) -> str | None:
+    """Run one claimed job to the end of its attempt; never raises for bad input. Returns the job's
+    new state (None when the lease was lost: the outcome is another worker's).
 
     Bad input (:class:`InputError`) fails the job for good; Orthanc errors, a full disk and
     unexpected errors fail the attempt, which is retried (after a back-off) until
@@ -174,7 +175,7 @@ def process_job(job: dict[str, Any], context: WorkerContext) -> None:
         except LeaseLost as lost:
             log.warning("job %s: %s; stopping without writing anything more", job_id, lost)
             shutil.rmtree(work_dir, ignore_errors=True)
-            return
+            return None
         except InputError as error:
             state, message, result = "failed", str(error), None
         except OrthancError as error:
@@ -195,9 +196,10 @@ def process_job(job: dict[str, Any], context: WorkerContext) -> None:
                                              timings=watch.seconds, retry=retry, max_attempts=config.max_attempts)
         except LeaseLost as lost:
             log.warning("job %s: %s; its outcome is not recorded", job_id, lost)
-            return
+            return None
         log.info("job %s study %s: %s %s", job_id, job.get("study_uid") or job["orthanc_study_id"], new_state,
                  f"({message})" if message else "")
+        return new_state
 
 
 def _os_error_message(error: OSError, config: NodeConfig) -> str:
@@ -291,6 +293,8 @@ def _process(job: dict[str, Any], study: dict[str, Any], context: WorkerContext,
                 [SliceRecord(i, str(h.SOPInstanceUID), float(z)) for i, (h, z) in enumerate(zip(geometry.headers, geometry.positions))],
                 segmented.slice_embeddings, segmented.roi_embeddings, lesions)
             similar = find_similar(index, SimilarQuery(study_uid, k=config.similar_cases_top_k))
+            index_size = {"studies": len(index.study_uids()), "slice": index.vector_count("slice"),
+                          "roi": index.vector_count("roi")}
     outputs = {"seg": seg, "measurements": measurements}
     if config.similar_cases_report != "off":
         with watch.stage("sr"):
@@ -329,7 +333,7 @@ def _process(job: dict[str, Any], study: dict[str, Any], context: WorkerContext,
               "similar_studies": [{"rank": case.rank, "study_uid": case.study_uid, "score": round(case.score, 6)}
                                   for case in similar],
               "algorithm": segmenter.info.as_dict(), "source_repairs": repaired.findings,
-              "peak_rss_mb": peak_rss_mb()}
+              "peak_rss_mb": peak_rss_mb(), "index_size": index_size}
     return "done", None, result
 
 

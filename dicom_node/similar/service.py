@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sqlite3
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +21,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.config import NodeConfig
 from dicom_node.jobs import JobStore
+from dicom_node.metrics import SIMILAR_QUERY_SECONDS, MetricsStore
 from dicom_node.orthanc_client import OrthancClient, OrthancError
 from dicom_node.pseudonyms import Pseudonymizer
 from dicom_node.similar.on_demand import SimilarCasesReports
@@ -53,11 +55,16 @@ log = logging.getLogger("abscess_node.similar_find")
 
 @dataclasses.dataclass(frozen=True)
 class Answer:
-    """The answer to one similar-case query: the index query, the cases as shown, the SR holding them."""
+    """The answer to one similar-case query: the index query, the cases as shown, the SR holding them.
+
+    ``indexed_cases`` are the same cases as indexed (real UIDs, in the same order): for the
+    service's own look-ups (the gallery's thumbnails), never for the caller.
+    """
 
     query: SimilarQuery
     cases: list[SimilarCase]
     report: tuple[str, str, str] | None
+    indexed_cases: list[SimilarCase] = dataclasses.field(default_factory=list, repr=False)
 
 
 class SimilarCaseService:
@@ -78,6 +85,7 @@ class SimilarCaseService:
         self.reports = SimilarCasesReports(config, client, self.pseudonymizer)
         self.policy = AccessPolicy(config)
         self.audit = AuditLog(config.log_directory)
+        self.metrics = MetricsStore(JobStore(config.jobs_database))
 
     def answer(self, request: ParsedRequest, caller: Caller, *, store_report: bool = False) -> Answer:
         """The one way to similar cases: access policy, search, report, pseudonymisation, audit.
@@ -92,6 +100,7 @@ class SimilarCaseService:
             QueryError: refused (0x0124), not indexed (0xC001), bad query (0xA900), index
                 unusable (0xA700), Orthanc look-up failed (0xC000).
         """
+        started = time.perf_counter()
         try:
             if not self.policy.allows(caller):
                 raise QueryError(REFUSED_NOT_AUTHORISED, self.policy.refusal(caller))
@@ -103,9 +112,15 @@ class SimilarCaseService:
             raise
         self.audit.record(caller, query.study_uid, [case.study_uid for case in cases], "answered",
                           f"{request.level} k={request.k} mode={query.mode}" + (" report" if report else ""))
-        if self.config.pseudonymize_similar_cases:
-            cases = [self.pseudonymizer.case(case) for case in cases]
-        return Answer(query, cases, report)
+        self._record_latency(caller, time.perf_counter() - started)
+        shown = [self.pseudonymizer.case(case) for case in cases] if self.config.pseudonymize_similar_cases else cases
+        return Answer(query, shown, report, indexed_cases=cases)
+
+    def _record_latency(self, caller: Caller, seconds: float) -> None:
+        try:
+            self.metrics.observe(SIMILAR_QUERY_SECONDS, seconds, route=caller.route)
+        except Exception:  # noqa: BLE001 - a busy job store loses one observation, not the answer
+            log.warning("similar-case query latency not recorded", exc_info=True)
 
     # -- the C-FIND handler ---------------------------------------------------------------------
     def find(self, identifier: Dataset, calling_aet: str) -> Iterator[tuple[Dataset, Dataset | None]]:
