@@ -36,6 +36,14 @@ def worker_pid(node: OrthancProcess, name: str = "worker-0") -> int:
     return pids[0]
 
 
+def pid_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def wait_until(condition, timeout: float, what: str, period: float = 0.2):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -163,9 +171,15 @@ def test_a_poison_study_fails_after_max_attempts(start_node, ct_crop, tmp_path):
 
 
 def test_a_job_over_its_time_limit_is_killed_and_failed(start_node, ct_crop, tmp_path):
-    node = start_node("timeout", {**SLOW, "JobTimeoutSeconds": 10, "MaxAttempts": 1})
-    study_uid = send(node, ct_crop, tmp_path, "timeout", slices=300)
-    failed = node.wait_for_job(study_uid, timeout=300)
+    # A hung worker (stopped, so no progress however fast the machine) holding a long lease: only the time
+    # limit can end the attempt.
+    node = start_node("timeout", {**SLOW, "JobTimeoutSeconds": 10, "MaxAttempts": 1, "LeaseSeconds": 600})
+    study_uid = send(node, ct_crop, tmp_path, "timeout", slices=150)
+    job = wait_until(lambda: running_in_stage(node, study_uid, "segment"), 300, "segmentation to start")
+    hung = worker_pid(node, job["worker"])
+    os.kill(hung, signal.SIGSTOP)
+    failed = node.wait_for_job(study_uid, timeout=120)
+    assert not pid_alive(hung)
     assert failed["state"] == "failed" and "exceeded JobTimeoutSeconds=10" in failed["error"]
     print(f"time limit: {failed['error'][:160]}")
     healthy = send(node, ct_crop, tmp_path, "after-timeout")  # the restarted worker takes the next study
