@@ -84,7 +84,7 @@ def writer_loop(directory: Path, dim: int, seed: int) -> None:
         started = time.perf_counter()
         with open_index(directory) as index:
             index.replace_study(*synthetic.study(uid))
-            find_similar(index, SimilarQuery(uid, k=5), pseudonymize=False)
+            find_similar(index, SimilarQuery(uid, k=5))
         print(f"indexed {uid} {time.perf_counter() - started:.3f}", flush=True)
 
 
@@ -139,7 +139,7 @@ def reopen_query(config: NodeConfig) -> Callable[[str], None]:
         with open_index(config.index_directory) as index:
             if study_uid not in set(index.study_uids()):
                 raise RuntimeError(f"{study_uid} is not indexed")
-            if not find_similar(index, SimilarQuery(study_uid, k=config.similar_cases_top_k), pseudonymize=False):
+            if not find_similar(index, SimilarQuery(study_uid, k=config.similar_cases_top_k)):
                 raise RuntimeError(f"no answer for {study_uid}")
     return run
 
