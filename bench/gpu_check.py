@@ -302,6 +302,10 @@ def check_query(cuda: bool, count: int) -> dict[str, Any]:
             "query_p50_ms": float(np.percentile(times, 50)), "query_p99_ms": float(np.percentile(times, 99))}
 
 
+SECTIONS = ("scan", "vmunet", "faiss", "query")
+"""The checks after ``machine``, in the order they run (the budget runs out at the end first)."""
+
+
 class _ListHandler(logging.Handler):
     def __init__(self, lines: list[str]) -> None:
         super().__init__()
@@ -317,17 +321,27 @@ def main() -> None:
     parser.add_argument("--budget-seconds", type=float, default=400.0)
     parser.add_argument("--vectors", type=int, default=1_000_000, help="faiss build comparison size (GPU)")
     parser.add_argument("--query-vectors", type=int, default=100_000, help="case index size of the query check (GPU)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated checks to run, in this order: {','.join(SECTIONS)} (machine always runs)")
     args = parser.parse_args()
+    chosen = set(args.sections.split(","))
+    if chosen - set(SECTIONS):
+        parser.error(f"unknown sections {sorted(chosen - set(SECTIONS))}; choose from {', '.join(SECTIONS)}")
     budget = Budget(args.budget_seconds)
     started = time.perf_counter()
     report: dict[str, Any] = {}
     section(report, "machine", budget, 0, machine)
     cuda = bool(report["machine"].get("cuda"))
     vectors, query_vectors = (args.vectors, args.query_vectors) if cuda else (5_000, 2_000)
-    section(report, "scan", budget, 10, lambda: check_scan(cuda))
-    section(report, "vmunet", budget, 30, lambda: check_vmunet(cuda))
-    section(report, "faiss", budget, 60, lambda: check_faiss(cuda, vectors, budget))
-    section(report, "query", budget, 40, lambda: check_query(cuda, query_vectors))
+    checks = {"scan": (10, lambda: check_scan(cuda)), "vmunet": (30, lambda: check_vmunet(cuda)),
+              "faiss": (60, lambda: check_faiss(cuda, vectors, budget)),
+              "query": (40, lambda: check_query(cuda, query_vectors))}
+    for name in SECTIONS:
+        if name in chosen:
+            needs_seconds, run = checks[name]
+            section(report, name, budget, needs_seconds, run)
+        else:
+            report[name] = {"skipped": "not in --sections"}
     report["total_s"] = round(time.perf_counter() - started, 1)
     args.out.write_text(json.dumps(report, indent=1, default=str))
     print(f"wrote {args.out} ({report['total_s']} s)")
