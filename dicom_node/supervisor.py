@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dicom_node.config import CHECKOUT, NodeConfig, WorkerSettings
-from dicom_node.jobs import JobStore
+from dicom_node.jobs import JobStore, open_job_store
 from dicom_node.private_files import write_private_file
 from dicom_node.similar.relay import RelayClient
 
@@ -72,7 +72,7 @@ class ProcessSupervisor:
         self.relay_token = secrets.token_urlsafe(32)
         self.relay_address_file = config.work_directory / f"{SERVICE}.address"
         self.relay = RelayClient(self.relay_address_file, self.relay_token)
-        self.store = JobStore(config.jobs_database)
+        self.store = open_job_store(config.jobs_database)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_watchdog = 0.0

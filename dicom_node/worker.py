@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from dicom_node.config import NodeConfig, WorkerSettings
-from dicom_node.jobs import JobStore, Lease
+from dicom_node.jobs import JobStore, Lease, open_job_store
 from dicom_node.orthanc_client import OrthancClient, OrthancError
 from dicom_node.pipeline import LeaseKeeper, WorkerContext, process_job
 from dicom_node.pseudonyms import Pseudonymizer
@@ -122,7 +122,7 @@ def run_worker(settings: WorkerSettings, poll_seconds: float = 0.5, once: bool =
     die_with_parent()
     parent = os.getppid()
     config = settings.node
-    store = JobStore(config.jobs_database)
+    store = open_job_store(config.jobs_database)
     client = OrthancClient(settings.orthanc_url, settings.authorization)
     pseudonymizer = Pseudonymizer.from_file(config.pseudonym_secret_path)
     segmenter, load_error = load_segmenter(config)

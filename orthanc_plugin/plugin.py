@@ -21,7 +21,7 @@ from dicom_node import job_routes, ordinary_find
 from dicom_node.config import ConfigError, NodeConfig
 from dicom_node.intake import Intake
 from dicom_node.http_security import authenticated_user, orthanc_security_problems, query_arguments
-from dicom_node.jobs import JobStore
+from dicom_node.jobs import JobStore, open_job_store
 from dicom_node.similar.relay import RelayUnavailable
 from dicom_node.supervisor import ProcessSupervisor
 
@@ -187,7 +187,7 @@ def register() -> None:
         raise SystemExit(f"abscess-node: refusing to start: {'; '.join(problems)}")
     port = int(full_config.get("HttpPort", 8042))
     STATE["config"] = config
-    STATE["store"] = JobStore(config.jobs_database)
+    STATE["store"] = open_job_store(config.jobs_database)
     STATE["intake"] = Intake(STATE["store"], _rest_get, config.enabled, orthanc.LogError)
     STATE["intake_stop"] = threading.Event()
     retrieve_aet = str(full_config.get("DicomAet", "ORTHANC"))

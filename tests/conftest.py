@@ -22,6 +22,7 @@ import torch
 from dicom_node.config import CHECKOUT
 from tooling import sample_data
 from tooling.orthanc_harness import OrthancProcess, free_port, scratch_node_configuration
+from tooling.postgres import PostgresServer, PostgresUnavailable
 
 DEMO_WEIGHTS = CHECKOUT / "models" / "weights" / "vmunet-demo-v1.pt"
 TINY_VMUNET_CONFIG = {"dims": 16, "depths": [1, 1], "depths_decoder": [1, 1], "d_state": 4, "drop_path_rate": 0.0}
@@ -143,3 +144,20 @@ def node(tmp_path_factory: pytest.TempPathFactory, weights_path: Path, forward_s
     process = OrthancProcess(config, directory).start()
     yield process
     process.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL 15 (Debian's binaries, initdb in a temporary directory), for the session."""
+    try:
+        server = PostgresServer().start()
+    except PostgresUnavailable as error:
+        pytest.skip(f"PostgreSQL cannot run here: {error}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """URL of a fresh, empty database of the session's PostgreSQL server."""
+    return postgres_server.create_database()

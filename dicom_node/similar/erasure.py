@@ -14,7 +14,7 @@ import threading
 from typing import Protocol
 
 from dicom_node.config import NodeConfig
-from dicom_node.jobs import JobStore
+from dicom_node.jobs import JobStore, open_job_store
 from dicom_node.similar.policy import AuditLog, Caller
 from dicom_node.similar.query import open_index
 
@@ -57,7 +57,7 @@ def reconcile(config: NodeConfig, store: JobStore, exists: StudyExists) -> int:
 def run_erasures(config: NodeConfig, audit: AuditLog, exists: StudyExists, stop: threading.Event,
                  period_seconds: float = 1.0) -> None:
     """The service's erasure loop: reconcile once, then erase what the plugin records (until ``stop``)."""
-    store = JobStore(config.jobs_database)
+    store = open_job_store(config.jobs_database)
     try:
         if reconcile(config, store, exists):
             log.warning("studies deleted from Orthanc while the node was down are erased from the index")

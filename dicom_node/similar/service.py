@@ -19,7 +19,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from dicom_node.config import NodeConfig
-from dicom_node.jobs import JobStore
+from dicom_node.jobs import JobStore, open_job_store
 from dicom_node.orthanc_client import OrthancClient, OrthancError
 from dicom_node.pseudonyms import Pseudonymizer
 from dicom_node.similar.on_demand import SimilarCasesReports
@@ -166,7 +166,7 @@ class SimilarCaseService:
 
     def _not_indexed_comment(self, study_uid: str) -> str:
         try:
-            jobs = JobStore(self.config.jobs_database).list(study_uid=study_uid, limit=1)
+            jobs = open_job_store(self.config.jobs_database).list(study_uid=study_uid, limit=1)
         except Exception:  # noqa: BLE001 - the job store only words the message
             jobs = []
         if jobs and jobs[0]["state"] in ("queued", "running"):
@@ -228,7 +228,7 @@ class SimilarCaseService:
         """
         try:
             with open_index(self.config.index_directory, self.config.index_lock_timeout_seconds,
-                            on_rebuild=JobStore(self.config.jobs_database).requeue_for_reindex) as index:
+                            on_rebuild=open_job_store(self.config.jobs_database).requeue_for_reindex) as index:
                 query = self.resolve(request, index)
                 try:
                     results = find_similar(index, query)
