@@ -14,14 +14,23 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dicom_node.config import WorkerSettings
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     parser = argparse.ArgumentParser(prog="python -m dicom_node", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    worker = commands.add_parser("worker", help="claim and process jobs (started by the Orthanc plugin)")
-    worker.add_argument("--settings", type=Path, required=True, help="settings file written by the plugin")
+    worker = commands.add_parser("worker", help="claim and process jobs (started by the plugin, or on any machine)")
+    origin = worker.add_mutually_exclusive_group(required=True)
+    origin.add_argument("--settings", type=Path, help="settings file written by the plugin")
+    origin.add_argument("--config", type=Path,
+                        help="a remote worker: JSON with an AbscessNode section (OrthancUrl, OrthancUser, "
+                             "OrthancPasswordFile, JobsDatabase and IndexDatabase URLs, Device); see docs/scale-out.md")
+    worker.add_argument("--name", help="with --config: this worker's name in the jobs (default: host-pid)")
     worker.add_argument("--once", action="store_true", help="process at most one job, then exit")
     worker.add_argument("--log-file", type=Path, help="log here, rotated at 10 MB (5 files kept); default: stderr")
     init = commands.add_parser("init-secrets", help="create the admin's HTTP password and the pseudonym secret (make install)")
@@ -61,11 +70,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "init-secrets":
         return _init_secrets(args.directory)
     if args.command == "worker":
-        from dicom_node.config import WorkerSettings
+        from dicom_node.config import ConfigError, WorkerSettings
         from dicom_node.private_files import read_private_file
         from dicom_node.worker import run_worker
 
-        run_worker(WorkerSettings.from_json(read_private_file(args.settings)), once=args.once)
+        if args.settings:
+            run_worker(WorkerSettings.from_json(read_private_file(args.settings)), once=args.once)
+            return 0
+        try:
+            settings = _remote_worker_settings(args.config, args.name)
+        except (ConfigError, OSError) as error:
+            print(f"cannot start the worker: {error}", file=sys.stderr)
+            return 2
+        run_worker(settings, once=args.once, follow_parent=False)
         return 0
     return _serve(args)
 
@@ -86,6 +103,27 @@ def _init_secrets(directory: Path | None) -> int:
     if create_secret(directory / "pseudonym.key"):
         print(f"created the pseudonym secret {directory / 'pseudonym.key'}")
     return 0
+
+
+def _remote_worker_settings(config_path: Path, name: str | None) -> "WorkerSettings":
+    """A worker on a machine without Orthanc: Orthanc over REST (URL + a 0600 password file), databases by URL.
+
+    Raises:
+        ConfigError: the section is invalid, lacks OrthancUrl, or the password file is readable by others.
+    """
+    import socket
+
+    from dicom_node.config import ConfigError, NodeConfig, WorkerSettings
+
+    section = json.loads(config_path.read_text()).get("AbscessNode")
+    config = NodeConfig.from_section(section, base_directory=config_path.resolve().parent)
+    if not config.orthanc_url:
+        raise ConfigError(f"{config_path}: AbscessNode.OrthancUrl is required for a worker started with --config")
+    password_file = config.orthanc_password_file
+    if password_file.stat().st_mode & 0o077:
+        raise ConfigError(f"AbscessNode.OrthancPasswordFile {password_file} is readable by other users: chmod 600 it")
+    authorization = _basic_authorization(config.orthanc_user, password_file)
+    return WorkerSettings(config, config.orthanc_url, authorization, name or f"{socket.gethostname()}-{os.getpid()}")
 
 
 def _basic_authorization(user: str, password_file: Path | None) -> str | None:

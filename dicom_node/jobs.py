@@ -313,11 +313,16 @@ class JobStore:
             return [self._lapse(row, max_attempts, f"worker {row['worker']} lost its lease in stage "
                                 f"{row['stage']} (killed, hung or cut off)") for row in rows]
 
-    def requeue_all_running(self, reason: str, max_attempts: int = 3) -> list[dict[str, Any]]:
-        """At node start no worker can hold a job: every running job is lapsed at once."""
+    def requeue_all_running(self, reason: str, max_attempts: int = 3, worker_prefix: str = "") -> list[dict[str, Any]]:
+        """At node start none of its workers can hold a job: their running jobs are lapsed at once.
+
+        Args:
+            worker_prefix: only jobs of workers whose name starts with it (a shared store: this
+                Orthanc's own workers; remote workers' jobs lapse by their leases). Empty: all.
+        """
         with self._immediate():
-            rows = self._execute("select id, worker, attempts, stage, attempt_errors from jobs "
-                                   "where state = 'running'").fetchall()
+            rows = self._execute("select id, worker, attempts, stage, attempt_errors from jobs where state = 'running' "
+                                 "and substr(worker, 1, ?) = ?", [len(worker_prefix), worker_prefix]).fetchall()
             return [self._lapse(row, max_attempts, reason) for row in rows]
 
     def fail_attempt(self, job_id: int, message: str, max_attempts: int = 3) -> dict[str, Any] | None:

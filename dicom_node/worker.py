@@ -117,9 +117,16 @@ def remove_stale_scratch(store: JobStore, config: NodeConfig) -> None:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_worker(settings: WorkerSettings, poll_seconds: float = 0.5, once: bool = False) -> None:
-    """Claim and process jobs until the parent process goes away (or after one job with ``once``)."""
-    die_with_parent()
+def run_worker(settings: WorkerSettings, poll_seconds: float = 0.5, once: bool = False,
+               follow_parent: bool = True) -> None:
+    """Claim and process jobs until the parent process goes away (or after one job with ``once``).
+
+    A remote worker (``follow_parent=False``, started by an admin or systemd on a machine without
+    Orthanc) runs until it is stopped; a job it was working on then goes back to the queue when
+    its lease lapses.
+    """
+    if follow_parent:
+        die_with_parent()
     parent = os.getppid()
     config = settings.node
     store = open_job_store(config.jobs_database)
@@ -128,7 +135,7 @@ def run_worker(settings: WorkerSettings, poll_seconds: float = 0.5, once: bool =
     segmenter, load_error = load_segmenter(config)
     remove_stale_scratch(store, config)
     log.info("worker %s ready (pid %d)", settings.name, os.getpid())
-    while once or os.getppid() == parent:
+    while once or not follow_parent or os.getppid() == parent:
         reaped = store.reap(config.max_attempts)
         for job in reaped:
             log.warning("job %s: worker %s lost its lease; job %s", job["id"], job["worker"], job["state"])

@@ -48,9 +48,11 @@ def on_change(change_type: int, level: int, resource_id: str) -> None:
     elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
         config: NodeConfig = STATE["config"]
         store: JobStore = STATE["store"]
-        for job in store.requeue_all_running("the node stopped while this attempt ran", config.max_attempts):
+        supervisor: ProcessSupervisor = STATE["supervisor"]
+        for job in store.requeue_all_running("the node stopped while this attempt ran", config.max_attempts,
+                                             worker_prefix=supervisor.worker_prefix):
             orthanc.LogWarning(f"abscess-node: job {job['id']} interrupted by the last shutdown -> {job['state']}")
-        STATE["supervisor"].start()
+        supervisor.start()
         threading.Thread(target=_start_intake, name="abscess-node-intake", daemon=True).start()
     elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
         STATE["intake_stop"].set()
