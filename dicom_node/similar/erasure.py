@@ -34,7 +34,7 @@ def erase_pending(config: NodeConfig, store: JobStore, audit: AuditLog) -> int:
     erased = 0
     if not pending:
         return 0
-    with open_index(config.index_directory) as index:
+    with open_index(config.index_directory, database_url=config.index_database) as index:
         for erasure_id, orthanc_study_id in pending:
             for study_uid in index.study_uids_with(orthanc_study_id):
                 index.delete_study(study_uid)
@@ -46,7 +46,7 @@ def erase_pending(config: NodeConfig, store: JobStore, audit: AuditLog) -> int:
 
 def reconcile(config: NodeConfig, store: JobStore, exists: StudyExists) -> int:
     """Record an erasure for every indexed study that Orthanc no longer holds; how many."""
-    with open_index(config.index_directory) as index:
+    with open_index(config.index_directory, database_url=config.index_database) as index:
         known = index.orthanc_study_ids()
     missing = {orthanc_id for orthanc_id in known.values() if not exists(orthanc_id)}
     for orthanc_id in sorted(missing):

@@ -135,7 +135,7 @@ class SimilarCasesReports:
 
     def _query_images(self, study_uid: str) -> list[Dataset]:
         """Headers of the indexed query series, in index slice order (the SR's query images)."""
-        with open_index(self.config.index_directory) as index:
+        with open_index(self.config.index_directory, database_url=self.config.index_database) as index:
             record = index.get_study(study_uid)
             by_index = index.slice_instance_uids(study_uid)
         instances = self.client.get_json(f"/series/{record.orthanc_series_id}/instances")

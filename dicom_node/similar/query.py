@@ -162,8 +162,13 @@ class IndexBusy(RuntimeError):
 
 @contextlib.contextmanager
 def open_index(directory: Path, lock_timeout_seconds: float = 120.0,
-               on_rebuild: Callable[[], None] | None = None) -> Iterator[CaseIndex]:
+               on_rebuild: Callable[[], None] | None = None, database_url: str = "") -> Iterator[CaseIndex]:
     """Open the case index under an exclusive lock (one writer across worker processes).
+
+    With ``database_url`` (``IndexDatabase``) the rows live in PostgreSQL and ``directory`` is
+    this machine's cache of them (:class:`index.shared.SharedCaseIndex`, synced from the change
+    log at open and before every query); the lock then only guards the local cache, writers on
+    all machines are serialised in PostgreSQL.
 
     A database that SQLite cannot read (corrupt, or not a database at all) is moved aside to
     ``<directory>.corrupt-<time>`` with a loud error, a fresh index is opened, and ``on_rebuild``
@@ -186,7 +191,7 @@ def open_index(directory: Path, lock_timeout_seconds: float = 120.0,
                 time.sleep(0.05)
         try:
             try:
-                index = CaseIndex.open(directory)
+                index = _open(directory, database_url)
             except sqlite3.DatabaseError as error:
                 quarantine = directory.with_name(f"{directory.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
                 log.error("case index %s is unreadable (%s): moved to %s, starting an empty index", directory, error,
@@ -195,8 +200,8 @@ def open_index(directory: Path, lock_timeout_seconds: float = 120.0,
                 for path in directory.iterdir():
                     if path.name != ".lock":
                         path.rename(quarantine / path.name)
-                index = CaseIndex.open(directory)
-                if on_rebuild is not None:
+                index = _open(directory, database_url)
+                if on_rebuild is not None and not database_url:  # a shared index is whole in PostgreSQL
                     on_rebuild()
             try:
                 yield index
@@ -204,6 +209,14 @@ def open_index(directory: Path, lock_timeout_seconds: float = 120.0,
                 index.close()
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _open(directory: Path, database_url: str) -> CaseIndex:
+    if not database_url:
+        return CaseIndex.open(directory)
+    from index.shared import SharedCaseIndex  # psycopg only where the index is shared
+
+    return SharedCaseIndex.open(directory, database_url)
 
 
 def study_record(study: dict[str, Any], series_uid: str, orthanc_series_id: str, fingerprint: str) -> StudyRecord:

@@ -228,7 +228,8 @@ class SimilarCaseService:
         """
         try:
             with open_index(self.config.index_directory, self.config.index_lock_timeout_seconds,
-                            on_rebuild=open_job_store(self.config.jobs_database).requeue_for_reindex) as index:
+                            on_rebuild=open_job_store(self.config.jobs_database).requeue_for_reindex,
+                            database_url=self.config.index_database) as index:
                 query = self.resolve(request, index)
                 try:
                     results = find_similar(index, query)
