@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools chromium
+APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb orthanc-postgresql postgresql-15 dcmtk dicom3tools chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install apt venv secrets data viewer demo stop test test-unit lint-imports bench clean
@@ -55,6 +55,7 @@ test-unit: venv lint-imports  ## the fast tier: tests/unit, no Orthanc, dcmtk or
 bench: install
 	$(PY) bench/segmentation.py
 	$(PY) bench/index.py --max-vectors 100000
+	nice -n 19 $(PY) bench/scale_out.py
 
 clean:
 	rm -rf runtime .pytest_cache

@@ -34,6 +34,8 @@ from dicom_node.pseudonyms import Pseudonymizer
 
 log = logging.getLogger("abscess_node.worker")
 PR_SET_PDEATHSIG = 1
+EXIT_OVER_TIME = 3
+"""Exit code of a remote worker that ended itself because a job outlived JobTimeoutSeconds."""
 
 
 def die_with_parent() -> None:
@@ -61,13 +63,25 @@ def load_segmenter(config: NodeConfig) -> tuple[Any, str | None]:
 
 
 @contextlib.contextmanager
-def heartbeating(store: JobStore, lease: Lease, config: NodeConfig) -> Iterator[LeaseKeeper]:
-    """Renew the lease from a thread while the block runs; the keeper says when it was lost."""
+def heartbeating(store: JobStore, lease: Lease, config: NodeConfig,
+                 own_watchdog: bool = False) -> Iterator[LeaseKeeper]:
+    """Renew the lease from a thread while the block runs; the keeper says when it was lost.
+
+    With ``own_watchdog`` (a remote worker: no supervisor watches it) a job that outlives
+    ``JobTimeoutSeconds`` ends the process: its lease then lapses, another worker re-queues the
+    job (the attempt counts) and the service manager restarts this one.
+    """
     keeper = LeaseKeeper(store, lease)
     stop = threading.Event()
+    deadline = time.monotonic() + config.job_timeout_seconds
 
     def beat() -> None:
         while not stop.wait(config.heartbeat_seconds):
+            if own_watchdog and time.monotonic() > deadline:
+                log.error("job %s: attempt exceeded JobTimeoutSeconds=%d; this worker exits and its lease lapses",
+                          lease.job_id, config.job_timeout_seconds)
+                logging.shutdown()
+                os._exit(EXIT_OVER_TIME)
             try:
                 if not store.heartbeat(lease, config.lease_seconds):
                     keeper.lost.set()
@@ -155,7 +169,7 @@ def run_worker(settings: WorkerSettings, poll_seconds: float = 0.5, once: bool =
         if load_error:
             store.finish(lease, "failed", error=load_error)
         else:
-            with heartbeating(store, lease, config) as keeper:
+            with heartbeating(store, lease, config, own_watchdog=not follow_parent) as keeper:
                 process_job(job, WorkerContext(config, store, client, segmenter, pseudonymizer, keeper))
             send_due_forwards(store, client, config)  # the first attempt of this job's forwards, at once
         if once:

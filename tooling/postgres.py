@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tooling.orthanc_harness import free_port
+from tooling.orthanc_harness import PLUGIN_DIRECTORY, free_port
 
 BINARIES = Path("/usr/lib/postgresql/15/bin")
 SUPERUSER = "postgres"
@@ -107,3 +107,17 @@ class PostgresServer:
                             "-w", "stop"], capture_output=True, cwd=self.directory)
         if self._owned_directory:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def orthanc_on_postgres(config: dict, server: PostgresServer, database: str) -> dict:
+    """An Orthanc configuration changed to keep its index and its DICOM files in PostgreSQL.
+
+    Debian's ``orthanc-postgresql`` 4.0 plugins, with ``"Lock": false`` so that several Orthanc
+    processes share the database (one ingesting with our plugin, others reading).
+    """
+    plugins = [*config.get("Plugins", []), str(PLUGIN_DIRECTORY / "libOrthancPostgreSQLIndex.so"),
+               str(PLUGIN_DIRECTORY / "libOrthancPostgreSQLStorage.so")]
+    section = {"EnableIndex": True, "EnableStorage": True, "Host": "127.0.0.1", "Port": server.port,
+               "Database": database, "Username": SUPERUSER, "Password": "", "Lock": False,
+               "IndexConnectionsCount": 2, "MaximumConnectionRetries": 10, "ConnectionRetryInterval": 1}
+    return {**config, "Plugins": plugins, "PostgreSQL": section}
