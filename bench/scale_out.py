@@ -148,13 +148,15 @@ def sync_lag(args: argparse.Namespace, server: PostgresServer) -> None:
     print(f"change-log check when nothing changed: median {1000 * statistics.median(idle):.2f} ms")
 
 
-def _query_latency(index: CaseIndex, study_uids: list[str], repeats: int) -> float:
-    durations = []
-    for uid in study_uids[:repeats]:
-        started = time.perf_counter()
-        index.similar_studies(uid, top=10, k=10)
-        durations.append(time.perf_counter() - started)
-    return statistics.median(durations)
+def _query_latencies(indexes: list[CaseIndex], study_uids: list[str]) -> list[float]:
+    """Median latency of each index over the same queries, interleaved (a busy machine slows both alike)."""
+    durations: list[list[float]] = [[] for _ in indexes]
+    for uid in study_uids:
+        for index, spent in zip(indexes, durations):
+            started = time.perf_counter()
+            index.similar_studies(uid, top=10, k=10)
+            spent.append(time.perf_counter() - started)
+    return [statistics.median(spent) for spent in durations]
 
 
 def query_latency(args: argparse.Namespace, server: PostgresServer) -> None:
@@ -176,10 +178,8 @@ def query_latency(args: argparse.Namespace, server: PostgresServer) -> None:
             cache_built = time.perf_counter() - started
             embedded = CaseIndex.open(Path(workdir) / "writer-cache")  # the same rows and graph, without PostgreSQL
             uids = embedded.study_uids()[:: max(1, len(embedded.study_uids()) // args.queries)]
-            _query_latency(service, uids, 2)  # warm both
-            _query_latency(embedded, uids, 2)
-            shared_seconds = _query_latency(service, uids, args.queries)
-            embedded_seconds = _query_latency(embedded, uids, args.queries)
+            _query_latencies([service, embedded], uids[:2])  # warm both
+            shared_seconds, embedded_seconds = _query_latencies([service, embedded], uids[:args.queries])
             same = [h.study_uid for h in service.similar_studies(uids[0], top=10)] == [
                 h.study_uid for h in embedded.similar_studies(uids[0], top=10)]
             service.close()
@@ -227,7 +227,7 @@ def memory(args: argparse.Namespace) -> None:
         found = searched.search(queries, 10)[1]
         stored = _bytes_of(index)
         kept_vectors = " (+ the float32 vectors for re-ranking, kept in the database)" if refine else ""
-        print(f"{name:40s} {stored / n:7.1f} B/vector{kept_vectors}, recall@10 {knn_recall(found, truth):.3f}")
+        print(f"{name:40s} {stored / n:7.1f} B/vector{kept_vectors}, recall@10 {knn_recall(found, truth, 10):.3f}")
 
 
 def main() -> int:

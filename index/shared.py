@@ -15,6 +15,10 @@ Writing (:meth:`SharedCaseIndex.replace_study`, :meth:`SharedCaseIndex.delete_st
    reader that has applied change *n* never sees a change below *n* appear later;
 2. the writer then pulls, which applies its own change (and any others) to its cache.
 
+The cache's FAISS files are written at close and after a batch, not at every pull (a query
+would pay for writing the whole graph); the consistency check at open adds what they lack from
+the cache's rows, as after a crash.
+
 Reading: every query first pulls (one indexed ``max(change_id)`` look-up when nothing changed;
 ``bench/scale_out.py`` measures it). The cache keeps the last applied change id and the id of
 the PostgreSQL database it mirrors; a cache of another database is emptied and refilled.
@@ -96,12 +100,27 @@ class SharedCaseIndex(CaseIndex):
             self._pg.execute("INSERT INTO index_meta (key, value) VALUES ('database_id', %s) ON CONFLICT DO NOTHING",
                              [uuid.uuid4().hex])
         self.database_id = self._pg.execute("SELECT value FROM index_meta WHERE key = 'database_id'").fetchone()[0]
-        self.pull()
+        self._unsaved = False
+        if self.pull():
+            self.save_cache()  # a cache built or brought up to date at start is kept for the next start
 
     def close(self) -> None:
-        """Close the PostgreSQL connection and the cache."""
+        """Write the FAISS files if the cache changed since they were written; close the connections."""
+        self.save_cache()
         self._pg.close()
         super().close()
+
+    def save_cache(self) -> None:
+        """Write the FAISS files when pulls changed the cache since they were last written.
+
+        Pulls do not write them (a query would pay for writing the whole graph): the files lag,
+        the cache's SQLite rows do not, and the consistency check at open adds what the files
+        lack from those rows (as after a crash).
+        """
+        with self._lock:
+            if self._unsaved and self.dim is not None:
+                super()._save_indexes()
+            self._unsaved = False
 
     # -- writing: PostgreSQL first, then the cache follows the log ------------------------------
     def replace_study(
@@ -154,16 +173,16 @@ class SharedCaseIndex(CaseIndex):
     @contextlib.contextmanager
     def batch(self) -> Iterator[Self]:
         """Write many studies: each is committed to PostgreSQL and applied to the cache as usual,
-        the FAISS files are written once, when the block ends (a crash loses nothing: the next
-        open repairs the files from the cache's rows)."""
+        the FAISS files are written when the outermost block ends (a crash loses nothing: the
+        next open repairs the files from the cache's rows)."""
         with self._lock:
             self._deferred_saves += 1
             try:
                 yield self
             finally:
                 self._deferred_saves -= 1
-                if not self._deferred_saves and self.dim is not None:
-                    self._save_indexes()
+                if not self._deferred_saves:
+                    self.save_cache()
 
     # -- the cache follows the change log ---------------------------------------------------------
     def pull(self) -> int:
@@ -182,16 +201,11 @@ class SharedCaseIndex(CaseIndex):
             changed = self._pg.execute(
                 "SELECT study_uid, max(change_id) AS last FROM index_changes WHERE change_id > %s AND change_id <= %s "
                 "GROUP BY study_uid ORDER BY last", [applied, latest]).fetchall()
-            self._deferred_saves += 1
-            try:
-                for study_uid, _ in changed:
-                    self._apply(study_uid)
-            finally:
-                self._deferred_saves -= 1
+            for study_uid, _ in changed:
+                self._apply(study_uid)
             with self._transaction():
                 self._set_meta(APPLIED_CHANGE, str(latest))
-            if not self._deferred_saves and self.dim is not None:
-                self._save_indexes()
+            self._unsaved = True
             log.info("case index cache %s: %d studies applied up to change %d", self.directory, len(changed), latest)
             return len(changed)
 
@@ -224,20 +238,16 @@ class SharedCaseIndex(CaseIndex):
         if stale:
             log.warning("case index cache %s mirrors another database: dropping its %d studies", self.directory,
                         len(stale))
-        self._deferred_saves += 1
-        try:
-            for study_uid in stale:
-                CaseIndex.delete_study(self, study_uid)
-        finally:
-            self._deferred_saves -= 1
+        for study_uid in stale:
+            CaseIndex.delete_study(self, study_uid)
         with self._transaction():
             self._set_meta(MIRRORED_DATABASE, self.database_id)
             self._set_meta(APPLIED_CHANGE, "0")
         return 0
 
     def _save_indexes(self) -> None:
-        if not self._deferred_saves:
-            super()._save_indexes()
+        """The cache's FAISS files are written by :meth:`save_cache` (at close, after a batch)."""
+        self._unsaved = True
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[psycopg.Cursor]:
