@@ -132,6 +132,10 @@ class StoreBusy(RuntimeError):
     """The job store stayed locked by another process longer than the bounded wait."""
 
 
+class StoreUnavailable(RuntimeError):
+    """The job store's database server cannot be reached (PostgreSQL down, network cut)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Lease:
     """A worker's hold on a running job: only the token's holder may change the job."""
@@ -193,14 +197,15 @@ class JobStore:
             waiting = self._execute(
                 "select id, priority from jobs where orthanc_study_id = ? and state = 'queued' order by id limit 1",
                 [orthanc_study_id]).fetchone()
-            if waiting:
-                # still queued? (a PostgreSQL worker may claim it meanwhile: then a new job is queued)
-                job_id = waiting["id"] if self._execute(
+            job_id = None
+            # still queued when updated? (a PostgreSQL worker may claim it meanwhile: then a new job is queued)
+            if waiting and self._execute(
                     "update jobs set priority = case when priority < ? then priority else ? end where id = ? "
-                    "and state = 'queued'", [priority, priority, waiting["id"]]).rowcount == 1 else None
-                if job_id is not None and force:
+                    "and state = 'queued'", [priority, priority, waiting["id"]]).rowcount == 1:
+                job_id = waiting["id"]
+                if force:
                     self._execute("update jobs set force = 1, reason = ? where id = ?", [reason, job_id])
-            if not waiting or job_id is None:
+            if job_id is None:
                 job_id = self._execute(
                     "insert into jobs (orthanc_study_id, study_uid, state, reason, force, created, attempts, priority, "
                     "not_before) values (?, ?, 'queued', ?, ?, ?, 0, ?, 0) returning id",
@@ -618,40 +623,44 @@ class PostgresJobStore(JobStore):
 
         connection = getattr(self._local, "connection", None)
         if connection is None or connection.closed or connection.broken:
-            connection = self._psycopg.connect(self.url, autocommit=True, row_factory=dict_row,
-                                               connect_timeout=max(1, int(self.busy_seconds)),
-                                               application_name="abscess-node")
+            with self._reachable():
+                connection = self._psycopg.connect(self.url, autocommit=True, row_factory=dict_row,
+                                                   connect_timeout=max(1, int(self.busy_seconds)),
+                                                   application_name="abscess-node")
             connection.execute(f"set lock_timeout = {int(self.busy_seconds * 1000)}")
             self._local.connection = connection
         return connection
 
     def _execute(self, sql: str, params: Any = ()) -> Any:
-        return self.db.execute(_postgres_placeholders(sql), params)
+        with self._reachable():
+            return self.db.execute(_postgres_placeholders(sql), params)
 
     def _executemany(self, sql: str, rows: list[Any]) -> None:
-        with self.db.cursor() as cursor:
+        with self._reachable(), self.db.cursor() as cursor:
             cursor.executemany(_postgres_placeholders(sql), rows)
 
     @contextlib.contextmanager
     def _claiming(self) -> Iterator[None]:
-        try:
-            with self.db.transaction():
-                yield
-        except self._psycopg.errors.LockNotAvailable:
-            raise StoreBusy(self._busy_message()) from None
+        with self._reachable(), self.db.transaction():
+            yield
 
     @contextlib.contextmanager
     def _immediate(self) -> Iterator[None]:
-        try:
-            with self.db.transaction():
-                self._execute("select pg_advisory_xact_lock(?)", [JOBS_LOCK_KEY])
-                yield
-        except self._psycopg.errors.LockNotAvailable:
-            raise StoreBusy(self._busy_message()) from None
+        with self._reachable(), self.db.transaction():
+            self._execute("select pg_advisory_xact_lock(?)", [JOBS_LOCK_KEY])
+            yield
 
-    def _busy_message(self) -> str:
-        return (f"the job store {redact_url(self.url)} stayed locked for more than {self.busy_seconds:.0f} s "
-                "by another process")
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """PostgreSQL's lock timeouts as :class:`StoreBusy`, its connection errors as :class:`StoreUnavailable`."""
+        try:
+            yield
+        except self._psycopg.errors.LockNotAvailable:
+            raise StoreBusy(f"the job store {redact_url(self.url)} stayed locked for more than "
+                            f"{self.busy_seconds:.0f} s by another process") from None
+        except self._psycopg.OperationalError as error:
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise StoreUnavailable(f"the job store {redact_url(self.url)} is unreachable: {first_line}") from None
 
 
 def open_job_store(location: Path | str, busy_seconds: float = 10.0) -> JobStore:

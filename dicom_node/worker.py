@@ -27,13 +27,15 @@ from collections.abc import Iterator
 from typing import Any
 
 from dicom_node.config import NodeConfig, WorkerSettings
-from dicom_node.jobs import JobStore, Lease, open_job_store
+from dicom_node.jobs import JobStore, Lease, StoreBusy, StoreUnavailable, open_job_store
 from dicom_node.orthanc_client import OrthancClient, OrthancError
 from dicom_node.pipeline import LeaseKeeper, WorkerContext, process_job
 from dicom_node.pseudonyms import Pseudonymizer
 
 log = logging.getLogger("abscess_node.worker")
 PR_SET_PDEATHSIG = 1
+STORE_RETRY_SECONDS = 5.0
+"""A worker that cannot reach its job store tries again after this long (instead of dying)."""
 EXIT_OVER_TIME = 3
 """Exit code of a remote worker that ended itself because a job outlived JobTimeoutSeconds."""
 
@@ -150,28 +152,34 @@ def run_worker(settings: WorkerSettings, poll_seconds: float = 0.5, once: bool =
     remove_stale_scratch(store, config)
     log.info("worker %s ready (pid %d)", settings.name, os.getpid())
     while once or not follow_parent or os.getppid() == parent:
-        reaped = store.reap(config.max_attempts)
-        for job in reaped:
-            log.warning("job %s: worker %s lost its lease; job %s", job["id"], job["worker"], job["state"])
-        remove_scratch(config, [job["id"] for job in reaped])
-        claimed = store.claim(settings.name, config.lease_seconds)
-        if claimed is None:
-            if send_due_forwards(store, client, config) == 0:
-                if once:
-                    return
-                time.sleep(poll_seconds)
-            continue
-        job, lease = claimed
-        log.info("job %s: study %s claimed (attempt %d)", job["id"], job.get("study_uid") or job["orthanc_study_id"],
-                 job["attempts"])
-        if segmenter is None:  # the admin may have fixed WeightsPath's file since the last try
-            segmenter, load_error = load_segmenter(config)
-        if load_error:
-            store.finish(lease, "failed", error=load_error)
-        else:
-            with heartbeating(store, lease, config, own_watchdog=not follow_parent) as keeper:
-                process_job(job, WorkerContext(config, store, client, segmenter, pseudonymizer, keeper))
-            send_due_forwards(store, client, config)  # the first attempt of this job's forwards, at once
-        if once:
-            return
+        try:
+            reaped = store.reap(config.max_attempts)
+            for job in reaped:
+                log.warning("job %s: worker %s lost its lease; job %s", job["id"], job["worker"], job["state"])
+            remove_scratch(config, [job["id"] for job in reaped])
+            claimed = store.claim(settings.name, config.lease_seconds)
+            if claimed is None:
+                if send_due_forwards(store, client, config) == 0:
+                    if once:
+                        return
+                    time.sleep(poll_seconds)
+                continue
+            job, lease = claimed
+            log.info("job %s: study %s claimed (attempt %d)", job["id"], job.get("study_uid") or job["orthanc_study_id"],
+                     job["attempts"])
+            if segmenter is None:  # the admin may have fixed WeightsPath's file since the last try
+                segmenter, load_error = load_segmenter(config)
+            if load_error:
+                store.finish(lease, "failed", error=load_error)
+            else:
+                with heartbeating(store, lease, config, own_watchdog=not follow_parent) as keeper:
+                    process_job(job, WorkerContext(config, store, client, segmenter, pseudonymizer, keeper))
+                send_due_forwards(store, client, config)  # the first attempt of this job's forwards, at once
+            if once:
+                return
+        except (StoreBusy, StoreUnavailable) as error:  # the database is down or busy: the job's lease lapses
+            log.error("%s; trying again in %.0f s", error, STORE_RETRY_SECONDS)
+            if once:
+                return
+            time.sleep(STORE_RETRY_SECONDS)
     log.info("worker %s: parent gone, exiting", settings.name)

@@ -42,7 +42,7 @@ import psycopg
 
 from index.lesions import Lesion
 from index.records import SliceRecord, StudyRecord
-from index.store import CaseIndex, StudyNotIndexed
+from index.store import CaseIndex, CaseIndexError, StudyNotIndexed
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,20 @@ CREATE INDEX IF NOT EXISTS index_changes_study ON index_changes (study_uid, chan
 """
 
 
+class SharedIndexUnavailable(CaseIndexError, RuntimeError):
+    """PostgreSQL, which holds the shared index, cannot be reached (the cache is not queried stale)."""
+
+
+@contextlib.contextmanager
+def _reachable() -> Iterator[None]:
+    """PostgreSQL's connection errors as :class:`SharedIndexUnavailable` (what callers handle)."""
+    try:
+        yield
+    except psycopg.OperationalError as error:
+        raise SharedIndexUnavailable(f"the shared case index in PostgreSQL is unreachable: "
+                                     f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+
+
 class SharedCaseIndex(CaseIndex):
     """A case index whose truth is in PostgreSQL; ``directory`` is this machine's cache.
 
@@ -93,8 +107,10 @@ class SharedCaseIndex(CaseIndex):
         self._deferred_saves = 0
         super().__init__(directory, **options)
         self.database_url = database_url
-        self._pg = psycopg.connect(database_url, autocommit=True, application_name="abscess-node-index")
-        with self._pg.transaction():
+        with _reachable():
+            self._pg = psycopg.connect(database_url, autocommit=True, application_name="abscess-node-index",
+                                       connect_timeout=10)
+        with _reachable(), self._pg.transaction():
             self._pg.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEMA_LOCK_KEY])
             self._pg.execute(_SCHEMA)
             self._pg.execute("INSERT INTO index_meta (key, value) VALUES ('database_id', %s) ON CONFLICT DO NOTHING",
@@ -190,8 +206,11 @@ class SharedCaseIndex(CaseIndex):
 
         Each study changed since then is applied once, in the order of its latest change: its
         current rows are copied into the cache (or it is removed when it is gone).
+
+        Raises:
+            SharedIndexUnavailable: PostgreSQL cannot be reached.
         """
-        with self._lock:
+        with self._lock, _reachable():
             applied = int(self._meta(APPLIED_CHANGE) or 0)
             if self._meta(MIRRORED_DATABASE) != self.database_id:
                 applied = self._forget_other_database()
@@ -251,7 +270,7 @@ class SharedCaseIndex(CaseIndex):
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[psycopg.Cursor]:
-        with self._pg.transaction(), self._pg.cursor() as cursor:
+        with _reachable(), self._pg.transaction(), self._pg.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [WRITE_LOCK_KEY])
             yield cursor
 

@@ -21,6 +21,7 @@ from dicom_node.jobs import (
     NotFoundError,
     PostgresJobStore,
     StoreBusy,
+    StoreUnavailable,
     is_database_url,
     open_job_store,
 )
@@ -292,3 +293,10 @@ def test_postgres_claims_race_to_one_running_job_per_study(postgres_url: str):
         threading.Timer(0.5, other_worker.commit).start()
         assert store.claim("w1", LEASE) is None
     assert store.get(newer["id"])["state"] == "queued" and store.get(retried["id"])["state"] == "running"
+
+
+def test_an_unreachable_postgresql_store_says_so(postgres_server):
+    from tooling.orthanc_harness import free_port
+
+    with pytest.raises(StoreUnavailable, match=r"the job store postgresql://abscess@127\.0\.0\.1:\d+/jobs is unreachable"):
+        open_job_store(f"postgresql://abscess@127.0.0.1:{free_port()}/jobs", busy_seconds=1)
