@@ -51,10 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--relay-address-file", type=Path, help="run the plugin's relay; write its port here")
     serve.add_argument("--token-file", type=Path, help="file holding the relay's bearer token")
     serve.add_argument("--retrieve-aet", help="RetrieveAETitle of the answers (default: Orthanc's DicomAet)")
-    serve.add_argument("--orthanc-url", help="Orthanc REST URL with --config (default http://127.0.0.1:HttpPort)")
-    serve.add_argument("--orthanc-user", default="admin", help="HTTP user of Orthanc's REST API with --config")
+    serve.add_argument("--orthanc-url", help="Orthanc REST URL with --config (default: AbscessNode.OrthancUrl, "
+                                             "else http://127.0.0.1:HttpPort)")
+    serve.add_argument("--orthanc-user", help="HTTP user of Orthanc's REST API with --config "
+                                              "(default: AbscessNode.OrthancUser)")
     serve.add_argument("--orthanc-password-file", type=Path,
-                       help="file holding that user's password (default: runtime/secrets/admin-password)")
+                       help="file holding that user's password (default: AbscessNode.OrthancPasswordFile, "
+                            "runtime/secrets/admin-password)")
     args = parser.parse_args(argv)
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if getattr(args, "log_file", None):
@@ -126,14 +129,12 @@ def _remote_worker_settings(config_path: Path, name: str | None) -> "WorkerSetti
     return WorkerSettings(config, config.orthanc_url, authorization, name or f"{socket.gethostname()}-{os.getpid()}")
 
 
-def _basic_authorization(user: str, password_file: Path | None) -> str | None:
+def _basic_authorization(user: str, password_file: Path) -> str | None:
     """``Basic ...`` for Orthanc's REST API from a password file (None when there is none)."""
     import base64
 
-    from dicom_node.config import CHECKOUT
     from dicom_node.private_files import read_private_file
 
-    password_file = password_file or CHECKOUT / "runtime" / "secrets" / "admin-password"
     if not password_file.exists():
         return None
     token = base64.b64encode(f"{user}:{read_private_file(password_file)}".encode()).decode()
@@ -167,8 +168,9 @@ def _serve(args: argparse.Namespace) -> int:
         except ConfigError as error:
             print(f"invalid configuration: {error}", file=sys.stderr)
             return 2
-        url = args.orthanc_url or f"http://127.0.0.1:{orthanc.get('HttpPort', 8042)}"
-        authorization = _basic_authorization(args.orthanc_user, args.orthanc_password_file)
+        url = args.orthanc_url or config.orthanc_url or f"http://127.0.0.1:{orthanc.get('HttpPort', 8042)}"
+        authorization = _basic_authorization(args.orthanc_user or config.orthanc_user,
+                                             args.orthanc_password_file or config.orthanc_password_file)
         retrieve_aet = retrieve_aet or orthanc.get("DicomAet", "ORTHANC")
     relay = None
     if args.relay_address_file:
