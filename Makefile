@@ -52,9 +52,13 @@ test: install lint-imports  ## the whole test suite: import contracts, unit and 
 test-unit: venv lint-imports  ## the fast tier: tests/unit, no Orthanc, dcmtk or browser (fetches registry samples)
 	$(PY) -m pytest -q -rs -m "not e2e" tests/unit
 
-bench: install
+BENCH_SIZES ?= 10000,100000,1000000
+bench: install  ## every benchmark figure, measured in one run each (the 1M sizes take hours on 2 cores: BENCH_SIZES=10000,100000 for less)
 	$(PY) bench/segmentation.py
-	$(PY) bench/index.py --max-vectors 100000
+	$(PY) bench/study.py --runs 3
+	$(PY) bench/query.py --sizes $(BENCH_SIZES) --cfind
+	$(PY) bench/index.py --sizes $(BENCH_SIZES)
+	PYTHON=$(PY) bash bench/gpu_check.sh runtime/gpu_check.json
 	nice -n 19 $(PY) bench/scale_out.py
 
 clean:

@@ -1,7 +1,8 @@
 """Command line of the node: ``python -m dicom_node <command>`` (see ``--help``).
 
-The plugin starts both commands itself (``WorkerCount`` workers and one similar-cases service);
-an admin runs ``serve --config orthanc.json --port N`` for a standalone similar-cases AE.
+The plugin starts ``worker`` and ``serve`` itself (``WorkerCount`` workers and one similar-cases
+service); an admin runs ``serve --config orthanc.json --port N`` for a standalone similar-cases
+AE, and ``backfill`` to queue the studies an existing archive already holds.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dicom_node.config import WorkerSettings
@@ -51,13 +52,24 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--relay-address-file", type=Path, help="run the plugin's relay; write its port here")
     serve.add_argument("--token-file", type=Path, help="file holding the relay's bearer token")
     serve.add_argument("--retrieve-aet", help="RetrieveAETitle of the answers (default: Orthanc's DicomAet)")
-    serve.add_argument("--orthanc-url", help="Orthanc REST URL with --config (default: AbscessNode.OrthancUrl, "
-                                             "else http://127.0.0.1:HttpPort)")
-    serve.add_argument("--orthanc-user", help="HTTP user of Orthanc's REST API with --config "
-                                              "(default: AbscessNode.OrthancUser)")
-    serve.add_argument("--orthanc-password-file", type=Path,
-                       help="file holding that user's password (default: AbscessNode.OrthancPasswordFile, "
-                            "runtime/secrets/admin-password)")
+    backfill = commands.add_parser(
+        "backfill", help="queue every matching study already in Orthanc (live studies still go first); resumable")
+    backfill.add_argument("--config", type=Path, help="orthanc.json (default: the checkout's)")
+    backfill.add_argument("--since", help="only studies whose StudyDate is on or after this date (2024-01-31)")
+    backfill.add_argument("--modality", help="only studies holding a series of this modality (e.g. CT)")
+    backfill.add_argument("--limit", type=int, help="queue at most N studies in this run")
+    backfill.add_argument("--max-queued", type=int, default=4,
+                          help="add a study only while fewer jobs than this wait (default 4): live studies never "
+                               "queue behind the archive")
+    backfill.add_argument("--no-wait", action="store_true", help="return once everything is queued")
+    for option in (serve, backfill):
+        option.add_argument("--orthanc-url", help="Orthanc REST URL with --config (default: AbscessNode.OrthancUrl, "
+                                                  "else http://127.0.0.1:HttpPort)")
+        option.add_argument("--orthanc-user", help="HTTP user of Orthanc's REST API with --config "
+                                                   "(default: AbscessNode.OrthancUser)")
+        option.add_argument("--orthanc-password-file", type=Path,
+                            help="file holding that user's password (default: AbscessNode.OrthancPasswordFile, "
+                                 "runtime/secrets/admin-password)")
     args = parser.parse_args(argv)
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if getattr(args, "log_file", None):
@@ -87,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         run_worker(settings, once=args.once, follow_parent=False)
         return 0
+    if args.command == "backfill":
+        return _backfill(args)
     return _serve(args)
 
 
@@ -141,9 +155,57 @@ def _basic_authorization(user: str, password_file: Path) -> str | None:
     return f"Basic {token}"
 
 
+def _from_orthanc_json(args: argparse.Namespace, path: Path) -> tuple[Any, str, str | None, dict[str, Any]]:
+    """(NodeConfig, Orthanc URL, Authorization header, orthanc.json) of ``--config``-style options.
+
+    Raises:
+        ConfigError: the AbscessNode section is invalid.
+    """
+    from dicom_node.config import NodeConfig
+
+    orthanc = json.loads(path.read_text())
+    config = NodeConfig.from_section(orthanc.get("AbscessNode"), base_directory=path.resolve().parent)
+    url = args.orthanc_url or config.orthanc_url or f"http://127.0.0.1:{orthanc.get('HttpPort', 8042)}"
+    authorization = _basic_authorization(args.orthanc_user or config.orthanc_user,
+                                         args.orthanc_password_file or config.orthanc_password_file)
+    return config, url, authorization, orthanc
+
+
+def _backfill(args: argparse.Namespace) -> int:
+    """``backfill``: queue the archive (see :mod:`dicom_node.backfill`), with a progress bar."""
+    from dicom_node.backfill import RichProgress, backfill, parse_date
+    from dicom_node.config import CHECKOUT, ConfigError
+    from dicom_node.jobs import open_job_store
+    from dicom_node.orthanc_client import OrthancClient, OrthancError
+
+    try:
+        since = parse_date(args.since) if args.since else None
+        config, url, authorization, _ = _from_orthanc_json(args, args.config or CHECKOUT / "orthanc.json")
+    except (ValueError, ConfigError) as error:
+        print(f"backfill: {error}", file=sys.stderr)
+        return 2
+    store = open_job_store(config.jobs_database)
+    try:
+        with RichProgress() as progress:
+            result = backfill(store, OrthancClient(url, authorization, timeout=60.0), progress, since=since,
+                              modality=args.modality, limit=args.limit, max_queued=max(1, args.max_queued),
+                              wait=not args.no_wait)
+    except KeyboardInterrupt:
+        print("backfill interrupted: the studies queued so far are processed; run the same command again to "
+              "continue (studies that already have a job are skipped)", file=sys.stderr)
+        return 130
+    except OrthancError as error:
+        print(f"backfill: {error}", file=sys.stderr)
+        return 1
+    ended = ", ".join(f"{count} {state}" for state, count in sorted(result.states.items())) or "none finished yet"
+    print(f"backfill: {result.matching} matching studies in Orthanc, {result.already_known} already had a job, "
+          f"{len(result.queued)} queued ({ended})")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     """``serve``: the similar-cases service (see :mod:`dicom_node.similar.dicom_ae`)."""
-    from dicom_node.config import ConfigError, NodeConfig, WorkerSettings
+    from dicom_node.config import ConfigError, WorkerSettings
     from dicom_node.orthanc_client import OrthancClient
     from dicom_node.private_files import read_private_file
     from dicom_node.similar.dicom_ae import serve
@@ -162,15 +224,11 @@ def _serve(args: argparse.Namespace) -> int:
 
         threading.Thread(target=exit_with_parent, daemon=True).start()
     else:
-        orthanc = json.loads(args.config.read_text())
         try:
-            config = NodeConfig.from_section(orthanc.get("AbscessNode"), base_directory=args.config.resolve().parent)
+            config, url, authorization, orthanc = _from_orthanc_json(args, args.config)
         except ConfigError as error:
             print(f"invalid configuration: {error}", file=sys.stderr)
             return 2
-        url = args.orthanc_url or config.orthanc_url or f"http://127.0.0.1:{orthanc.get('HttpPort', 8042)}"
-        authorization = _basic_authorization(args.orthanc_user or config.orthanc_user,
-                                             args.orthanc_password_file or config.orthanc_password_file)
         retrieve_aet = retrieve_aet or orthanc.get("DicomAet", "ORTHANC")
     relay = None
     if args.relay_address_file:

@@ -55,6 +55,21 @@ class SeriesRules:
     max_pixels_per_slice: int = 1024 * 1024
 
 
+@dataclasses.dataclass(frozen=True)
+class Webhook:
+    """One entry of ``Notifications``: where to POST, and for which final job states.
+
+    Attributes:
+        url: an ``http://`` or ``https://`` URL.
+        on: the job states that are sent (done, failed, skipped, cancelled).
+    """
+
+    url: str
+    on: tuple[str, ...] = ("failed",)
+
+
+WEBHOOK_STATES = ("done", "failed", "skipped", "cancelled")
+
 SERIES_RULE_KEYS = {
     "Modalities": "modalities",
     "MinSlices": "min_slices",
@@ -76,6 +91,7 @@ class NodeConfig:
     device: str = "auto"
     weights_path: Path = CHECKOUT / "models" / "weights" / "vmunet-demo-v1.pt"
     index_directory: Path = CHECKOUT / "runtime" / "index"
+    index_vector_encoding: str = "flat"
     jobs_database: Path | str = CHECKOUT / "runtime" / "jobs.sqlite"
     index_database: str = ""
     orthanc_url: str = ""
@@ -107,6 +123,10 @@ class NodeConfig:
     forward_backoff_seconds: int = 30
     forward_timeout_seconds: int = 300
     index_lock_timeout_seconds: int = 120
+    notifications: tuple[Webhook, ...] = ()
+    notification_retries: int = 5
+    notification_timeout_seconds: int = 10
+    notification_backoff_seconds: int = 30
 
     @classmethod
     def from_section(cls, section: dict[str, Any] | None, base_directory: Path = CHECKOUT) -> "NodeConfig":
@@ -146,7 +166,7 @@ class NodeConfig:
                 value = {name: (list(v) if isinstance(v, tuple) else v) for name, v in
                          ((jk, getattr(value, attr)) for jk, attr in SERIES_RULE_KEYS.items())}
             elif isinstance(value, tuple):
-                value = list(value)
+                value = [{"Url": v.url, "On": list(v.on)} if isinstance(v, Webhook) else v for v in value]
             section[json_key] = value
         return json.dumps(section, indent=1)
 
@@ -216,6 +236,10 @@ class Key:
             return tuple(raw)
         if self.kind == "series-rules":
             return _series_rules(where, raw)
+        if self.kind == "webhooks":
+            if not isinstance(raw, list):
+                raise ConfigError(f'{where}: expected a list like [{{"Url": "https://...", "On": ["failed"]}}], got {raw!r}')
+            return tuple(_webhook(f"{where}[{i}]", item) for i, item in enumerate(raw))
         raise AssertionError(self.kind)
 
 
@@ -240,6 +264,18 @@ def _ae_title(where: str, raw: Any) -> str:
     if not isinstance(raw, str) or not AE_TITLE.match(raw) or not raw.strip():
         raise ConfigError(f"{where}: {raw!r} is not a DICOM AE title (1-16 printable characters, no backslash)")
     return raw.strip()
+
+
+def _webhook(where: str, raw: Any) -> Webhook:
+    if not isinstance(raw, dict) or set(raw) - {"Url", "On"}:
+        raise ConfigError(f'{where}: expected an object with "Url" and "On" only, got {raw!r}')
+    url = raw.get("Url")
+    if not isinstance(url, str) or not re.match(r"^https?://[^\s/]+", url):
+        raise ConfigError(f"{where}.Url: expected an http:// or https:// URL, got {url!r}")
+    on = raw.get("On", ["failed"])
+    if not isinstance(on, list) or not on or not all(state in WEBHOOK_STATES for state in on):
+        raise ConfigError(f"{where}.On: expected a non-empty list of {', '.join(WEBHOOK_STATES)}, got {on!r}")
+    return Webhook(url, tuple(dict.fromkeys(on)))
 
 
 def _series_rules(where: str, raw: Any) -> SeriesRules:
@@ -279,6 +315,7 @@ KEYS: dict[str, Key] = {
     "Device": Key("device", "device", "Where the network runs: auto (CUDA when available), cpu, cuda, or cuda:N (one worker process per GPU)."),
     "WeightsPath": Key("weights_path", "path", "VM-UNet checkpoint. The shipped default is the demo checkpoint (not for clinical use)."),
     "IndexDirectory": Key("index_directory", "path", "Where the case index (FAISS + SQLite) lives."),
+    "IndexVectorEncoding": Key("index_vector_encoding", "choice", "How the FAISS HNSW graphs store vectors: flat (float32) or sq8 (8-bit scalar quantised: about a third of the memory per vector, recall in bench/index.py). A change converts the index at the next indexing job.", choices=("flat", "sq8")),
     "JobsDatabase": Key("jobs_database", "path-or-url", "The job store: a SQLite file (one machine), or a postgresql:// URL shared by several Orthancs and remote workers (docs/scale-out.md)."),
     "IndexDatabase": Key("index_database", "url", "Empty: the case index's rows live in IndexDirectory (SQLite). A postgresql:// URL: they live in PostgreSQL (the truth for every machine) and IndexDirectory holds this machine's FAISS cache, synced incrementally.", choices=DATABASE_URL_SCHEMES),
     "OrthancUrl": Key("orthanc_url", "url", "Remote workers (`python -m dicom_node worker --config FILE`): Orthanc's REST API (e.g. http://pacs-ingest:8042). Workers started by the plugin ignore it.", choices=("http://", "https://")),
@@ -310,6 +347,10 @@ KEYS: dict[str, Key] = {
     "HeartbeatSeconds": Key("heartbeat_seconds", "int", "How often a worker renews the lease of its job (well below LeaseSeconds).", minimum=1, maximum=600),
     "MaxAttempts": Key("max_attempts", "int", "Attempts at one job (crashes, lapsed leases, transient errors) before it ends failed with every attempt's error; a re-run is then explicit.", minimum=1, maximum=20),
     "IndexLockTimeoutSeconds": Key("index_lock_timeout_seconds", "int", "Longest wait for the case index's write lock before the step fails with a clear error.", minimum=1, maximum=3600),
+    "Notifications": Key("notifications", "webhooks", "Webhooks: a list of {\"Url\": \"https://...\", \"On\": [\"failed\", \"done\"]}; the workers POST a JSON payload (job id, state, UIDs, error; never a patient name or ID) when a job ends in a listed state (done, failed, skipped, cancelled)."),
+    "NotificationRetries": Key("notification_retries", "int", "Attempts per webhook call before it is given up (logged and counted in the metrics).", minimum=1, maximum=20),
+    "NotificationTimeoutSeconds": Key("notification_timeout_seconds", "int", "Longest wait for a webhook receiver to answer one call.", minimum=1, maximum=300),
+    "NotificationBackoffSeconds": Key("notification_backoff_seconds", "int", "Wait before the second attempt of a failed webhook call (doubled after each failure).", minimum=1, maximum=3600),
 }
 
 @dataclasses.dataclass(frozen=True)

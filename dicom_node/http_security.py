@@ -62,6 +62,18 @@ def authenticated_user(headers: Mapping[str, str]) -> str:
     return decoded.partition(":")[0]
 
 
+def is_json_request(headers: Mapping[str, str]) -> bool:
+    """Whether a state-changing request declares a JSON body (``Content-Type: application/json``).
+
+    A page of another site can make the browser send a form or a plain-text POST with the
+    user's stored credentials, but not one with this content type (that needs a CORS preflight,
+    which Orthanc does not grant): requiring it on the dashboard's actions stops cross-site
+    request forgery.
+    """
+    value = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
+    return str(value).split(";")[0].strip().lower() == "application/json"
+
+
 def query_arguments(get: Mapping[str, Any] | None) -> dict[str, str]:
     """The GET arguments of a plugin REST call, URL-decoded (orthanc-python 4.0 hands them over raw:
     ``*?`` arrives as ``%2A%3F``)."""

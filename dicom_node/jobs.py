@@ -21,6 +21,9 @@ A job is a **lease**, not a row with a timeout:
 * ``outputs`` remembers, per source series, the content fingerprint and the SEG/SR we stored;
   ``forwards`` what is sent to which destination (retried with back-off until it succeeds or
   gives up, visibly); ``erasures`` the studies Orthanc deleted.
+* ``job_events`` is an append-only log of every job reaching a final state (done, failed,
+  skipped, cancelled), written in the transaction that ends it, whichever process does so: the
+  finished-jobs counters of the metrics and the webhooks (:mod:`dicom_node.notifications`) read it.
 
 Every process and thread has its own connection; waits for the write lock are bounded
 (``busy_seconds``), and a wait that runs out raises :class:`StoreBusy` with a clear message.
@@ -71,7 +74,14 @@ CREATE TABLE IF NOT EXISTS forwards (
 );
 CREATE INDEX IF NOT EXISTS idx_forwards_due ON forwards (state, next_attempt);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS job_events (
+    id INTEGER PRIMARY KEY, job_id INTEGER NOT NULL, state TEXT NOT NULL, at REAL NOT NULL, job TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS idx_job_events_state ON job_events (state);
 """
+EVENT_FIELDS = ("id", "state", "reason", "study_uid", "orthanc_study_id", "series_uid", "attempts", "error", "created",
+                "finished", "priority")
+"""What a job event keeps of the job (UIDs and states only: no patient name or ID is ever in a job)."""
 # columns added after the first release: (name, declaration); added to old databases at open
 _ADDED_COLUMNS = (
     ("priority", "INTEGER NOT NULL DEFAULT 0"),
@@ -91,32 +101,9 @@ CLAIM_TRIES = 5
 JOBS_LOCK_KEY = 0x4A0B5  # "jobs"
 """PostgreSQL advisory lock that serialises the store's writes (not its claims)."""
 SCHEMA_LOCK_KEY = 0x4A0B6
-_POSTGRES_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id BIGSERIAL PRIMARY KEY, orthanc_study_id TEXT NOT NULL, study_uid TEXT, state TEXT NOT NULL,
-    reason TEXT, force INTEGER, created TEXT NOT NULL, started TEXT, finished TEXT, worker TEXT,
-    attempts INTEGER, series_uid TEXT, selection TEXT, timings TEXT, result TEXT, error TEXT,
-    priority INTEGER NOT NULL DEFAULT 0, lease_token TEXT, lease_expires DOUBLE PRECISION,
-    heartbeat DOUBLE PRECISION, stage TEXT, stage_started DOUBLE PRECISION,
-    not_before DOUBLE PRECISION NOT NULL DEFAULT 0, attempt_errors TEXT
-);
-CREATE INDEX IF NOT EXISTS idx_jobs_state_id ON jobs (state, id);
-CREATE INDEX IF NOT EXISTS idx_jobs_orthanc_study_id ON jobs (orthanc_study_id);
+_POSTGRES_INDEXES = """
 CREATE INDEX IF NOT EXISTS idx_jobs_claim ON jobs (state, priority, id);
 CREATE UNIQUE INDEX IF NOT EXISTS idx_jobs_one_running_per_study ON jobs (orthanc_study_id) WHERE state = 'running';
-CREATE TABLE IF NOT EXISTS outputs (
-    series_uid TEXT PRIMARY KEY, study_uid TEXT, fingerprint TEXT, objects TEXT, updated TEXT
-);
-CREATE TABLE IF NOT EXISTS erasures (
-    id BIGSERIAL PRIMARY KEY, orthanc_study_id TEXT NOT NULL, requested TEXT NOT NULL, done TEXT
-);
-CREATE TABLE IF NOT EXISTS forwards (
-    id BIGSERIAL PRIMARY KEY, job_id BIGINT NOT NULL, study_uid TEXT, destination TEXT NOT NULL,
-    resources TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt DOUBLE PRECISION NOT NULL, claimed_until DOUBLE PRECISION, last_error TEXT, updated TEXT
-);
-CREATE INDEX IF NOT EXISTS idx_forwards_due ON forwards (state, next_attempt);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -306,6 +293,8 @@ class JobStore:
             if timings is not None:
                 fields["timings"] = timings
             self._set(lease.job_id, fields)
+            if new_state != "queued":
+                self._ended(lease.job_id)
         return new_state
 
     def reap(self, max_attempts: int = 3, now: float | None = None) -> list[dict[str, Any]]:
@@ -316,7 +305,7 @@ class JobStore:
             rows = self._execute("select id, worker, attempts, stage, attempt_errors from jobs "
                                    "where state = 'running' and lease_expires < ?", [now]).fetchall()
             return [self._lapse(row, max_attempts, f"worker {row['worker']} lost its lease in stage "
-                                f"{row['stage']} (killed, hung or cut off)") for row in rows]
+                                f"{row['stage']} (killed, hung or cut off)", "lease-lapsed") for row in rows]
 
     def requeue_all_running(self, reason: str, max_attempts: int = 3, worker_prefix: str = "") -> list[dict[str, Any]]:
         """At node start none of its workers can hold a job: their running jobs are lapsed at once.
@@ -328,30 +317,35 @@ class JobStore:
         with self._immediate():
             rows = self._execute("select id, worker, attempts, stage, attempt_errors from jobs where state = 'running' "
                                  "and substr(worker, 1, ?) = ?", [len(worker_prefix), worker_prefix]).fetchall()
-            return [self._lapse(row, max_attempts, reason) for row in rows]
+            return [self._lapse(row, max_attempts, reason, "restart") for row in rows]
 
     def fail_attempt(self, job_id: int, message: str, max_attempts: int = 3) -> dict[str, Any] | None:
         """End the running attempt of a job from outside (the supervisor killed its worker)."""
         with self._immediate():
             row = self._execute("select id, worker, attempts, stage, attempt_errors from jobs "
                                   "where id = ? and state = 'running'", [job_id]).fetchone()
-            return self._lapse(row, max_attempts, message) if row else None
+            return self._lapse(row, max_attempts, message, "retry") if row else None
 
-    def _lapse(self, row: Any, max_attempts: int, message: str) -> dict[str, Any]:
+    def _lapse(self, row: Any, max_attempts: int, message: str, reason: str) -> dict[str, Any]:
         errors = json.loads(row["attempt_errors"] or "[]")
         errors.append({"attempt": row["attempts"], "at": _now(), "error": message})
         fields: dict[str, Any] = {"attempt_errors": errors, "lease_token": None, "lease_expires": None, "stage": None}
         if row["attempts"] >= max_attempts:
             fields.update(state="failed", finished=_now(), error=_final_error("failed", message, errors, max_attempts))
         else:
-            fields.update(state="queued", reason="lease-lapsed", worker=None, not_before=0)
+            fields.update(state="queued", reason=reason, worker=None, not_before=0)
         self._set(row["id"], fields)
+        if fields["state"] == "failed":
+            self._ended(row["id"])
         return {"id": row["id"], "worker": row["worker"], "state": fields["state"]}
 
     def cancel(self, job_id: int) -> bool:
         """Cancel a queued job (a running one finishes its attempt); True when it was cancelled."""
-        changed = self._execute("update jobs set state = 'cancelled', finished = ? where id = ? and state = 'queued'",
-                                  [_now(), job_id]).rowcount
+        with self._immediate():
+            changed = self._execute("update jobs set state = 'cancelled', finished = ? where id = ? and state = 'queued'",
+                                      [_now(), job_id]).rowcount
+            if changed == 1:
+                self._ended(job_id)
         return changed == 1
 
     def running_jobs(self) -> list[dict[str, Any]]:
@@ -490,10 +484,12 @@ class JobStore:
                             "last_error = ?, updated = ? where id = ?",
                             [state, attempts, next_attempt, None if sent else error, _now(), forward_id])
             if state == "failed":  # given up: the job says so
-                self._execute(
+                changed = self._execute(
                     "update jobs set state = 'failed', error = ? where id = ? and state in ('done', 'failed')",
                     [f"SEG and SRs stored, but forwarding to {row['destination']} gave up after {attempts} attempt(s): "
-                     f"{error}", row["job_id"]])
+                     f"{error}", row["job_id"]]).rowcount
+                if changed:
+                    self._ended(row["job_id"])
         return state
 
     # ------------------------------------------------------------- erasures
@@ -510,6 +506,47 @@ class JobStore:
     def erasure_done(self, erasure_id: int) -> None:
         """Mark an erasure done (the study is gone from the index)."""
         self._execute("update erasures set done = ? where id = ?", [_now(), erasure_id])
+
+    # ----------------------------------------------------------------- events
+    def _ended(self, job_id: int) -> None:
+        """Log that a job reached a final state (inside the transaction that ended it)."""
+        row = self._execute(f"select {', '.join(EVENT_FIELDS)} from jobs where id = ?", [job_id]).fetchone()
+        self._execute("insert into job_events (job_id, state, at, job) values (?, ?, ?, ?)",
+                        [job_id, row["state"], time.time(), json.dumps(dict(row))])
+
+    def events_after(self, event_id: int, limit: int = 500) -> list[dict[str, Any]]:
+        """Job events with an id above ``event_id``, oldest first: id, job_id, state, at, job (a snapshot)."""
+        rows = self._execute("select * from job_events where id > ? order by id limit ?", [int(event_id), int(limit)])
+        return [{**dict(row), "job": json.loads(row["job"])} for row in rows]
+
+    def last_event_id(self) -> int:
+        """The id of the latest job event (0 when there is none)."""
+        return int(self._execute("select coalesce(max(id), 0) as last from job_events").fetchone()["last"])
+
+    def finished_counts(self) -> dict[str, int]:
+        """How many times a job reached each final state, ever (a counter: the log is append-only)."""
+        counted = {state: 0 for state in FINAL_STATES}
+        for row in self._execute("select state, count(*) as n from job_events group by state"):
+            counted[row["state"]] = row["n"]
+        return counted
+
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        """One write transaction on this database (exclusive, bounded wait), for the modules that
+        keep tables of their own in it (:mod:`dicom_node.metrics`, :mod:`dicom_node.notifications`)."""
+        return self._immediate()
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        """Run one statement of those modules (``?`` placeholders, SQL that SQLite and PostgreSQL both
+        understand, columns read by name); its cursor."""
+        return self._execute(sql, params)
+
+    def executemany(self, sql: str, rows: list[Any]) -> None:
+        """Run one statement of those modules for each parameter row."""
+        self._executemany(sql, rows)
+
+    def create_tables(self, schema: str) -> None:
+        """Create those modules' tables (``CREATE ... IF NOT EXISTS`` statements written for SQLite)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ meta
     def get_meta(self, key: str) -> str | None:
@@ -567,6 +604,9 @@ class SqliteJobStore(JobStore):
     def _executemany(self, sql: str, rows: list[Any]) -> None:
         self.db.executemany(sql, rows)
 
+    def create_tables(self, schema: str) -> None:
+        self.db.executescript(schema)
+
     @contextlib.contextmanager
     def _immediate(self) -> Iterator[None]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT``: one writer at a time across processes, bounded wait."""
@@ -612,9 +652,9 @@ class PostgresJobStore(JobStore):
         self._psycopg = psycopg
         self._claim_conflicts = (psycopg.errors.UniqueViolation,)
         self._local = threading.local()
-        with self.db.transaction():
-            self._execute("select pg_advisory_xact_lock(?)", [SCHEMA_LOCK_KEY])  # one creator at a time
-            self.db.execute(_POSTGRES_SCHEMA)
+        added = "".join(f"ALTER TABLE jobs ADD COLUMN IF NOT EXISTS {name} {declaration};\n"
+                        for name, declaration in _ADDED_COLUMNS)
+        self.create_tables(_SCHEMA + added + _POSTGRES_INDEXES)
 
     @property
     def db(self) -> Any:
@@ -634,6 +674,21 @@ class PostgresJobStore(JobStore):
     def _execute(self, sql: str, params: Any = ()) -> Any:
         with self._reachable():
             return self.db.execute(_postgres_placeholders(sql), params)
+
+    def create_tables(self, schema: str) -> None:
+        """The SQLite schema in PostgreSQL's types: ``INTEGER PRIMARY KEY`` ids become ``BIGSERIAL``,
+        ``REAL`` becomes ``DOUBLE PRECISION``. Created by one process at a time, and only when a table
+        or index of it is missing (DDL on a table in use would wait for its transactions)."""
+        names = re.findall(r"CREATE (?:UNIQUE )?(?:TABLE|INDEX) IF NOT EXISTS (\w+)", schema)
+        found = self._execute("select count(to_regclass(name)) as found from unnest(?::text[]) as name",
+                              [names]).fetchone()["found"]
+        if found == len(names):
+            return
+        translated = re.sub(r"\bINTEGER PRIMARY KEY\b", "BIGSERIAL PRIMARY KEY", schema)
+        translated = re.sub(r"\bREAL\b", "DOUBLE PRECISION", translated)
+        with self._reachable(), self.db.transaction():
+            self._execute("select pg_advisory_xact_lock(?)", [SCHEMA_LOCK_KEY])
+            self.db.execute(translated)
 
     def _executemany(self, sql: str, rows: list[Any]) -> None:
         with self._reachable(), self.db.cursor() as cursor:

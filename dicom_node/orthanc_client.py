@@ -76,6 +76,10 @@ class OrthancClient:
             paths.append(path)
         return paths
 
+    def instance_bytes(self, orthanc_instance_id: str) -> bytes:
+        """The DICOM file of one instance, in memory (a single slice or a SEG; series go to disk)."""
+        return self._request("GET", f"/instances/{orthanc_instance_id}/file").content
+
     def store(self, dicom_bytes: bytes) -> dict[str, Any]:
         """POST a DICOM instance; returns Orthanc's answer (ID, ParentStudy, ...)."""
         return self._request("POST", "/instances", data=dicom_bytes,

@@ -43,6 +43,7 @@ from dicom_node.reports.similar_cases import ReportedQuery, build_similar_cases_
 from dicom_node.seg import build_segmentation
 from dicom_node.series import InputError, SeriesCandidate, SeriesGeometry, read_geometry, read_hu, select_series
 from dicom_node.similar.query import SimilarQuery, find_similar, open_index, study_record
+from dicom_node.source_headers import repair_source_headers
 from index.lesions import Lesion, measure_lesions
 from index.records import SliceRecord
 from models.weights import AlgorithmInfo
@@ -148,8 +149,9 @@ class WorkerContext:
     keeper: LeaseKeeper
 
 
-def process_job(job: dict[str, Any], context: WorkerContext) -> None:
-    """Run one claimed job to the end of its attempt; never raises for bad input.
+def process_job(job: dict[str, Any], context: WorkerContext) -> str | None:
+    """Run one claimed job to the end of its attempt; never raises for bad input. Returns the job's
+    new state (None when the lease was lost: the outcome is another worker's).
 
     Bad input (:class:`InputError`) fails the job for good; Orthanc errors, a full disk and
     unexpected errors fail the attempt, which is retried (after a back-off) until
@@ -173,7 +175,7 @@ def process_job(job: dict[str, Any], context: WorkerContext) -> None:
         except LeaseLost as lost:
             log.warning("job %s: %s; stopping without writing anything more", job_id, lost)
             shutil.rmtree(work_dir, ignore_errors=True)
-            return
+            return None
         except InputError as error:
             state, message, result = "failed", str(error), None
         except OrthancError as error:
@@ -194,9 +196,10 @@ def process_job(job: dict[str, Any], context: WorkerContext) -> None:
                                              timings=watch.seconds, retry=retry, max_attempts=config.max_attempts)
         except LeaseLost as lost:
             log.warning("job %s: %s; its outcome is not recorded", job_id, lost)
-            return
+            return None
         log.info("job %s study %s: %s %s", job_id, job.get("study_uid") or job["orthanc_study_id"], new_state,
                  f"({message})" if message else "")
+        return new_state
 
 
 def _os_error_message(error: OSError, config: NodeConfig) -> str:
@@ -255,9 +258,14 @@ def _process(job: dict[str, Any], study: dict[str, Any], context: WorkerContext,
                     keeper.update(selection={"chosen": None, "skipped": skipped})
                     raise
     assert geometry is not None and chosen is not None
+    with watch.stage("geometry"):
+        # what highdicom copies from the source into our SEG/SRs, repaired so that they stay valid
+        repaired = repair_source_headers(geometry.headers)
+        geometry = dataclasses.replace(geometry, headers=repaired.headers)
     skipped.pop(chosen.series_uid, None)
     selection = {"chosen": chosen.series_uid, "why": f"{chosen.modality}, {geometry.shape[0]} slices, axial, "
-                 f"ranked first by {config.series_rules.prefer}", "skipped": skipped, "warnings": geometry.warnings}
+                 f"ranked first by {config.series_rules.prefer}", "skipped": skipped,
+                 "warnings": [*geometry.warnings, *(f"source header: {finding}" for finding in repaired.findings)]}
     keeper.update(series_uid=chosen.series_uid, selection=selection)
 
     with watch.stage("segment"):
@@ -279,12 +287,15 @@ def _process(job: dict[str, Any], study: dict[str, Any], context: WorkerContext,
     with watch.stage("index"):
         keeper.check()
         with open_index(config.index_directory, config.index_lock_timeout_seconds,
-                        on_rebuild=store.requeue_for_reindex, database_url=config.index_database) as index:
+                        on_rebuild=store.requeue_for_reindex, vector_encoding=config.index_vector_encoding,
+                        database_url=config.index_database) as index:
             index.replace_study(
                 study_record(study, chosen.series_uid, chosen.orthanc_id, fingerprint),
                 [SliceRecord(i, str(h.SOPInstanceUID), float(z)) for i, (h, z) in enumerate(zip(geometry.headers, geometry.positions))],
                 segmented.slice_embeddings, segmented.roi_embeddings, lesions)
             similar = find_similar(index, SimilarQuery(study_uid, k=config.similar_cases_top_k))
+            index_size = {"studies": len(index.study_uids()), "slice": index.vector_count("slice"),
+                          "roi": index.vector_count("roi")}
     outputs = {"seg": seg, "measurements": measurements}
     if config.similar_cases_report != "off":
         with watch.stage("sr"):
@@ -322,8 +333,8 @@ def _process(job: dict[str, Any], study: dict[str, Any], context: WorkerContext,
               "lesions": [lesion.as_dict() for lesion in lesions], "lesions_found": len(measured),
               "similar_studies": [{"rank": case.rank, "study_uid": case.study_uid, "score": round(case.score, 6)}
                                   for case in similar],
-              "algorithm": segmenter.info.as_dict(),
-              "peak_rss_mb": peak_rss_mb()}
+              "algorithm": segmenter.info.as_dict(), "source_repairs": repaired.findings,
+              "peak_rss_mb": peak_rss_mb(), "index_size": index_size}
     return "done", None, result
 
 

@@ -28,6 +28,8 @@ from typing import Any
 
 from dicom_node.config import NodeConfig, WorkerSettings
 from dicom_node.jobs import JobStore, Lease, StoreBusy, StoreUnavailable, open_job_store
+from dicom_node.metrics import FORWARD_FAILURES, MetricsStore, record_attempt
+from dicom_node.notifications import NotificationQueue, send_due_notifications
 from dicom_node.orthanc_client import OrthancClient, OrthancError
 from dicom_node.pipeline import LeaseKeeper, WorkerContext, process_job
 from dicom_node.pseudonyms import Pseudonymizer
@@ -107,8 +109,9 @@ def remove_scratch(config: NodeConfig, job_ids: list[int]) -> None:
         shutil.rmtree(config.work_directory / f"job-{job_id}", ignore_errors=True)
 
 
-def send_due_forwards(store: JobStore, client: OrthancClient, config: NodeConfig) -> int:
-    """Try every forward whose back-off has passed; the number attempted."""
+def send_due_forwards(store: JobStore, client: OrthancClient, config: NodeConfig,
+                      metrics: MetricsStore | None = None) -> int:
+    """Try every forward whose back-off has passed (failures counted in ``metrics``); the number attempted."""
     attempted = 0
     while (forward := store.claim_forward(hold_seconds=config.forward_timeout_seconds + 30)) is not None:
         attempted += 1
@@ -119,9 +122,20 @@ def send_due_forwards(store: JobStore, client: OrthancClient, config: NodeConfig
         except OrthancError as failure:
             sent, error = False, str(failure)
         state = store.forward_result(forward["id"], sent, error, config.forward_retries, config.forward_backoff_seconds)
+        if not sent and metrics is not None:
+            metrics.increment(FORWARD_FAILURES, destination=forward["destination"])
         log.info("forward of job %s to %s: %s (attempt %d)", forward["job_id"], forward["destination"], state,
                  forward["attempts"] + 1)
     return attempted
+
+
+def record_metrics(metrics: MetricsStore, store: JobStore, job_id: int) -> None:
+    """Record the seconds per stage (and latency, index size) of the attempt this worker just finished;
+    a metrics failure never stops the worker."""
+    try:
+        record_attempt(metrics, store.get(job_id))
+    except Exception:  # noqa: BLE001 - a busy store loses one observation, not the worker
+        log.exception("job %s: metrics not recorded", job_id)
 
 
 def remove_stale_scratch(store: JobStore, config: NodeConfig) -> None:
@@ -148,6 +162,8 @@ def run_worker(settings: WorkerSettings, poll_seconds: float = 0.5, once: bool =
     store = open_job_store(config.jobs_database)
     client = OrthancClient(settings.orthanc_url, settings.authorization)
     pseudonymizer = Pseudonymizer.from_file(config.pseudonym_secret_path)
+    metrics = MetricsStore(store)
+    notifications = NotificationQueue(store)
     segmenter, load_error = load_segmenter(config)
     remove_stale_scratch(store, config)
     log.info("worker %s ready (pid %d)", settings.name, os.getpid())
@@ -159,7 +175,8 @@ def run_worker(settings: WorkerSettings, poll_seconds: float = 0.5, once: bool =
             remove_scratch(config, [job["id"] for job in reaped])
             claimed = store.claim(settings.name, config.lease_seconds)
             if claimed is None:
-                if send_due_forwards(store, client, config) == 0:
+                sent = send_due_forwards(store, client, config, metrics) + send_due_notifications(notifications, config)
+                if sent == 0:
                     if once:
                         return
                     time.sleep(poll_seconds)
@@ -173,8 +190,11 @@ def run_worker(settings: WorkerSettings, poll_seconds: float = 0.5, once: bool =
                 store.finish(lease, "failed", error=load_error)
             else:
                 with heartbeating(store, lease, config, own_watchdog=not follow_parent) as keeper:
-                    process_job(job, WorkerContext(config, store, client, segmenter, pseudonymizer, keeper))
-                send_due_forwards(store, client, config)  # the first attempt of this job's forwards, at once
+                    state = process_job(job, WorkerContext(config, store, client, segmenter, pseudonymizer, keeper))
+                if state is not None:
+                    record_metrics(metrics, store, job["id"])
+                send_due_forwards(store, client, config, metrics)  # the first attempt of this job's forwards, at once
+            send_due_notifications(notifications, config)  # this job's webhooks, at once
             if once:
                 return
         except (StoreBusy, StoreUnavailable) as error:  # the database is down or busy: the job's lease lapses

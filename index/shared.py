@@ -104,7 +104,10 @@ class SharedCaseIndex(CaseIndex):
     def __init__(self, directory: str | os.PathLike[str], database_url: str, **options: Any) -> None:
         if not database_url:
             raise ValueError("SharedCaseIndex needs the postgresql:// URL of the shared index")
-        self._deferred_saves = 0
+        if options.get("read_only"):
+            raise ValueError("a SharedCaseIndex writes its cache when it pulls: it cannot be read_only")
+        self._pulling = 0
+        self._unsaved = False
         super().__init__(directory, **options)
         self.database_url = database_url
         with _reachable():
@@ -116,7 +119,6 @@ class SharedCaseIndex(CaseIndex):
             self._pg.execute("INSERT INTO index_meta (key, value) VALUES ('database_id', %s) ON CONFLICT DO NOTHING",
                              [uuid.uuid4().hex])
         self.database_id = self._pg.execute("SELECT value FROM index_meta WHERE key = 'database_id'").fetchone()[0]
-        self._unsaved = False
         if self.pull():
             self.save_cache()  # a cache built or brought up to date at start is kept for the next start
 
@@ -136,7 +138,7 @@ class SharedCaseIndex(CaseIndex):
         with self._lock:
             if self._unsaved and self.dim is not None:
                 super()._save_indexes()
-            self._unsaved = False
+                self._unsaved = False
 
     # -- writing: PostgreSQL first, then the cache follows the log ------------------------------
     def replace_study(
@@ -186,20 +188,6 @@ class SharedCaseIndex(CaseIndex):
             self._log_change(cursor, study_uid, "delete")
         self.pull()
 
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[Self]:
-        """Write many studies: each is committed to PostgreSQL and applied to the cache as usual,
-        the FAISS files are written when the outermost block ends (a crash loses nothing: the
-        next open repairs the files from the cache's rows)."""
-        with self._lock:
-            self._deferred_saves += 1
-            try:
-                yield self
-            finally:
-                self._deferred_saves -= 1
-                if not self._deferred_saves:
-                    self.save_cache()
-
     # -- the cache follows the change log ---------------------------------------------------------
     def pull(self) -> int:
         """Apply the changes committed in PostgreSQL since this cache's last one; how many studies changed.
@@ -220,11 +208,11 @@ class SharedCaseIndex(CaseIndex):
             changed = self._pg.execute(
                 "SELECT study_uid, max(change_id) AS last FROM index_changes WHERE change_id > %s AND change_id <= %s "
                 "GROUP BY study_uid ORDER BY last", [applied, latest]).fetchall()
-            for study_uid, _ in changed:
-                self._apply(study_uid)
+            with self._applying():
+                for study_uid, _ in changed:
+                    self._apply(study_uid)
             with self._transaction():
                 self._set_meta(APPLIED_CHANGE, str(latest))
-            self._unsaved = True
             log.info("case index cache %s: %d studies applied up to change %d", self.directory, len(changed), latest)
             return len(changed)
 
@@ -257,16 +245,31 @@ class SharedCaseIndex(CaseIndex):
         if stale:
             log.warning("case index cache %s mirrors another database: dropping its %d studies", self.directory,
                         len(stale))
-        for study_uid in stale:
-            CaseIndex.delete_study(self, study_uid)
+        with self._applying():
+            for study_uid in stale:
+                CaseIndex.delete_study(self, study_uid)
         with self._transaction():
             self._set_meta(MIRRORED_DATABASE, self.database_id)
             self._set_meta(APPLIED_CHANGE, "0")
         return 0
 
+    @contextlib.contextmanager
+    def _applying(self) -> Iterator[None]:
+        """Changes applied to the cache: one batch (compaction checked once, at its end), files not written."""
+        self._pulling += 1
+        try:
+            with CaseIndex.batch(self):
+                yield
+        finally:
+            self._pulling -= 1
+
     def _save_indexes(self) -> None:
-        """The cache's FAISS files are written by :meth:`save_cache` (at close, after a batch)."""
-        self._unsaved = True
+        """Inside a pull the FAISS files are only marked stale (:meth:`save_cache` writes them)."""
+        if self._pulling:
+            self._unsaved = True
+        else:
+            super()._save_indexes()
+            self._unsaved = False
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[psycopg.Cursor]:

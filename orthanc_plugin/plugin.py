@@ -11,17 +11,22 @@ embedded interpreter (orthanc-python 4.0 has no AllowThreads), so each callback 
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import threading
+from pathlib import Path
 from typing import Any
 
 import orthanc
 
-from dicom_node import job_routes, ordinary_find
+from dicom_node import job_routes, ordinary_find, ui
 from dicom_node.config import ConfigError, NodeConfig
 from dicom_node.intake import Intake
 from dicom_node.http_security import authenticated_user, orthanc_security_problems, query_arguments
 from dicom_node.jobs import JobStore, open_job_store
+from dicom_node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from dicom_node.metrics import NodeCollector, exposition
 from dicom_node.similar.relay import RelayUnavailable
 from dicom_node.supervisor import ProcessSupervisor
 
@@ -174,6 +179,101 @@ def on_similar(output: Any, uri: str, **request: Any) -> None:
     _answer(output, (status, body))
 
 
+def _page(output: Any, content: bytes, media_type: str) -> None:
+    for name, value in ui.PAGE_HEADERS.items():
+        output.SetHttpHeader(name, value)
+    output.AnswerBuffer(content, media_type)
+
+
+def on_ui(output: Any, uri: str, **request: Any) -> None:
+    """GET /abscess-node/ui/ (the queue dashboard), its other pages and their assets."""
+    if request["method"] != "GET":
+        output.SendMethodNotAllowed("GET")
+        return
+    name = (request.get("groups") or (None,))[0] or ""  # Orthanc hands /ui and /ui/ over alike
+    found = ui.static_file(name)
+    if found is None:
+        _answer(output, (404, {"error": f"no page {name}"}))
+    else:
+        _page(output, *found)
+
+
+def on_ohif(output: Any, uri: str, **request: Any) -> None:
+    """GET /ohif/ (and /ohif: Orthanc hands both over alike) opens the viewer; ServeFolders answers
+    /ohif/index.html and the viewer's files, not the bare folder."""
+    if request["method"] != "GET":
+        output.SendMethodNotAllowed("GET")
+    elif STATE["viewer_index"] is None:
+        _answer(output, (404, {"error": "the OHIF viewer is not laid out: run `make viewer`"}))
+    else:
+        output.AnswerBuffer(STATE["viewer_index"], "text/html")
+
+
+def on_metrics(output: Any, uri: str, **request: Any) -> None:
+    """GET /abscess-node/metrics: Prometheus text format (next to Orthanc's /tools/metrics-prometheus)."""
+    if request["method"] != "GET":
+        output.SendMethodNotAllowed("GET")
+        return
+    output.AnswerBuffer(exposition(STATE["collector"]), METRICS_CONTENT_TYPE)
+
+
+def on_job_counts(output: Any, uri: str, **request: Any) -> None:
+    """GET /abscess-node/jobs/counts."""
+    if request["method"] != "GET":
+        output.SendMethodNotAllowed("GET")
+        return
+    _answer(output, job_routes.job_counts(STATE["store"]))
+
+
+def on_job_action(output: Any, uri: str, **request: Any) -> None:
+    """POST /abscess-node/jobs/{id}/retry, .../cancel, .../rerun (the dashboard's actions)."""
+    if request["method"] != "POST":
+        output.SendMethodNotAllowed("POST")
+        return
+    job_id, action = request["groups"]
+    headers = request.get("headers") or {}
+    status, body = job_routes.job_action(STATE["store"], job_id, action, headers)
+    if status == 200:
+        orthanc.LogWarning(f"abscess-node: {authenticated_user(headers) or 'a REST client'} asked to {action} job "
+                           f"{job_id} -> job {body['id']} {body['state']}")
+    _answer(output, (status, body))
+
+
+def on_gallery(output: Any, uri: str, **request: Any) -> None:
+    """GET /abscess-node/studies/{id}/gallery: the similar cases of one study with their slice pairs."""
+    if request["method"] != "GET":
+        output.SendMethodNotAllowed("GET")
+        return
+    study_uid = _study_uid(request["groups"][0])
+    if not study_uid:
+        _answer(output, (404, {"error": f"no study {request['groups'][0]} in Orthanc"}))
+        return
+    user = authenticated_user(request.get("headers") or {})
+    supervisor: ProcessSupervisor = STATE["supervisor"]
+    try:
+        _answer(output, supervisor.relay.gallery(study_uid, query_arguments(request.get("get")), user))
+    except (RelayUnavailable, OSError) as error:
+        _answer(output, (503, {"error": str(error)}))
+
+
+def on_thumbnail(output: Any, uri: str, **request: Any) -> None:
+    """GET /abscess-node/thumbnails/{reference}: one PNG of a gallery (opaque, per-answer reference)."""
+    if request["method"] != "GET":
+        output.SendMethodNotAllowed("GET")
+        return
+    user = authenticated_user(request.get("headers") or {})
+    supervisor: ProcessSupervisor = STATE["supervisor"]
+    try:
+        status, body = supervisor.relay.thumbnail(request["groups"][0], user)
+    except (RelayUnavailable, OSError) as error:
+        status, body = 503, {"error": str(error)}
+    if status == 200:
+        output.SetHttpHeader("Cache-Control", "private, max-age=3600")
+        output.AnswerBuffer(base64.b64decode(body["png"]), "image/png")
+    else:
+        _answer(output, (status, body))
+
+
 def register() -> None:
     """Read the configuration, then register callbacks. A bad ``AbscessNode`` section stops Orthanc."""
     full_config = json.loads(orthanc.GetConfiguration())
@@ -200,10 +300,19 @@ def register() -> None:
         "retrieve_aet": retrieve_aet, "case_sensitive_pn": bool(full_config.get("CaseSensitivePN", False)),
         "limit_results": int(full_config.get("LimitFindResults", 0)),
         "limit_instances": int(full_config.get("LimitFindInstances", 0))}
+    STATE["collector"] = NodeCollector(STATE["store"], lambda: dict(STATE["supervisor"].restarts))
+    STATE["viewer_index"] = ui.viewer_index(full_config, Path(os.getcwd()))
     orthanc.RegisterOnChangeCallback(on_change)
     orthanc.RegisterFindCallback(on_find)
     orthanc.RegisterRestCallback("/abscess-node/studies/([0-9a-f-]+)/similar(?:-report)?", on_similar)
     orthanc.RegisterRestCallback("/abscess-node/jobs(?:/([0-9]+))?", on_jobs)
     orthanc.RegisterRestCallback("/abscess-node/studies/([0-9a-f-]+)/process", on_process)
+    orthanc.RegisterRestCallback("/abscess-node/jobs/counts", on_job_counts)
+    orthanc.RegisterRestCallback("/abscess-node/jobs/([0-9]+)/(retry|cancel|rerun)", on_job_action)
+    orthanc.RegisterRestCallback("/abscess-node/studies/([0-9a-f-]+)/gallery", on_gallery)
+    orthanc.RegisterRestCallback("/abscess-node/thumbnails/([A-Za-z0-9_-]+)", on_thumbnail)
+    orthanc.RegisterRestCallback("/abscess-node/metrics", on_metrics)
+    orthanc.RegisterRestCallback("/abscess-node/ui(?:/([a-z0-9.-]*))?", on_ui)
+    orthanc.RegisterRestCallback("/ohif/?", on_ohif)
     orthanc.LogWarning(f"abscess-node: enabled={config.enabled}, {config.worker_count} worker(s), "
                        f"weights {config.weights_path}, jobs in {config.jobs_database}")

@@ -39,8 +39,10 @@ PASSWORD_FILE = RUNTIME / "secrets" / "admin-password"
 DEMO_DIR = RUNTIME / "demo"
 
 
-def demo_study() -> tuple[list, dict]:
+def demo_study(uid_seed: str = DEMO_UID_SEED) -> tuple[list, dict]:
     """The demo study: the real head-and-neck CT with one inserted synthetic abscess.
+
+    ``uid_seed`` derives its UIDs (another seed: the same images as a new study).
 
     Returns:
         ``(datasets, lesion)``: the CT series and the inserted lesion's ground truth
@@ -59,7 +61,7 @@ def demo_study() -> tuple[list, dict]:
     cz, cy, cx = lesion["center_zyx"]
     lesion["center_zyx"] = (int(cz), int(cy) - y0, int(cx) - x0)
     info = StudyInfo(study_description="CT NECK WITH CONTRAST (real CT, synthetic abscess inserted)")
-    return nifti_to_ct_series(fetch("ct_head"), info, uid_seed=DEMO_UID_SEED, volume_hu=volume), lesion
+    return nifti_to_ct_series(fetch("ct_head"), info, uid_seed=uid_seed, volume_hu=volume), lesion
 
 
 def _node(config: dict) -> OrthancProcess:

@@ -34,6 +34,7 @@ from pynetdicom.sop_class import (
 )
 
 from dicom_node.similar.erasure import run_erasures
+from dicom_node.similar.gallery import Gallery
 from dicom_node.similar.relay import FindResponse, RelayServer
 from dicom_node.similar.request import (
     IDENTIFIER_DOES_NOT_MATCH,
@@ -160,9 +161,11 @@ def serve(service: SimilarCaseService, ae_title: str, port: int, relay: tuple[Pa
         threading.Thread(target=run_erasures, args=(service.config, service.audit, exists, stop),
                          name="erasures", daemon=True).start()
         address_file, token = relay
+        gallery = Gallery(service)
         server = RelayServer(
             address_file, token, lambda tags, calling: find_responses(service, tags, calling),
-            lambda study_uid, params, user, store: rest_query(service, study_uid, params, user, store_report=store))
+            lambda study_uid, params, user, store: rest_query(service, study_uid, params, user, store_report=store),
+            gallery.answer, gallery.thumbnail)
         threading.Thread(target=server.serve_forever, name="similar-relay", daemon=True).start()
         listening.append(f"relay on 127.0.0.1:{server.port}")
     if port:

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from dicom_node.config import NodeConfig
 from dicom_node.jobs import JobStore, open_job_store
+from dicom_node.metrics import MetricsStore, record_index_size
 from dicom_node.similar.policy import AuditLog, Caller
 from dicom_node.similar.query import open_index
 
@@ -41,6 +42,9 @@ def erase_pending(config: NodeConfig, store: JobStore, audit: AuditLog) -> int:
                 audit.record(NODE, study_uid, [], "erased", "deleted from Orthanc")
                 erased += 1
             store.erasure_done(erasure_id)
+        if erased:
+            record_index_size(MetricsStore(store), {"studies": len(index.study_uids()),
+                                                    "slice": index.vector_count("slice"), "roi": index.vector_count("roi")})
     return erased
 
 

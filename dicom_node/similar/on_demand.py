@@ -34,7 +34,7 @@ from dicom_node.jobs import JobStore, open_job_store
 from dicom_node.orthanc_client import OrthancClient
 from dicom_node.pseudonyms import Pseudonymizer
 from dicom_node.reports.similar_cases import ReportedQuery, build_similar_cases_report
-from dicom_node.similar.query import SimilarCase, SimilarQuery, open_index
+from dicom_node.similar.query import SimilarCase, SimilarQuery, query_index
 from dicom_node.similar.request import ParsedRequest
 from models.weights import AlgorithmInfo
 
@@ -135,7 +135,7 @@ class SimilarCasesReports:
 
     def _query_images(self, study_uid: str) -> list[Dataset]:
         """Headers of the indexed query series, in index slice order (the SR's query images)."""
-        with open_index(self.config.index_directory, database_url=self.config.index_database) as index:
+        with query_index(self.config.index_directory, self.config.index_database) as index:
             record = index.get_study(study_uid)
             by_index = index.slice_instance_uids(study_uid)
         instances = self.client.get_json(f"/series/{record.orthanc_series_id}/instances")

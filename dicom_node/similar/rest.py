@@ -31,10 +31,11 @@ from dicom_node.similar.request import (
     SLICE_RANGE,
     STANDARD_FILTER_KEYWORDS,
     USE_DESCRIPTORS,
+    ParsedRequest,
     QueryError,
     parse_request,
 )
-from dicom_node.similar.service import SimilarCaseService
+from dicom_node.similar.service import Answer, SimilarCaseService
 
 log = logging.getLogger("abscess_node.similar_find")
 
@@ -62,6 +63,26 @@ def identifier_from_params(study_uid: str, params: Mapping[str, str]) -> Dataset
     return identifier
 
 
+def answer_params(service: SimilarCaseService, study_uid: str, params: Mapping[str, str], user: str,
+                  store_report: bool = False) -> tuple[ParsedRequest, Answer]:
+    """The REST parameters parsed and answered through :meth:`SimilarCaseService.answer` (policy,
+    search, report, pseudonymisation, audit), as the REST user ``user``.
+
+    Raises:
+        QueryError: refused, not indexed, bad parameter, index unusable (see :func:`error_answer`).
+    """
+    request = parse_request(identifier_from_params(study_uid, params), service.config.similar_cases_top_k)
+    return request, service.answer(request, Caller("rest", user), store_report=store_report)
+
+
+def error_answer(error: Exception) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and JSON body of a failed REST query (the details of an unexpected error are logged)."""
+    if isinstance(error, QueryError):
+        return HTTP_STATUS.get(error.status, 500), {"error": error.comment, "dicom_status": f"0x{error.status:04X}"}
+    log.error("REST similar-cases query failed", exc_info=error)
+    return 500, {"error": "internal error; see the similar-cases service log"}
+
+
 def rest_query(service: SimilarCaseService, study_uid: str, params: Mapping[str, str], user: str,
                store_report: bool = False) -> tuple[int, Any]:
     """JSON answer of ``GET .../similar`` (or, with ``store_report``, of ``POST .../similar-report``).
@@ -80,13 +101,9 @@ def rest_query(service: SimilarCaseService, study_uid: str, params: Mapping[str,
         index is unusable.
     """
     try:
-        request = parse_request(identifier_from_params(study_uid, params), service.config.similar_cases_top_k)
-        answer = service.answer(request, Caller("rest", user), store_report=store_report)
-    except QueryError as error:
-        return HTTP_STATUS.get(error.status, 500), {"error": error.comment, "dicom_status": f"0x{error.status:04X}"}
-    except Exception:
-        log.exception("REST similar-cases query failed")
-        return 500, {"error": "internal error; see the similar-cases service log"}
+        request, answer = answer_params(service, study_uid, params, user, store_report)
+    except Exception as error:  # noqa: BLE001 - every failure becomes an HTTP answer
+        return error_answer(error)
     query, report = answer.query, answer.report
     return 200, {"query": {"study_uid": study_uid, "k": request.k, "mode": query.mode, "filters": list(query.filters),
                            "slice_range": list(query.slice_range) if query.slice_range else None},

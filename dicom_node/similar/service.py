@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sqlite3
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,11 +21,12 @@ from pydicom.dataset import Dataset
 
 from dicom_node.config import NodeConfig
 from dicom_node.jobs import JobStore, open_job_store
+from dicom_node.metrics import SIMILAR_QUERY_SECONDS, MetricsStore
 from dicom_node.orthanc_client import OrthancClient, OrthancError
 from dicom_node.pseudonyms import Pseudonymizer
 from dicom_node.similar.on_demand import SimilarCasesReports
 from dicom_node.similar.policy import AccessPolicy, AuditLog, Caller
-from dicom_node.similar.query import SimilarCase, SimilarQuery, find_similar, open_index
+from dicom_node.similar.query import SimilarCase, SimilarQuery, find_similar, open_index, query_index
 from dicom_node.similar.request import (
     IDENTIFIER_DOES_NOT_MATCH,
     MODE,
@@ -53,11 +55,16 @@ log = logging.getLogger("abscess_node.similar_find")
 
 @dataclasses.dataclass(frozen=True)
 class Answer:
-    """The answer to one similar-case query: the index query, the cases as shown, the SR holding them."""
+    """The answer to one similar-case query: the index query, the cases as shown, the SR holding them.
+
+    ``indexed_cases`` are the same cases as indexed (real UIDs, in the same order): for the
+    service's own look-ups (the gallery's thumbnails), never for the caller.
+    """
 
     query: SimilarQuery
     cases: list[SimilarCase]
     report: tuple[str, str, str] | None
+    indexed_cases: list[SimilarCase] = dataclasses.field(default_factory=list, repr=False)
 
 
 class SimilarCaseService:
@@ -78,6 +85,7 @@ class SimilarCaseService:
         self.reports = SimilarCasesReports(config, client, self.pseudonymizer)
         self.policy = AccessPolicy(config)
         self.audit = AuditLog(config.log_directory)
+        self.metrics = MetricsStore(open_job_store(config.jobs_database))
 
     def answer(self, request: ParsedRequest, caller: Caller, *, store_report: bool = False) -> Answer:
         """The one way to similar cases: access policy, search, report, pseudonymisation, audit.
@@ -92,6 +100,7 @@ class SimilarCaseService:
             QueryError: refused (0x0124), not indexed (0xC001), bad query (0xA900), index
                 unusable (0xA700), Orthanc look-up failed (0xC000).
         """
+        started = time.perf_counter()
         try:
             if not self.policy.allows(caller):
                 raise QueryError(REFUSED_NOT_AUTHORISED, self.policy.refusal(caller))
@@ -103,9 +112,15 @@ class SimilarCaseService:
             raise
         self.audit.record(caller, query.study_uid, [case.study_uid for case in cases], "answered",
                           f"{request.level} k={request.k} mode={query.mode}" + (" report" if report else ""))
-        if self.config.pseudonymize_similar_cases:
-            cases = [self.pseudonymizer.case(case) for case in cases]
-        return Answer(query, cases, report)
+        self._record_latency(caller, time.perf_counter() - started)
+        shown = [self.pseudonymizer.case(case) for case in cases] if self.config.pseudonymize_similar_cases else cases
+        return Answer(query, shown, report, indexed_cases=cases)
+
+    def _record_latency(self, caller: Caller, seconds: float) -> None:
+        try:
+            self.metrics.observe(SIMILAR_QUERY_SECONDS, seconds, route=caller.route)
+        except Exception:  # noqa: BLE001 - a busy job store loses one observation, not the answer
+            log.warning("similar-case query latency not recorded", exc_info=True)
 
     # -- the C-FIND handler ---------------------------------------------------------------------
     def find(self, identifier: Dataset, calling_aet: str) -> Iterator[tuple[Dataset, Dataset | None]]:
@@ -227,9 +242,7 @@ class SimilarCaseService:
             QueryError: 0xC001 (not indexed), 0xA900 (bad filter), 0xA700 (index unusable).
         """
         try:
-            with open_index(self.config.index_directory, self.config.index_lock_timeout_seconds,
-                            on_rebuild=open_job_store(self.config.jobs_database).requeue_for_reindex,
-                            database_url=self.config.index_database) as index:
+            with query_index(self.config.index_directory, self.config.index_database) as index:
                 query = self.resolve(request, index)
                 try:
                     results = find_similar(index, query)
@@ -240,6 +253,12 @@ class SimilarCaseService:
         except OrthancError as error:
             log.warning("Orthanc look-up failed: %s", error)
             raise QueryError(UNABLE_TO_PROCESS, "Orthanc look-up failed; see the similar-cases service log") from None
+        except sqlite3.DatabaseError as error:
+            log.error("case index %s unreadable (%s): rebuilding it", self.config.index_directory, error)
+            with open_index(self.config.index_directory, self.config.index_lock_timeout_seconds,
+                            on_rebuild=open_job_store(self.config.jobs_database).requeue_for_reindex):
+                pass  # moved aside, reopened empty, processed studies queued for re-indexing
+            raise QueryError(OUT_OF_RESOURCES, "case index was unreadable and is being rebuilt; retry later") from None
         except (OSError, RuntimeError, sqlite3.Error) as error:
             log.exception("case index %s unusable", self.config.index_directory)
             raise QueryError(OUT_OF_RESOURCES, f"case index unavailable: {type(error).__name__}") from None

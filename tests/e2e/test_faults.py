@@ -36,6 +36,14 @@ def worker_pid(node: OrthancProcess, name: str = "worker-0") -> int:
     return pids[0]
 
 
+def pid_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def wait_until(condition, timeout: float, what: str, period: float = 0.2):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -105,6 +113,7 @@ def test_orthanc_killed_mid_job_then_restarted_ends_done_once(start_node, ct_cro
     wait_until(lambda: running_in_stage(node, study_uid, "segment"), 300, "segmentation to start")
     children = pids_of(f"--settings {node.directory / 'work'}")
     assert len(children) == 2  # the worker and the similar-cases service
+    killed_at = time.monotonic()
     os.kill(node.process.pid, signal.SIGKILL)
     node.process.wait()
     wait_until(lambda: not pids_of(f"--settings {node.directory / 'work'}"), 20, "the orphans to die with Orthanc")
@@ -113,6 +122,8 @@ def test_orthanc_killed_mid_job_then_restarted_ends_done_once(start_node, ct_cro
         done = restarted.wait_for_job(study_uid, timeout=600)
         assert done["state"] == "done" and done["attempts"] == 2, done
         assert_exactly_once(restarted, study_uid)
+        print(f"Orthanc SIGKILLed in segmentation, restarted: study done {time.monotonic() - killed_at:.1f} s "
+              f"after the kill, objects {dict(our_objects(restarted, study_uid))}")
     finally:
         restarted.stop()
     assert not pids_of(f"--settings {node.directory / 'work'}")
@@ -123,13 +134,16 @@ def test_a_stopped_worker_loses_its_job_and_changes_nothing_when_resumed(start_n
     study_uid = send(node, ct_crop, tmp_path, "stop-worker", slices=150)
     job = wait_until(lambda: running_in_stage(node, study_uid, "segment"), 300, "segmentation to start")
     frozen = worker_pid(node, job["worker"])
+    stopped_at = time.monotonic()
     os.kill(frozen, signal.SIGSTOP)  # a hung worker: alive, silent
     try:
         taken = wait_until(lambda: next((j for j in node.get("/abscess-node/jobs", study=study_uid)
                                          if j["state"] == "running" and j["worker"] != job["worker"]), None),
                            120, "another worker to take the job")
+        print(f"SIGSTOP: job taken over by {taken['worker']} {time.monotonic() - stopped_at:.1f} s after the stop")
         done = node.wait_for_job(study_uid, timeout=600)
         assert done["state"] == "done" and done["worker"] == taken["worker"] and done["attempts"] == 2
+        print(f"SIGSTOP: study done {time.monotonic() - stopped_at:.1f} s after the stop")
     finally:
         os.kill(frozen, signal.SIGCONT)
     log = node.directory / "logs" / f"{job['worker']}.log"
@@ -149,6 +163,7 @@ def test_a_poison_study_fails_after_max_attempts(start_node, ct_crop, tmp_path):
         os.kill(worker_pid(node), signal.SIGKILL)  # the study crashes its worker, every time
     failed = node.wait_for_job(study_uid, timeout=120)
     assert failed["state"] == "failed" and failed["attempts"] == 3
+    print(f"poison: failed after {failed['attempts']} attempts: {failed['error'][:160]}")
     assert len(failed["attempt_errors"]) == 3 and "failed 3 times (MaxAttempts=3)" in failed["error"]
     time.sleep(3)
     assert node.get(f"/abscess-node/jobs/{failed['id']}")["state"] == "failed"  # not retried forever
@@ -156,10 +171,17 @@ def test_a_poison_study_fails_after_max_attempts(start_node, ct_crop, tmp_path):
 
 
 def test_a_job_over_its_time_limit_is_killed_and_failed(start_node, ct_crop, tmp_path):
-    node = start_node("timeout", {**SLOW, "JobTimeoutSeconds": 10, "MaxAttempts": 1})
-    study_uid = send(node, ct_crop, tmp_path, "timeout", slices=300)
-    failed = node.wait_for_job(study_uid, timeout=300)
+    # A hung worker (stopped, so no progress however fast the machine) holding a long lease: only the time
+    # limit can end the attempt.
+    node = start_node("timeout", {**SLOW, "JobTimeoutSeconds": 10, "MaxAttempts": 1, "LeaseSeconds": 600})
+    study_uid = send(node, ct_crop, tmp_path, "timeout", slices=150)
+    job = wait_until(lambda: running_in_stage(node, study_uid, "segment"), 300, "segmentation to start")
+    hung = worker_pid(node, job["worker"])
+    os.kill(hung, signal.SIGSTOP)
+    failed = node.wait_for_job(study_uid, timeout=120)
+    assert not pid_alive(hung)
     assert failed["state"] == "failed" and "exceeded JobTimeoutSeconds=10" in failed["error"]
+    print(f"time limit: {failed['error'][:160]}")
     healthy = send(node, ct_crop, tmp_path, "after-timeout")  # the restarted worker takes the next study
     assert node.wait_for_job(healthy, timeout=300)["state"] == "done"
 
@@ -232,6 +254,7 @@ def test_a_corrupt_index_database_is_quarantined_and_rebuilt(start_node, ct_crop
     assert reindexed
     with sqlite3.connect(database) as index:
         assert {row[0] for row in index.execute("select study_uid from studies")} == {first, second}
+    print(f"corrupt index: quarantined to {quarantined[0].name}, {len(reindexed)} re-index job(s) done")
 
 
 @pytest.fixture
@@ -252,6 +275,7 @@ def test_a_full_disk_fails_the_job_clearly_and_the_node_keeps_running(start_node
     big = send(node, ct_crop, tmp_path, "disk-full", slices=120, size=160)  # ~6 MB of DICOM
     failed = node.wait_for_job(big, timeout=300)
     assert failed["state"] == "failed" and "disk full" in failed["error"] and str(small_disk) in failed["error"]
+    print(f"disk full: {failed['error'][:200]}")
     assert not any(small_disk.glob("job-*"))  # the partial download is gone
     small = send(node, ct_crop, tmp_path, "disk-ok")
     assert node.wait_for_job(small, timeout=300)["state"] == "done"

@@ -13,10 +13,7 @@ import io
 import json
 import os
 import shutil
-import signal
-import subprocess
 import time
-from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -28,11 +25,8 @@ from tooling.convert import write_series
 from tooling import demo
 from dicom_node.config import CHECKOUT
 
-VIEWER_DIR = CHECKOUT / "viewer"
 ARTIFACTS = CHECKOUT / "runtime" / "test-artifacts" / "viewer"
 README_SCREENSHOT = CHECKOUT / "docs" / "screenshots" / "ohif-seg-overlay.png"
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-DRIVER_TIMEOUT_S = 240
 
 
 def viewer_url(node, study_uid: str) -> str:
@@ -41,13 +35,8 @@ def viewer_url(node, study_uid: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def demo_study(node, tmp_path_factory, sample):
+def demo_study(node, tmp_path_factory, sample, browser_driver):
     """The demo's head-and-neck CT sent to the node with storescu; its finished job and its SEG."""
-    for needed, hint in ((VIEWER_DIR / "www" / "viewer", "run `make viewer`"),
-                         (VIEWER_DIR / "node_modules" / "playwright-core", "run `make viewer`"),
-                         (Path(CHROMIUM), "apt-get install chromium")):
-        if not needed.exists():
-            pytest.fail(f"{needed} is missing: {hint}")
     sample("ct_head")
     datasets, _ = demo.demo_study()
     directory = tmp_path_factory.mktemp("demo_ct")
@@ -99,31 +88,7 @@ def colour_at(image: np.ndarray, xy: list[float]) -> np.ndarray:
     return image[y - 1:y + 2, x - 1:x + 2, :3].reshape(-1, 3).astype(float).mean(axis=0)
 
 
-def run_driver(job: dict, workdir: Path) -> dict:
-    """Run viewer/check_overlay.mjs; its whole process group is ended whatever happens."""
-    job_path = workdir / "job.json"
-    job_path.write_text(json.dumps(job))
-    process = subprocess.Popen(["node", str(VIEWER_DIR / "check_overlay.mjs"), str(job_path)], cwd=VIEWER_DIR,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=DRIVER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"the browser driver ran over {DRIVER_TIMEOUT_S} s:\n{stderr[-3000:]}")
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)  # a Chromium left behind by a crashed driver
-        except ProcessLookupError:
-            pass
-    lines = [line for line in stdout.splitlines() if line.startswith("{")]
-    assert lines, f"no result from the browser driver (exit {process.returncode}):\n{stderr[-3000:]}"
-    result = json.loads(lines[-1])
-    assert "error" not in result, f"{result['error']}\n{stderr[-3000:]}\nHTTP errors: {result.get('httpErrors')}"
-    return result
-
-
-def test_ohif_shows_our_seg_over_the_ct(node, demo_study, tmp_path):
+def test_ohif_shows_our_seg_over_the_ct(node, demo_study, tmp_path, browser_driver):
     started = time.monotonic()
     datasets, seg = demo_study
     study_uid = datasets[0].StudyInstanceUID
@@ -157,7 +122,7 @@ def test_ohif_shows_our_seg_over_the_ct(node, demo_study, tmp_path):
            "slices": [{"name": f"{name}-slice{z:03d}", "sopInstanceUid": datasets[z].SOPInstanceUID,
                        "points": slice_points(datasets[z], point)}
                       for name, z in (("largest-mask", largest), ("no-mask", without))]}
-    result = run_driver(job, tmp_path)
+    result = browser_driver("check_overlay.mjs", job, tmp_path)
     (ARTIFACTS / "result.json").write_text(json.dumps(result, indent=1))
 
     # Listed: every series of the study (CT, our SEG, our SRs) shows in OHIF's study browser.

@@ -49,6 +49,7 @@ def test_defaults():
     ({"IndexDatabase": "postgresql://node@db"}, "AbscessNode.IndexDatabase: 'postgresql://node@db' names no database"),
     ({"IndexDatabase": "/var/index.sqlite"}, "AbscessNode.IndexDatabase: expected a URL starting with postgresql://"),
     ({"OrthancUrl": "pacs:8042"}, "AbscessNode.OrthancUrl: expected a URL starting with http:// or https://"),
+    ({"IndexVectorEncoding": "pq"}, "AbscessNode.IndexVectorEncoding: expected one of flat, sq8"),
 ])
 def test_bad_values_name_the_key(section, message):
     with pytest.raises(ConfigError) as raised:

@@ -87,3 +87,34 @@ def test_private_files_never_follow_a_symlink(tmp_path: Path):
     os.symlink(victim, tmp_path / "other")
     with pytest.raises(OSError):
         read_private_file(tmp_path / "other")
+
+
+def test_gallery_and_thumbnail_round_trip(tmp_path: Path):
+    asked: list[tuple] = []
+
+    def gallery(study_uid, params, user):
+        asked.append(("gallery", study_uid, params, user))
+        return 200, {"cases": []}
+
+    def thumbnail(token, user):
+        asked.append(("thumbnail", token, user))
+        return (200, {"png": "iVBORw0KGgo="}) if token == "known" else (404, {"error": "unknown or expired thumbnail"})
+
+    address = tmp_path / "service.address"
+    server = RelayServer(address, "s3cret", lambda tags, aet: [], lambda *a: (404, {}), gallery, thumbnail)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = RelayClient(address, "s3cret", timeout=10)
+        assert client.gallery("1.2.3", {"mode": "roi", "pairs": "2"}, "alice") == (200, {"cases": []})
+        assert client.thumbnail("known", "alice") == (200, {"png": "iVBORw0KGgo="})
+        assert client.thumbnail("other", "bob")[0] == 404
+        assert asked == [("gallery", "1.2.3", {"mode": "roi", "pairs": "2"}, "alice"), ("thumbnail", "known", "alice"),
+                         ("thumbnail", "other", "bob")]
+        without = RelayServer(tmp_path / "plain.address", "s3cret", lambda tags, aet: [], lambda *a: (404, {}))
+        threading.Thread(target=without.serve_forever, daemon=True).start()
+        assert RelayClient(tmp_path / "plain.address", "s3cret", timeout=10).gallery("1.2.3", {}, "alice")[0] == 404
+        without.shutdown()
+        without.server_close()
+    finally:
+        server.shutdown()
+        server.server_close()
