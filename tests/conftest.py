@@ -217,3 +217,12 @@ def postgres_server() -> Iterator[PostgresServer]:
 def postgres_url(postgres_server: PostgresServer) -> str:
     """URL of a fresh, empty database of the session's PostgreSQL server."""
     return postgres_server.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def jobs_location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a test's job store lives: a SQLite file, or a fresh PostgreSQL database (tests that take
+    this fixture run on both)."""
+    if request.param == "postgresql":
+        return request.getfixturevalue("postgres_url")
+    return str(tmp_path / "jobs.sqlite")

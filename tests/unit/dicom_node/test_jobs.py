@@ -29,14 +29,6 @@ from dicom_node.jobs import (
 LEASE = 60.0
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Where a test's job store lives: a SQLite file, or a fresh PostgreSQL database."""
-    if request.param == "postgresql":
-        return request.getfixturevalue("postgres_url")
-    return str(tmp_path / "jobs.sqlite")
-
-
 @contextlib.contextmanager
 def write_lock_held(location: str) -> Iterator[None]:
     """Another process's connection holds the store's write lock for the duration of the block."""
@@ -57,8 +49,8 @@ def write_lock_held(location: str) -> Iterator[None]:
         holder.close()
 
 
-def test_enqueue_is_idempotent_while_queued(location: str):
-    store = open_job_store(location)
+def test_enqueue_is_idempotent_while_queued(jobs_location: str):
+    store = open_job_store(jobs_location)
     first = store.enqueue("study-a", "1.2.3")
     again = store.enqueue("study-a", "1.2.3")
     assert first["id"] == again["id"] and len(store.list()) == 1
@@ -77,16 +69,16 @@ def test_enqueue_is_idempotent_while_queued(location: str):
     assert done["result"] == {"x": 1} and done["timings"] == {"segment": 1.5}
 
 
-def test_live_studies_go_before_backfilled_ones(location: str):
-    store = open_job_store(location)
+def test_live_studies_go_before_backfilled_ones(jobs_location: str):
+    store = open_job_store(jobs_location)
     old = store.enqueue("archive-1", priority=PRIORITY_BACKFILL)
     live = store.enqueue("live-1")
     assert store.claim("w0", LEASE)[0]["id"] == live["id"]
     assert store.claim("w0", LEASE)[0]["id"] == old["id"]
 
 
-def test_only_the_lease_holder_changes_the_job(location: str):
-    store = open_job_store(location)
+def test_only_the_lease_holder_changes_the_job(jobs_location: str):
+    store = open_job_store(jobs_location)
     job = store.enqueue("study-c", "1.2.5")
     _, lease = store.claim("w0", lease_seconds=0.2)
     store.update(lease, stage="segment")
@@ -109,8 +101,8 @@ def test_only_the_lease_holder_changes_the_job(location: str):
     assert store.output_for("series-c")["objects"] == {"orthanc_ids": ["y"]}
 
 
-def test_a_poison_study_fails_after_max_attempts_with_every_error(location: str):
-    store = open_job_store(location)
+def test_a_poison_study_fails_after_max_attempts_with_every_error(jobs_location: str):
+    store = open_job_store(jobs_location)
     job = store.enqueue("poison", "1.2.6")
     for attempt in range(1, 4):
         claimed = store.claim(f"w{attempt}", LEASE)
@@ -123,8 +115,8 @@ def test_a_poison_study_fails_after_max_attempts_with_every_error(location: str)
     assert store.claim("w9", LEASE) is None  # no fourth attempt without an explicit re-run
 
 
-def test_transient_failures_retry_with_backoff_input_errors_do_not(location: str):
-    store = open_job_store(location)
+def test_transient_failures_retry_with_backoff_input_errors_do_not(jobs_location: str):
+    store = open_job_store(jobs_location)
     job = store.enqueue("flaky", "1.2.7")
     _, lease = store.claim("w0", LEASE)
     assert store.finish(lease, "failed", error="Orthanc REST error: timeout", retry=True, max_attempts=3) == "queued"
@@ -136,18 +128,18 @@ def test_transient_failures_retry_with_backoff_input_errors_do_not(location: str
     assert store.get(bad["id"])["error"] == "lacks PixelSpacing"
 
 
-def test_node_restart_lapses_every_running_job(location: str):
-    store = open_job_store(location)
+def test_node_restart_lapses_every_running_job(jobs_location: str):
+    store = open_job_store(jobs_location)
     job = store.enqueue("study-b", "1.2.4")
     store.claim("w0", LEASE)
-    reopened = open_job_store(location)  # the node restarted
+    reopened = open_job_store(jobs_location)  # the node restarted
     assert reopened.reap() == []  # the lease is still young
     assert reopened.requeue_all_running("the node stopped") == [{"id": job["id"], "worker": "w0", "state": "queued"}]
     assert reopened.claim("w1", LEASE)[0]["id"] == job["id"]
 
 
-def test_unknown_job_bad_state_and_cancel(location: str):
-    store = open_job_store(location)
+def test_unknown_job_bad_state_and_cancel(jobs_location: str):
+    store = open_job_store(jobs_location)
     with pytest.raises(NotFoundError):
         store.get(42)
     job = store.enqueue("s", "1")
@@ -159,8 +151,8 @@ def test_unknown_job_bad_state_and_cancel(location: str):
     assert not store.cancel(other["id"])  # running: it finishes its attempt
 
 
-def test_forwards_retry_with_backoff_then_give_up_visibly(location: str):
-    store = open_job_store(location)
+def test_forwards_retry_with_backoff_then_give_up_visibly(jobs_location: str):
+    store = open_job_store(jobs_location)
     job = store.enqueue("fwd", "1.2.9")
     _, lease = store.claim("w0", LEASE)
     store.add_forwards(lease, "1.2.9", ["seg-id", "sr-id"], ["pacs", "archive"])
@@ -181,18 +173,18 @@ def test_forwards_retry_with_backoff_then_give_up_visibly(location: str):
     assert {f["destination"]: f["state"] for f in shown["forwards"]} == {"pacs": "sent", "archive": "failed"}
 
 
-def test_a_locked_store_waits_a_bounded_time_then_says_so(location: str):
-    open_job_store(location)
-    with write_lock_held(location):
-        store = open_job_store(location, busy_seconds=0.5)
+def test_a_locked_store_waits_a_bounded_time_then_says_so(jobs_location: str):
+    open_job_store(jobs_location)
+    with write_lock_held(jobs_location):
+        store = open_job_store(jobs_location, busy_seconds=0.5)
         started = time.monotonic()
         with pytest.raises(StoreBusy, match="stayed locked"):
             store.enqueue("locked", "1.3")
         assert time.monotonic() - started < 5
 
 
-def test_connections_are_per_thread(location: str):
-    store = open_job_store(location)
+def test_connections_are_per_thread(jobs_location: str):
+    store = open_job_store(jobs_location)
     errors = []
 
     def enqueue_many(prefix: str) -> None:
@@ -210,8 +202,8 @@ def test_connections_are_per_thread(location: str):
     assert errors == [] and len(store.list(limit=1000)) == 80
 
 
-def test_intake_keeps_missed_events_and_replays_orthancs_change_log(location: str):
-    store = open_job_store(location)
+def test_intake_keeps_missed_events_and_replays_orthancs_change_log(jobs_location: str):
+    store = open_job_store(jobs_location)
     changes = {"last": 7, "log": [
         {"Seq": 8, "ChangeType": "StableStudy", "ResourceType": "Study", "ID": "lost-study"},
         {"Seq": 9, "ChangeType": "NewInstance", "ResourceType": "Instance", "ID": "i"},
@@ -227,8 +219,8 @@ def test_intake_keeps_missed_events_and_replays_orthancs_change_log(location: st
     reports = []
     intake = Intake(store, rest_get, report=reports.append)
     assert intake.replay_changes() == 0 and store.get_meta(CHANGE_SEQ) == "7"  # first start: no implicit backfill
-    intake.store = open_job_store(location, busy_seconds=0.2)
-    with write_lock_held(location):
+    intake.store = open_job_store(jobs_location, busy_seconds=0.2)
+    with write_lock_held(jobs_location):
         assert intake.stable("busy-study", "1.4") is None and intake.pending() == 1
     assert reports and "could not be queued" in reports[0]
     assert intake.retry_missed() == 1 and intake.pending() == 0
@@ -237,8 +229,8 @@ def test_intake_keeps_missed_events_and_replays_orthancs_change_log(location: st
     assert store.pending_erasures()[0][1] == "gone-study" and store.get_meta(CHANGE_SEQ) == "10"
 
 
-def _claim_all(location: str, name: str, queue) -> None:
-    store = open_job_store(location)
+def _claim_all(jobs_location: str, name: str, queue) -> None:
+    store = open_job_store(jobs_location)
     claimed = []
     while (found := store.claim(name, LEASE)) is not None:
         job, lease = found
@@ -247,12 +239,12 @@ def _claim_all(location: str, name: str, queue) -> None:
     queue.put(claimed)
 
 
-def test_concurrent_workers_never_claim_the_same_job(location: str):
-    store = open_job_store(location)
+def test_concurrent_workers_never_claim_the_same_job(jobs_location: str):
+    store = open_job_store(jobs_location)
     for index in range(60):
         store.enqueue(f"study-{index}", f"1.2.{index}")
     queue = multiprocessing.get_context("spawn").Queue()
-    workers = [multiprocessing.get_context("spawn").Process(target=_claim_all, args=(location, f"w{i}", queue))
+    workers = [multiprocessing.get_context("spawn").Process(target=_claim_all, args=(jobs_location, f"w{i}", queue))
                for i in range(3)]
     for worker in workers:
         worker.start()
