@@ -49,7 +49,7 @@ lint-imports: venv  ## the architecture's import contracts (setup.cfg [importlin
 test: install lint-imports  ## the whole test suite: import contracts, unit and end-to-end tests
 	$(PY) -m pytest -q -rs
 
-test-unit: venv lint-imports  ## the fast tier: tests/unit, no Orthanc, dcmtk or browser (fetches registry samples)
+test-unit: venv lint-imports  ## the fast tier: tests/unit, no Orthanc, dcmtk or browser (fetches registry samples; needs postgresql-15)
 	$(PY) -m pytest -q -rs -m "not e2e" tests/unit
 
 BENCH_SIZES ?= 10000,100000,1000000

@@ -204,11 +204,15 @@ def browser_driver() -> Callable[[str, dict[str, Any], Path], dict[str, Any]]:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
-    """A real PostgreSQL 15 (Debian's binaries, initdb in a temporary directory), for the session."""
+    """A real PostgreSQL 15 (Debian's binaries, initdb in a temporary directory), for the session.
+
+    Fails, like the Orthanc fixtures, when PostgreSQL is missing or cannot start: `make install`
+    provides it, so a skip would only hide a broken CI machine.
+    """
     try:
         server = PostgresServer().start()
     except PostgresUnavailable as error:
-        pytest.skip(f"PostgreSQL cannot run here: {error}")
+        pytest.fail(f"PostgreSQL cannot run here: {error}")
     yield server
     server.stop()
 
