@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ import pytest
 from dicom_node.config import CHECKOUT
 from dicom_node.private_files import create_secret, write_private_file
 from tooling.convert import StudyInfo, volume_to_ct_series, write_series
-from tooling.orthanc_harness import ADMIN, OrthancProcess, scratch_node_configuration
+from tooling.orthanc_harness import ADMIN, OrthancProcess, scratch_node_configuration, wait_until
 from tooling.postgres import PostgresServer, orthanc_on_postgres
 
 BURST = 10
@@ -88,16 +87,6 @@ class Cluster:
                 process.wait(20)
         for node in (self.reader, self.ingest):
             node.stop()
-
-
-def wait_until(condition, timeout: float, what: str, period: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(period)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from dicom_node.config import CHECKOUT
 from dicom_node.jobs import open_job_store
 from tooling import demo
 from tooling.convert import StudyInfo, volume_to_ct_series, write_series
-from tooling.orthanc_harness import ADMIN, OrthancProcess, scratch_node_configuration
+from tooling.orthanc_harness import ADMIN, OrthancProcess, scratch_node_configuration, wait_until
 from tooling.phantoms import make_case
 from tooling.webhook_receiver import WebhookReceiver
 
@@ -46,13 +46,6 @@ def scrape(node: OrthancProcess) -> dict[tuple[str, tuple], float]:
     assert answer.status_code == 200 and answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in text_string_to_metric_families(answer.text) for sample in family.samples}
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 def worker_pid(node: OrthancProcess) -> int:
