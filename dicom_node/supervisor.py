@@ -28,7 +28,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from dicom_node.config import CHECKOUT, NodeConfig, WorkerSettings
-from dicom_node.jobs import JobStore, open_job_store
+from dicom_node.jobs import open_job_store
 from dicom_node.private_files import write_private_file
 from dicom_node.similar.relay import RelayClient
 

@@ -35,7 +35,7 @@ import logging
 import os
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import psycopg

@@ -20,7 +20,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from dicom_node.config import NodeConfig
-from dicom_node.jobs import JobStore, open_job_store
+from dicom_node.jobs import open_job_store
 from dicom_node.metrics import SIMILAR_QUERY_SECONDS, MetricsStore
 from dicom_node.orthanc_client import OrthancClient, OrthancError
 from dicom_node.pseudonyms import Pseudonymizer
