@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools chromium
+APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb orthanc-postgresql postgresql-15 dcmtk dicom3tools chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install apt venv secrets data viewer demo stop test test-unit lint-imports bench clean
@@ -49,7 +49,7 @@ lint-imports: venv  ## the architecture's import contracts (setup.cfg [importlin
 test: install lint-imports  ## the whole test suite: import contracts, unit and end-to-end tests
 	$(PY) -m pytest -q -rs
 
-test-unit: venv lint-imports  ## the fast tier: tests/unit, no Orthanc, dcmtk or browser (fetches registry samples)
+test-unit: venv lint-imports  ## the fast tier: tests/unit, no Orthanc, dcmtk or browser (fetches registry samples; needs postgresql-15)
 	$(PY) -m pytest -q -rs -m "not e2e" tests/unit
 
 BENCH_SIZES ?= 10000,100000,1000000
@@ -59,6 +59,7 @@ bench: install  ## every benchmark figure, measured in one run each (the 1M size
 	$(PY) bench/query.py --sizes $(BENCH_SIZES) --cfind
 	$(PY) bench/index.py --sizes $(BENCH_SIZES)
 	PYTHON=$(PY) bash bench/gpu_check.sh runtime/gpu_check.json
+	nice -n 19 $(PY) bench/scale_out.py
 
 clean:
 	rm -rf runtime .pytest_cache

@@ -15,15 +15,23 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dicom_node.config import WorkerSettings
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     parser = argparse.ArgumentParser(prog="python -m dicom_node", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    worker = commands.add_parser("worker", help="claim and process jobs (started by the Orthanc plugin)")
-    worker.add_argument("--settings", type=Path, required=True, help="settings file written by the plugin")
+    worker = commands.add_parser("worker", help="claim and process jobs (started by the plugin, or on any machine)")
+    origin = worker.add_mutually_exclusive_group(required=True)
+    origin.add_argument("--settings", type=Path, help="settings file written by the plugin")
+    origin.add_argument("--config", type=Path,
+                        help="a remote worker: JSON with an AbscessNode section (OrthancUrl, OrthancUser, "
+                             "OrthancPasswordFile, JobsDatabase and IndexDatabase URLs, Device); see docs/scale-out.md")
+    worker.add_argument("--name", help="with --config: this worker's name in the jobs (default: host-pid)")
     worker.add_argument("--once", action="store_true", help="process at most one job, then exit")
     worker.add_argument("--log-file", type=Path, help="log here, rotated at 10 MB (5 files kept); default: stderr")
     init = commands.add_parser("init-secrets", help="create the admin's HTTP password and the pseudonym secret (make install)")
@@ -55,10 +63,13 @@ def main(argv: list[str] | None = None) -> int:
                                "queue behind the archive")
     backfill.add_argument("--no-wait", action="store_true", help="return once everything is queued")
     for option in (serve, backfill):
-        option.add_argument("--orthanc-url", help="Orthanc REST URL with --config (default http://127.0.0.1:HttpPort)")
-        option.add_argument("--orthanc-user", default="admin", help="HTTP user of Orthanc's REST API with --config")
+        option.add_argument("--orthanc-url", help="Orthanc REST URL with --config (default: AbscessNode.OrthancUrl, "
+                                                  "else http://127.0.0.1:HttpPort)")
+        option.add_argument("--orthanc-user", help="HTTP user of Orthanc's REST API with --config "
+                                                   "(default: AbscessNode.OrthancUser)")
         option.add_argument("--orthanc-password-file", type=Path,
-                            help="file holding that user's password (default: runtime/secrets/admin-password)")
+                            help="file holding that user's password (default: AbscessNode.OrthancPasswordFile, "
+                                 "runtime/secrets/admin-password)")
     args = parser.parse_args(argv)
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if getattr(args, "log_file", None):
@@ -74,11 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "init-secrets":
         return _init_secrets(args.directory)
     if args.command == "worker":
-        from dicom_node.config import WorkerSettings
+        from dicom_node.config import ConfigError, WorkerSettings
         from dicom_node.private_files import read_private_file
         from dicom_node.worker import run_worker
 
-        run_worker(WorkerSettings.from_json(read_private_file(args.settings)), once=args.once)
+        if args.settings:
+            run_worker(WorkerSettings.from_json(read_private_file(args.settings)), once=args.once)
+            return 0
+        try:
+            settings = _remote_worker_settings(args.config, args.name)
+        except (ConfigError, OSError) as error:
+            print(f"cannot start the worker: {error}", file=sys.stderr)
+            return 2
+        run_worker(settings, once=args.once, follow_parent=False)
         return 0
     if args.command == "backfill":
         return _backfill(args)
@@ -103,14 +122,33 @@ def _init_secrets(directory: Path | None) -> int:
     return 0
 
 
-def _basic_authorization(user: str, password_file: Path | None) -> str | None:
+def _remote_worker_settings(config_path: Path, name: str | None) -> "WorkerSettings":
+    """A worker on a machine without Orthanc: Orthanc over REST (URL + a 0600 password file), databases by URL.
+
+    Raises:
+        ConfigError: the section is invalid, lacks OrthancUrl, or the password file is readable by others.
+    """
+    import socket
+
+    from dicom_node.config import ConfigError, NodeConfig, WorkerSettings
+
+    section = json.loads(config_path.read_text()).get("AbscessNode")
+    config = NodeConfig.from_section(section, base_directory=config_path.resolve().parent)
+    if not config.orthanc_url:
+        raise ConfigError(f"{config_path}: AbscessNode.OrthancUrl is required for a worker started with --config")
+    password_file = config.orthanc_password_file
+    if password_file.stat().st_mode & 0o077:
+        raise ConfigError(f"AbscessNode.OrthancPasswordFile {password_file} is readable by other users: chmod 600 it")
+    authorization = _basic_authorization(config.orthanc_user, password_file)
+    return WorkerSettings(config, config.orthanc_url, authorization, name or f"{socket.gethostname()}-{os.getpid()}")
+
+
+def _basic_authorization(user: str, password_file: Path) -> str | None:
     """``Basic ...`` for Orthanc's REST API from a password file (None when there is none)."""
     import base64
 
-    from dicom_node.config import CHECKOUT
     from dicom_node.private_files import read_private_file
 
-    password_file = password_file or CHECKOUT / "runtime" / "secrets" / "admin-password"
     if not password_file.exists():
         return None
     token = base64.b64encode(f"{user}:{read_private_file(password_file)}".encode()).decode()
@@ -127,15 +165,17 @@ def _from_orthanc_json(args: argparse.Namespace, path: Path) -> tuple[Any, str, 
 
     orthanc = json.loads(path.read_text())
     config = NodeConfig.from_section(orthanc.get("AbscessNode"), base_directory=path.resolve().parent)
-    url = args.orthanc_url or f"http://127.0.0.1:{orthanc.get('HttpPort', 8042)}"
-    return config, url, _basic_authorization(args.orthanc_user, args.orthanc_password_file), orthanc
+    url = args.orthanc_url or config.orthanc_url or f"http://127.0.0.1:{orthanc.get('HttpPort', 8042)}"
+    authorization = _basic_authorization(args.orthanc_user or config.orthanc_user,
+                                         args.orthanc_password_file or config.orthanc_password_file)
+    return config, url, authorization, orthanc
 
 
 def _backfill(args: argparse.Namespace) -> int:
     """``backfill``: queue the archive (see :mod:`dicom_node.backfill`), with a progress bar."""
     from dicom_node.backfill import RichProgress, backfill, parse_date
     from dicom_node.config import CHECKOUT, ConfigError
-    from dicom_node.jobs import JobStore
+    from dicom_node.jobs import open_job_store
     from dicom_node.orthanc_client import OrthancClient, OrthancError
 
     try:
@@ -144,7 +184,7 @@ def _backfill(args: argparse.Namespace) -> int:
     except (ValueError, ConfigError) as error:
         print(f"backfill: {error}", file=sys.stderr)
         return 2
-    store = JobStore(config.jobs_database)
+    store = open_job_store(config.jobs_database)
     try:
         with RichProgress() as progress:
             result = backfill(store, OrthancClient(url, authorization, timeout=60.0), progress, since=since,

@@ -21,6 +21,8 @@ from typing import Any
 CHECKOUT = Path(__file__).resolve().parent.parent
 """The repository checkout the node runs from: relative paths of the configuration resolve against it."""
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: 16 chars, no backslash
+DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:[0-9]{1,2})$")
+DATABASE_URL_SCHEMES = ("postgresql://", "postgres://")
 
 
 class ConfigError(ValueError):
@@ -90,7 +92,11 @@ class NodeConfig:
     weights_path: Path = CHECKOUT / "models" / "weights" / "vmunet-demo-v1.pt"
     index_directory: Path = CHECKOUT / "runtime" / "index"
     index_vector_encoding: str = "flat"
-    jobs_database: Path = CHECKOUT / "runtime" / "jobs.sqlite"
+    jobs_database: Path | str = CHECKOUT / "runtime" / "jobs.sqlite"
+    index_database: str = ""
+    orthanc_url: str = ""
+    orthanc_user: str = "admin"
+    orthanc_password_file: Path = CHECKOUT / "runtime" / "secrets" / "admin-password"
     work_directory: Path = CHECKOUT / "runtime" / "work"
     log_directory: Path = CHECKOUT / "runtime" / "logs"
     worker_python: Path = CHECKOUT / ".venv" / "bin" / "python"
@@ -200,10 +206,24 @@ class Key:
                 raise ConfigError(f"{where}: expected one of {', '.join(self.choices)}, got {raw!r}")
             return next(c for c in self.choices if c.upper() == raw.upper())
         if self.kind == "path":
+            return _path(where, raw, base_directory)
+        if self.kind == "path-or-url":
+            if isinstance(raw, str) and raw.startswith(DATABASE_URL_SCHEMES):
+                return _database_url(where, raw)
+            return _path(where, raw, base_directory)
+        if self.kind == "url":
+            if not isinstance(raw, str) or (raw and not raw.startswith(self.choices)):
+                raise ConfigError(f"{where}: expected a URL starting with {' or '.join(self.choices)} "
+                                  f"(or \"\"), got {raw!r}")
+            return _database_url(where, raw) if raw.startswith(DATABASE_URL_SCHEMES) else raw.rstrip("/")
+        if self.kind == "device":
+            if not isinstance(raw, str) or not DEVICE.match(raw.lower()):
+                raise ConfigError(f"{where}: expected one of auto, cpu, cuda, cuda:N (one worker per GPU), got {raw!r}")
+            return raw.lower()
+        if self.kind == "name":
             if not isinstance(raw, str) or not raw:
-                raise ConfigError(f"{where}: expected a path string, got {raw!r}")
-            path = Path(raw).expanduser()
-            return path if path.is_absolute() else (base_directory / path)
+                raise ConfigError(f"{where}: expected a non-empty string, got {raw!r}")
+            return raw
         if self.kind == "aet":
             return _ae_title(where, raw)
         if self.kind == "aet-list":
@@ -221,6 +241,23 @@ class Key:
                 raise ConfigError(f'{where}: expected a list like [{{"Url": "https://...", "On": ["failed"]}}], got {raw!r}')
             return tuple(_webhook(f"{where}[{i}]", item) for i, item in enumerate(raw))
         raise AssertionError(self.kind)
+
+
+def _path(where: str, raw: Any, base_directory: Path) -> Path:
+    if not isinstance(raw, str) or not raw:
+        raise ConfigError(f"{where}: expected a path string, got {raw!r}")
+    path = Path(raw).expanduser()
+    return path if path.is_absolute() else (base_directory / path)
+
+
+def _database_url(where: str, raw: str) -> str:
+    """A PostgreSQL URL without a password in it (the password belongs in a 0600 passfile, not in the config)."""
+    if re.match(r"^[a-z]+://[^/@:]*:[^/@]*@", raw):
+        raise ConfigError(f"{where}: the URL carries a password; put it in a 0600 file named by the URL's passfile= "
+                          "parameter (or ~/.pgpass) instead")
+    if "/" not in raw.split("://", 1)[1]:
+        raise ConfigError(f"{where}: {raw!r} names no database (postgresql://user@host:port/DATABASE)")
+    return raw
 
 
 def _ae_title(where: str, raw: Any) -> str:
@@ -275,11 +312,15 @@ def _series_rules(where: str, raw: Any) -> SeriesRules:
 KEYS: dict[str, Key] = {
     "Enabled": Key("enabled", "bool", "Process studies that become stable. False keeps the REST routes and the C-FIND dispatch but enqueues nothing."),
     "WorkerCount": Key("worker_count", "int", "Worker processes started and supervised by the plugin.", minimum=0, maximum=32),
-    "Device": Key("device", "choice", "Where the network runs: auto (CUDA when available), cpu, cuda.", choices=("auto", "cpu", "cuda")),
+    "Device": Key("device", "device", "Where the network runs: auto (CUDA when available), cpu, cuda, or cuda:N (one worker process per GPU)."),
     "WeightsPath": Key("weights_path", "path", "VM-UNet checkpoint. The shipped default is the demo checkpoint (not for clinical use)."),
     "IndexDirectory": Key("index_directory", "path", "Where the case index (FAISS + SQLite) lives."),
     "IndexVectorEncoding": Key("index_vector_encoding", "choice", "How the FAISS HNSW graphs store vectors: flat (float32) or sq8 (8-bit scalar quantised: about a third of the memory per vector, recall in bench/index.py). A change converts the index at the next indexing job.", choices=("flat", "sq8")),
-    "JobsDatabase": Key("jobs_database", "path", "SQLite file of the job store (survives restarts)."),
+    "JobsDatabase": Key("jobs_database", "path-or-url", "The job store: a SQLite file (one machine), or a postgresql:// URL shared by several Orthancs and remote workers (docs/scale-out.md)."),
+    "IndexDatabase": Key("index_database", "url", "Empty: the case index's rows live in IndexDirectory (SQLite). A postgresql:// URL: they live in PostgreSQL (the truth for every machine) and IndexDirectory holds this machine's FAISS cache, synced incrementally.", choices=DATABASE_URL_SCHEMES),
+    "OrthancUrl": Key("orthanc_url", "url", "Remote workers (`python -m dicom_node worker --config FILE`): Orthanc's REST API (e.g. http://pacs-ingest:8042). Workers started by the plugin ignore it.", choices=("http://", "https://")),
+    "OrthancUser": Key("orthanc_user", "name", "Remote workers: the HTTP user they log in to Orthanc as."),
+    "OrthancPasswordFile": Key("orthanc_password_file", "path", "Remote workers: the file (0600) holding that user's password."),
     "WorkDirectory": Key("work_directory", "path", "Scratch space of the workers (downloaded instances, memory-mapped volumes)."),
     "LogDirectory": Key("log_directory", "path", "Worker log files (UIDs only, no patient data)."),
     "WorkerPython": Key("worker_python", "path", "Python interpreter of the project venv that runs the workers."),

@@ -88,8 +88,12 @@ class Intake:
         """Queue what Orthanc logged after the last change known to be handled; how many events.
 
         A job store that has never seen Orthanc starts from Orthanc's latest change (an existing
-        archive is filled in by ``python -m dicom_node backfill``, not implicitly).
+        archive is filled in by ``python -m dicom_node backfill``, not implicitly). A node with
+        ``Enabled`` false (a reader Orthanc on a shared database) leaves the change log, and its
+        place in it, to the ingest Orthanc.
         """
+        if not self.enabled:
+            return 0
         since = self.store.get_meta(CHANGE_SEQ)
         if since is None:
             self.store.set_meta(CHANGE_SEQ, str(self.rest_get("/changes?last")["Last"]))
@@ -115,7 +119,7 @@ class Intake:
 
     def checkpoint(self) -> None:
         """Remember Orthanc's latest change as handled, when no event is waiting for the store."""
-        if self.pending() == 0:
+        if self.enabled and self.pending() == 0:
             self.store.set_meta(CHANGE_SEQ, str(self.rest_get("/changes?last")["Last"]))
 
     def run(self, stop: threading.Event, retry_seconds: float = 2.0, checkpoint_seconds: float = 30.0) -> None:

@@ -1,4 +1,9 @@
-"""The job store: one SQLite file (WAL) shared by the plugin, the workers and the service.
+"""The job store: the queue of studies shared by the plugin, the workers and the service.
+
+Two databases, one behaviour: :class:`SqliteJobStore` (one SQLite file in WAL mode, the
+embedded default: everything on one machine) and :class:`PostgresJobStore` (several Orthancs
+and workers on other machines; ``JobsDatabase`` is then a ``postgresql://`` URL). Both run
+the same queries of :class:`JobStore`; :func:`open_job_store` picks one from the location.
 
 A job is a **lease**, not a row with a timeout:
 
@@ -31,6 +36,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import re
 import secrets
 import sqlite3
 import threading
@@ -90,6 +96,15 @@ _ADDED_COLUMNS = (
 _COLUMNS = ("orthanc_study_id", "study_uid", "state", "reason", "force", "created", "started", "finished", "worker",
             "attempts", "series_uid", "selection", "timings", "result", "error", "priority", "stage")
 _JSON_COLUMNS = ("selection", "timings", "result", "objects", "attempt_errors", "resources")
+CLAIM_TRIES = 5
+"""Claims lost in a row to other workers (one running job per study) before a claim gives up for now."""
+JOBS_LOCK_KEY = 0x4A0B5  # "jobs"
+"""PostgreSQL advisory lock that serialises the store's writes (not its claims)."""
+SCHEMA_LOCK_KEY = 0x4A0B6
+_POSTGRES_INDEXES = """
+CREATE INDEX IF NOT EXISTS idx_jobs_claim ON jobs (state, priority, id);
+CREATE UNIQUE INDEX IF NOT EXISTS idx_jobs_one_running_per_study ON jobs (orthanc_study_id) WHERE state = 'running';
+"""
 
 
 class NotFoundError(KeyError):
@@ -102,6 +117,10 @@ class LeaseLost(RuntimeError):
 
 class StoreBusy(RuntimeError):
     """The job store stayed locked by another process longer than the bounded wait."""
+
+
+class StoreUnavailable(RuntimeError):
+    """The job store's database server cannot be reached (PostgreSQL down, network cut)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,37 +137,35 @@ def _now() -> str:
 
 
 class JobStore:
-    """Jobs, outputs, forwards and erasures in one SQLite database.
+    """Jobs, outputs, forwards and erasures: the queue's logic, on one of two databases.
 
-    Args:
-        path: the database file (created with its tables if missing).
-        busy_seconds: longest wait for another process's write lock before :class:`StoreBusy`.
+    :class:`SqliteJobStore` (one file, the embedded default) and :class:`PostgresJobStore`
+    (several Orthancs and workers on other machines) run the same SQL; they differ only in how a
+    connection is made and how writers are kept apart. Open one with :func:`open_job_store`.
     """
 
-    def __init__(self, path: Path | str, busy_seconds: float = 10.0) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.busy_seconds = busy_seconds
-        self._local = threading.local()
-        self.db.executescript(_SCHEMA)
-        known = {row["name"] for row in self.db.execute("PRAGMA table_info(jobs)")}
-        for name, declaration in _ADDED_COLUMNS:
-            if name not in known:
-                with contextlib.suppress(sqlite3.OperationalError):  # another process added it first
-                    self.db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
-        self.db.execute("CREATE INDEX IF NOT EXISTS idx_jobs_claim ON jobs (state, priority, id)")
+    shared = False
+    """Whether other machines use this store too (then no Orthanc may lapse every running job at start)."""
+    _skip_locked = ""
+    """Appended to the claim's select: PostgreSQL skips rows another worker is claiming."""
+    _claim_conflicts: tuple[type[Exception], ...] = ()
+    """Errors of a claim that lost a race to another worker (the claim then tries the next job)."""
 
-    @property
-    def db(self) -> sqlite3.Connection:
-        """This thread's connection (SQLite connections are not shared across threads)."""
-        connection = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = sqlite3.connect(str(self.path), timeout=self.busy_seconds, isolation_level=None)
-            connection.row_factory = sqlite3.Row
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute(f"PRAGMA busy_timeout={int(self.busy_seconds * 1000)}")
-            self._local.connection = connection
-        return connection
+    def _execute(self, sql: str, params: Any = ()) -> Any:
+        """Run one statement (``?`` placeholders) on this thread's connection; its cursor."""
+        raise NotImplementedError
+
+    def _executemany(self, sql: str, rows: list[Any]) -> None:
+        """Run one statement for each parameter row."""
+        raise NotImplementedError
+
+    def _immediate(self) -> contextlib.AbstractContextManager[None]:
+        """A write transaction that excludes every other writer (bounded wait, :class:`StoreBusy`)."""
+        raise NotImplementedError
+
+    def _claiming(self) -> contextlib.AbstractContextManager[None]:
+        """The transaction of a claim (exclusive on SQLite; row locks with SKIP LOCKED on PostgreSQL)."""
+        return self._immediate()
 
     # ----------------------------------------------------------------- queue
     def enqueue(self, orthanc_study_id: str, study_uid: str | None = None, reason: str = "stable",
@@ -164,19 +181,22 @@ class JobStore:
                 waiting job takes the more urgent of its own and the new priority.
         """
         with self._immediate():
-            waiting = self.db.execute(
+            waiting = self._execute(
                 "select id, priority from jobs where orthanc_study_id = ? and state = 'queued' order by id limit 1",
                 [orthanc_study_id]).fetchone()
-            if waiting:
+            job_id = None
+            # still queued when updated? (a PostgreSQL worker may claim it meanwhile: then a new job is queued)
+            if waiting and self._execute(
+                    "update jobs set priority = case when priority < ? then priority else ? end where id = ? "
+                    "and state = 'queued'", [priority, priority, waiting["id"]]).rowcount == 1:
                 job_id = waiting["id"]
-                self.db.execute("update jobs set priority = min(priority, ?) where id = ?", [priority, job_id])
                 if force:
-                    self.db.execute("update jobs set force = 1, reason = ? where id = ?", [reason, job_id])
-            else:
-                job_id = self.db.execute(
+                    self._execute("update jobs set force = 1, reason = ? where id = ?", [reason, job_id])
+            if job_id is None:
+                job_id = self._execute(
                     "insert into jobs (orthanc_study_id, study_uid, state, reason, force, created, attempts, priority, "
-                    "not_before) values (?, ?, 'queued', ?, ?, ?, 0, ?, 0)",
-                    [orthanc_study_id, study_uid, reason, int(force), _now(), priority]).lastrowid
+                    "not_before) values (?, ?, 'queued', ?, ?, ?, 0, ?, 0) returning id",
+                    [orthanc_study_id, study_uid, reason, int(force), _now(), priority]).fetchone()["id"]
         return self.get(job_id)
 
     def claim(self, worker: str, lease_seconds: float) -> tuple[dict[str, Any], Lease] | None:
@@ -187,31 +207,39 @@ class JobStore:
         """
         now = time.time()
         token = secrets.token_hex(16)
-        with self._immediate():
-            row = self.db.execute(
-                "select id from jobs where state = 'queued' and not_before <= ? and orthanc_study_id not in "
-                "(select orthanc_study_id from jobs where state = 'running') order by priority, id limit 1",
-                [now]).fetchone()
-            if row is None:
-                return None
-            job_id = row["id"]
-            self.db.execute(
-                "update jobs set state = 'running', started = ?, finished = null, worker = ?, attempts = attempts + 1, "
-                "error = null, lease_token = ?, lease_expires = ?, heartbeat = ?, stage = 'claimed', stage_started = ? "
-                "where id = ?", [_now(), worker, token, now + lease_seconds, now, now, job_id])
+        for _ in range(CLAIM_TRIES):
+            try:
+                with self._claiming():
+                    row = self._execute(
+                        "select id from jobs where state = 'queued' and not_before <= ? and orthanc_study_id not in "
+                        "(select orthanc_study_id from jobs where state = 'running') order by priority, id limit 1"
+                        + self._skip_locked, [now]).fetchone()
+                    if row is None:
+                        return None
+                    job_id = row["id"]
+                    self._execute(
+                        "update jobs set state = 'running', started = ?, finished = null, worker = ?, "
+                        "attempts = attempts + 1, error = null, lease_token = ?, lease_expires = ?, heartbeat = ?, "
+                        "stage = 'claimed', stage_started = ? where id = ?",
+                        [_now(), worker, token, now + lease_seconds, now, now, job_id])
+                break
+            except self._claim_conflicts:  # another worker started a job of the same study first: next one
+                continue
+        else:
+            return None
         return self.get(job_id), Lease(job_id, token, worker)
 
     def heartbeat(self, lease: Lease, lease_seconds: float) -> bool:
         """Renew the lease; False when it is no longer held (the worker must stop working on the job)."""
         now = time.time()
-        changed = self.db.execute(
+        changed = self._execute(
             "update jobs set lease_expires = ?, heartbeat = ? where id = ? and lease_token = ? and state = 'running'",
             [now + lease_seconds, now, lease.job_id, lease.token]).rowcount
         return changed == 1
 
     def holds(self, lease: Lease) -> bool:
         """Whether the lease is still the job's (checked before anything is written outside the store)."""
-        row = self.db.execute("select 1 from jobs where id = ? and lease_token = ? and state = 'running'",
+        row = self._execute("select 1 from jobs where id = ? and lease_token = ? and state = 'running'",
                               [lease.job_id, lease.token]).fetchone()
         return row is not None
 
@@ -227,7 +255,7 @@ class JobStore:
         if "stage" in fields:
             fields["stage_started"] = time.time()
         assignments = ", ".join(f"{name} = ?" for name in fields)
-        changed = self.db.execute(
+        changed = self._execute(
             f"update jobs set {assignments} where id = ? and lease_token = ? and state = 'running'",
             [*(_encode(v) for v in fields.values()), lease.job_id, lease.token]).rowcount
         if changed != 1:
@@ -244,7 +272,7 @@ class JobStore:
         if state not in ("done", "failed", "skipped"):
             raise ValueError(f"finish(): state must be done, failed or skipped, not {state!r}")
         with self._immediate():
-            row = self.db.execute("select attempts, attempt_errors from jobs where id = ? and lease_token = ? "
+            row = self._execute("select attempts, attempt_errors from jobs where id = ? and lease_token = ? "
                                   "and state = 'running'", [lease.job_id, lease.token]).fetchone()
             if row is None:
                 raise LeaseLost(f"job {lease.job_id} is no longer held by {lease.worker}")
@@ -274,26 +302,31 @@ class JobStore:
         ``max_attempts``. Returns the reaped jobs (id, worker, new state) so the caller can clean up."""
         now = time.time() if now is None else now
         with self._immediate():
-            rows = self.db.execute("select id, worker, attempts, stage, attempt_errors from jobs "
+            rows = self._execute("select id, worker, attempts, stage, attempt_errors from jobs "
                                    "where state = 'running' and lease_expires < ?", [now]).fetchall()
             return [self._lapse(row, max_attempts, f"worker {row['worker']} lost its lease in stage "
                                 f"{row['stage']} (killed, hung or cut off)", "lease-lapsed") for row in rows]
 
-    def requeue_all_running(self, reason: str, max_attempts: int = 3) -> list[dict[str, Any]]:
-        """At node start no worker can hold a job: every running job is lapsed at once."""
+    def requeue_all_running(self, reason: str, max_attempts: int = 3, worker_prefix: str = "") -> list[dict[str, Any]]:
+        """At node start none of its workers can hold a job: their running jobs are lapsed at once.
+
+        Args:
+            worker_prefix: only jobs of workers whose name starts with it (a shared store: this
+                Orthanc's own workers; remote workers' jobs lapse by their leases). Empty: all.
+        """
         with self._immediate():
-            rows = self.db.execute("select id, worker, attempts, stage, attempt_errors from jobs "
-                                   "where state = 'running'").fetchall()
+            rows = self._execute("select id, worker, attempts, stage, attempt_errors from jobs where state = 'running' "
+                                 "and substr(worker, 1, ?) = ?", [len(worker_prefix), worker_prefix]).fetchall()
             return [self._lapse(row, max_attempts, reason, "restart") for row in rows]
 
     def fail_attempt(self, job_id: int, message: str, max_attempts: int = 3) -> dict[str, Any] | None:
         """End the running attempt of a job from outside (the supervisor killed its worker)."""
         with self._immediate():
-            row = self.db.execute("select id, worker, attempts, stage, attempt_errors from jobs "
+            row = self._execute("select id, worker, attempts, stage, attempt_errors from jobs "
                                   "where id = ? and state = 'running'", [job_id]).fetchone()
             return self._lapse(row, max_attempts, message, "retry") if row else None
 
-    def _lapse(self, row: sqlite3.Row, max_attempts: int, message: str, reason: str) -> dict[str, Any]:
+    def _lapse(self, row: Any, max_attempts: int, message: str, reason: str) -> dict[str, Any]:
         errors = json.loads(row["attempt_errors"] or "[]")
         errors.append({"attempt": row["attempts"], "at": _now(), "error": message})
         fields: dict[str, Any] = {"attempt_errors": errors, "lease_token": None, "lease_expires": None, "stage": None}
@@ -309,7 +342,7 @@ class JobStore:
     def cancel(self, job_id: int) -> bool:
         """Cancel a queued job (a running one finishes its attempt); True when it was cancelled."""
         with self._immediate():
-            changed = self.db.execute("update jobs set state = 'cancelled', finished = ? where id = ? and state = 'queued'",
+            changed = self._execute("update jobs set state = 'cancelled', finished = ? where id = ? and state = 'queued'",
                                       [_now(), job_id]).rowcount
             if changed == 1:
                 self._ended(job_id)
@@ -317,20 +350,20 @@ class JobStore:
 
     def running_jobs(self) -> list[dict[str, Any]]:
         """The running jobs with their worker, stage and timestamps (the supervisor's watchdog)."""
-        rows = self.db.execute("select id, worker, started, stage, stage_started, heartbeat, lease_expires "
+        rows = self._execute("select id, worker, started, stage, stage_started, heartbeat, lease_expires "
                                "from jobs where state = 'running'").fetchall()
         return [dict(row) for row in rows]
 
     def counts(self) -> dict[str, int]:
         """Number of jobs in each state."""
         counted = {state: 0 for state in STATES}
-        for row in self.db.execute("select state, count(*) as n from jobs group by state"):
+        for row in self._execute("select state, count(*) as n from jobs group by state"):
             counted[row["state"]] = row["n"]
         return counted
 
     def requeue_for_reindex(self) -> int:
         """After the case index was rebuilt empty: queue every processed study again (backfill priority)."""
-        rows = self.db.execute("select orthanc_study_id, max(study_uid) as study_uid from jobs where state = 'done' "
+        rows = self._execute("select orthanc_study_id, max(study_uid) as study_uid from jobs where state = 'done' "
                                "group by orthanc_study_id").fetchall()
         for row in rows:
             self.enqueue(row["orthanc_study_id"], row["study_uid"], reason="reindex", force=True,
@@ -339,7 +372,7 @@ class JobStore:
 
     def known_orthanc_studies(self) -> set[str]:
         """Orthanc ids of every study that ever had a job (the start-up reconciliation skips them)."""
-        return {row[0] for row in self.db.execute("select distinct orthanc_study_id from jobs")}
+        return {row["orthanc_study_id"] for row in self._execute("select distinct orthanc_study_id from jobs")}
 
     # ----------------------------------------------------------------- reads
     def get(self, job_id: int) -> dict[str, Any]:
@@ -348,7 +381,7 @@ class JobStore:
         Raises:
             NotFoundError: no such job.
         """
-        row = self.db.execute("select * from jobs where id = ?", [job_id]).fetchone()
+        row = self._execute("select * from jobs where id = ?", [job_id]).fetchone()
         if row is None:
             raise NotFoundError(job_id)
         return self._with_forwards([_decode(row)])[0]
@@ -362,14 +395,14 @@ class JobStore:
                 clauses.append(f"{column} = ?")
                 params.append(value)
         where = ("where " + " and ".join(clauses)) if clauses else ""
-        rows = self.db.execute(f"select * from jobs {where} order by id desc limit ?", [*params, int(limit)])
+        rows = self._execute(f"select * from jobs {where} order by id desc limit ?", [*params, int(limit)])
         return self._with_forwards([_decode(row) for row in rows])
 
     def _with_forwards(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not jobs:
             return jobs
         ids = [job["id"] for job in jobs]
-        rows = self.db.execute(
+        rows = self._execute(
             f"select job_id, destination, state, attempts, last_error, updated from forwards where job_id in "
             f"({', '.join('?' * len(ids))}) order by id", ids).fetchall()
         by_job: dict[int, list[dict[str, Any]]] = {}
@@ -385,12 +418,12 @@ class JobStore:
     # --------------------------------------------------------------- outputs
     def output_for(self, series_uid: str) -> dict[str, Any] | None:
         """What we stored for this source series last time (fingerprint and objects), if anything."""
-        row = self.db.execute("select * from outputs where series_uid = ?", [series_uid]).fetchone()
+        row = self._execute("select * from outputs where series_uid = ?", [series_uid]).fetchone()
         return _decode(row) if row else None
 
     def outputs_of_study(self, study_uid: str) -> list[dict[str, Any]]:
         """Every source series of the study we produced objects for."""
-        return [_decode(r) for r in self.db.execute("select * from outputs where study_uid = ?", [study_uid])]
+        return [_decode(r) for r in self._execute("select * from outputs where study_uid = ?", [study_uid])]
 
     def record_output(self, lease: Lease, series_uid: str, study_uid: str, fingerprint: str,
                       objects: dict[str, Any]) -> None:
@@ -400,22 +433,24 @@ class JobStore:
             LeaseLost: the job is no longer this lease's (nothing is recorded).
         """
         with self._immediate():
-            if not self.db.execute("select 1 from jobs where id = ? and lease_token = ? and state = 'running'",
+            if not self._execute("select 1 from jobs where id = ? and lease_token = ? and state = 'running'",
                                    [lease.job_id, lease.token]).fetchone():
                 raise LeaseLost(f"job {lease.job_id} is no longer held by {lease.worker}")
-            self.db.execute(
-                "insert or replace into outputs (series_uid, study_uid, fingerprint, objects, updated) "
-                "values (?, ?, ?, ?, ?)", [series_uid, study_uid, fingerprint, json.dumps(objects), _now()])
+            self._execute(
+                "insert into outputs (series_uid, study_uid, fingerprint, objects, updated) values (?, ?, ?, ?, ?) "
+                "on conflict (series_uid) do update set study_uid = excluded.study_uid, "
+                "fingerprint = excluded.fingerprint, objects = excluded.objects, updated = excluded.updated",
+                [series_uid, study_uid, fingerprint, json.dumps(objects), _now()])
 
     # -------------------------------------------------------------- forwards
     def add_forwards(self, lease: Lease, study_uid: str, resources: list[str], destinations: list[str]) -> None:
         """Queue the sending of ``resources`` to each destination (replacing this job's earlier forwards)."""
         with self._immediate():
-            if not self.db.execute("select 1 from jobs where id = ? and lease_token = ?",
+            if not self._execute("select 1 from jobs where id = ? and lease_token = ?",
                                    [lease.job_id, lease.token]).fetchone():
                 raise LeaseLost(f"job {lease.job_id} is no longer held by {lease.worker}")
-            self.db.execute("delete from forwards where job_id = ?", [lease.job_id])
-            self.db.executemany(
+            self._execute("delete from forwards where job_id = ?", [lease.job_id])
+            self._executemany(
                 "insert into forwards (job_id, study_uid, destination, resources, state, attempts, next_attempt, updated) "
                 "values (?, ?, ?, ?, 'pending', 0, 0, ?)",
                 [(lease.job_id, study_uid, destination, json.dumps(resources), _now()) for destination in destinations])
@@ -423,20 +458,21 @@ class JobStore:
     def claim_forward(self, hold_seconds: float) -> dict[str, Any] | None:
         """Take one due forward (pending, past its back-off, not held by another process)."""
         now = time.time()
-        with self._immediate():
-            row = self.db.execute(
+        with self._claiming():
+            row = self._execute(
                 "select * from forwards where state = 'pending' and next_attempt <= ? and "
-                "(claimed_until is null or claimed_until < ?) order by next_attempt, id limit 1", [now, now]).fetchone()
+                "(claimed_until is null or claimed_until < ?) order by next_attempt, id limit 1" + self._skip_locked,
+                [now, now]).fetchone()
             if row is None:
                 return None
-            self.db.execute("update forwards set claimed_until = ? where id = ?", [now + hold_seconds, row["id"]])
+            self._execute("update forwards set claimed_until = ? where id = ?", [now + hold_seconds, row["id"]])
         return _decode(row)
 
     def forward_result(self, forward_id: int, sent: bool, error: str | None, max_attempts: int,
                        backoff_seconds: float) -> str:
         """Record one attempt: sent, retried later (back-off doubling), or given up. Returns the new state."""
         with self._immediate():
-            row = self.db.execute("select attempts, job_id, destination from forwards where id = ?", [forward_id]).fetchone()
+            row = self._execute("select attempts, job_id, destination from forwards where id = ?", [forward_id]).fetchone()
             attempts = row["attempts"] + 1
             if sent:
                 state, next_attempt = "sent", 0.0
@@ -444,11 +480,11 @@ class JobStore:
                 state, next_attempt = "failed", 0.0
             else:
                 state, next_attempt = "pending", time.time() + backoff_seconds * 2 ** (attempts - 1)
-            self.db.execute("update forwards set state = ?, attempts = ?, next_attempt = ?, claimed_until = null, "
+            self._execute("update forwards set state = ?, attempts = ?, next_attempt = ?, claimed_until = null, "
                             "last_error = ?, updated = ? where id = ?",
                             [state, attempts, next_attempt, None if sent else error, _now(), forward_id])
             if state == "failed":  # given up: the job says so
-                changed = self.db.execute(
+                changed = self._execute(
                     "update jobs set state = 'failed', error = ? where id = ? and state in ('done', 'failed')",
                     [f"SEG and SRs stored, but forwarding to {row['destination']} gave up after {attempts} attempt(s): "
                      f"{error}", row["job_id"]]).rowcount
@@ -459,66 +495,123 @@ class JobStore:
     # ------------------------------------------------------------- erasures
     def request_erasure(self, orthanc_study_id: str) -> None:
         """Remember that Orthanc deleted a study: the similar-cases service erases it from the index."""
-        self.db.execute("insert into erasures (orthanc_study_id, requested) values (?, ?)", [orthanc_study_id, _now()])
+        self._execute("insert into erasures (orthanc_study_id, requested) values (?, ?)", [orthanc_study_id, _now()])
 
     def pending_erasures(self, limit: int = 100) -> list[tuple[int, str]]:
         """(erasure id, Orthanc study id) of the erasures not done yet, oldest first."""
-        rows = self.db.execute("select id, orthanc_study_id from erasures where done is null order by id limit ?",
+        rows = self._execute("select id, orthanc_study_id from erasures where done is null order by id limit ?",
                                [int(limit)])
         return [(row["id"], row["orthanc_study_id"]) for row in rows]
 
     def erasure_done(self, erasure_id: int) -> None:
         """Mark an erasure done (the study is gone from the index)."""
-        self.db.execute("update erasures set done = ? where id = ?", [_now(), erasure_id])
+        self._execute("update erasures set done = ? where id = ?", [_now(), erasure_id])
 
     # ----------------------------------------------------------------- events
     def _ended(self, job_id: int) -> None:
         """Log that a job reached a final state (inside the transaction that ended it)."""
-        row = self.db.execute(f"select {', '.join(EVENT_FIELDS)} from jobs where id = ?", [job_id]).fetchone()
-        self.db.execute("insert into job_events (job_id, state, at, job) values (?, ?, ?, ?)",
+        row = self._execute(f"select {', '.join(EVENT_FIELDS)} from jobs where id = ?", [job_id]).fetchone()
+        self._execute("insert into job_events (job_id, state, at, job) values (?, ?, ?, ?)",
                         [job_id, row["state"], time.time(), json.dumps(dict(row))])
 
     def events_after(self, event_id: int, limit: int = 500) -> list[dict[str, Any]]:
         """Job events with an id above ``event_id``, oldest first: id, job_id, state, at, job (a snapshot)."""
-        rows = self.db.execute("select * from job_events where id > ? order by id limit ?", [int(event_id), int(limit)])
+        rows = self._execute("select * from job_events where id > ? order by id limit ?", [int(event_id), int(limit)])
         return [{**dict(row), "job": json.loads(row["job"])} for row in rows]
 
     def last_event_id(self) -> int:
         """The id of the latest job event (0 when there is none)."""
-        return int(self.db.execute("select coalesce(max(id), 0) from job_events").fetchone()[0])
+        return int(self._execute("select coalesce(max(id), 0) as last from job_events").fetchone()["last"])
 
     def finished_counts(self) -> dict[str, int]:
         """How many times a job reached each final state, ever (a counter: the log is append-only)."""
         counted = {state: 0 for state in FINAL_STATES}
-        for row in self.db.execute("select state, count(*) as n from job_events group by state"):
+        for row in self._execute("select state, count(*) as n from job_events group by state"):
             counted[row["state"]] = row["n"]
         return counted
 
     def transaction(self) -> contextlib.AbstractContextManager[None]:
-        """One write transaction on this database (``BEGIN IMMEDIATE``, bounded wait), for the modules that
+        """One write transaction on this database (exclusive, bounded wait), for the modules that
         keep tables of their own in it (:mod:`dicom_node.metrics`, :mod:`dicom_node.notifications`)."""
         return self._immediate()
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        """Run one statement of those modules (``?`` placeholders, SQL that SQLite and PostgreSQL both
+        understand, columns read by name); its cursor."""
+        return self._execute(sql, params)
+
+    def executemany(self, sql: str, rows: list[Any]) -> None:
+        """Run one statement of those modules for each parameter row."""
+        self._executemany(sql, rows)
+
+    def create_tables(self, schema: str) -> None:
+        """Create those modules' tables (``CREATE ... IF NOT EXISTS`` statements written for SQLite)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ meta
     def get_meta(self, key: str) -> str | None:
         """A value the node keeps across restarts (e.g. the last Orthanc change it saw)."""
-        row = self.db.execute("select value from meta where key = ?", [key]).fetchone()
+        row = self._execute("select value from meta where key = ?", [key]).fetchone()
         return None if row is None else row["value"]
 
     def set_meta(self, key: str, value: str) -> None:
         """Remember a value across restarts."""
-        self.db.execute("insert or replace into meta (key, value) values (?, ?)", [key, value])
+        self._execute("insert into meta (key, value) values (?, ?) on conflict (key) do update set value = excluded.value",
+                      [key, value])
 
     # -------------------------------------------------------------- helpers
     def _set(self, job_id: int, fields: dict[str, Any]) -> None:
         assignments = ", ".join(f"{name} = ?" for name in fields)
-        self.db.execute(f"update jobs set {assignments} where id = ?", [*(_encode(v) for v in fields.values()), job_id])
+        self._execute(f"update jobs set {assignments} where id = ?", [*(_encode(v) for v in fields.values()), job_id])
+
+
+class SqliteJobStore(JobStore):
+    """The job store in one SQLite file (WAL): the plugin, its workers and its service on one machine.
+
+    Args:
+        path: the database file (created with its tables if missing).
+        busy_seconds: longest wait for another process's write lock before :class:`StoreBusy`.
+    """
+
+    def __init__(self, path: Path | str, busy_seconds: float = 10.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.busy_seconds = busy_seconds
+        self._local = threading.local()
+        self.db.executescript(_SCHEMA)
+        known = {row["name"] for row in self._execute("PRAGMA table_info(jobs)")}
+        for name, declaration in _ADDED_COLUMNS:
+            if name not in known:
+                with contextlib.suppress(sqlite3.OperationalError):  # another process added it first
+                    self._execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
+        self._execute("CREATE INDEX IF NOT EXISTS idx_jobs_claim ON jobs (state, priority, id)")
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """This thread's connection (SQLite connections are not shared across threads)."""
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = sqlite3.connect(str(self.path), timeout=self.busy_seconds, isolation_level=None)
+            connection.row_factory = sqlite3.Row
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute(f"PRAGMA busy_timeout={int(self.busy_seconds * 1000)}")
+            self._local.connection = connection
+        return connection
+
+    def _execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
+        return self.db.execute(sql, params)
+
+    def _executemany(self, sql: str, rows: list[Any]) -> None:
+        self.db.executemany(sql, rows)
+
+    def create_tables(self, schema: str) -> None:
+        self.db.executescript(schema)
 
     @contextlib.contextmanager
     def _immediate(self) -> Iterator[None]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT``: one writer at a time across processes, bounded wait."""
         try:
-            self.db.execute("BEGIN IMMEDIATE")
+            self._execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as error:
             if "locked" in str(error):
                 raise StoreBusy(f"the job store {self.path} stayed locked for more than {self.busy_seconds:.0f} s "
@@ -527,9 +620,124 @@ class JobStore:
         try:
             yield
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
+        self._execute("COMMIT")
+
+
+class PostgresJobStore(JobStore):
+    """The job store in PostgreSQL: any number of Orthancs and workers, on any machines.
+
+    A claim takes the most urgent queued job with ``FOR UPDATE SKIP LOCKED`` (workers never
+    wait for each other); a partial unique index keeps one running job per study, and a claim
+    that loses that race goes on to the next job. The other writes (enqueue, finish, reap,
+    forwards' results) are short transactions serialised by a transaction-level advisory lock,
+    so they keep exactly the SQLite store's semantics. Times are the clients' clocks, as with
+    SQLite: keep the machines' clocks synchronised (NTP), well within ``LeaseSeconds``.
+
+    Args:
+        url: ``postgresql://user@host:port/database`` (libpq: a password comes from a
+            ``passfile=`` parameter or ``~/.pgpass``, never from the configuration).
+        busy_seconds: longest wait for another writer's lock before :class:`StoreBusy`.
+    """
+
+    shared = True
+    _skip_locked = " for update skip locked"
+
+    def __init__(self, url: str, busy_seconds: float = 10.0) -> None:
+        import psycopg
+
+        self.url = url
+        self.busy_seconds = busy_seconds
+        self._psycopg = psycopg
+        self._claim_conflicts = (psycopg.errors.UniqueViolation,)
+        self._local = threading.local()
+        added = "".join(f"ALTER TABLE jobs ADD COLUMN IF NOT EXISTS {name} {declaration};\n"
+                        for name, declaration in _ADDED_COLUMNS)
+        self.create_tables(_SCHEMA + added + _POSTGRES_INDEXES)
+
+    @property
+    def db(self) -> Any:
+        """This thread's connection (autocommit; transactions are explicit)."""
+        from psycopg.rows import dict_row
+
+        connection = getattr(self._local, "connection", None)
+        if connection is None or connection.closed or connection.broken:
+            with self._reachable():
+                connection = self._psycopg.connect(self.url, autocommit=True, row_factory=dict_row,
+                                                   connect_timeout=max(1, int(self.busy_seconds)),
+                                                   application_name="abscess-node")
+            connection.execute(f"set lock_timeout = {int(self.busy_seconds * 1000)}")
+            self._local.connection = connection
+        return connection
+
+    def _execute(self, sql: str, params: Any = ()) -> Any:
+        with self._reachable():
+            return self.db.execute(_postgres_placeholders(sql), params)
+
+    def create_tables(self, schema: str) -> None:
+        """The SQLite schema in PostgreSQL's types: ``INTEGER PRIMARY KEY`` ids become ``BIGSERIAL``,
+        ``REAL`` becomes ``DOUBLE PRECISION``. Created by one process at a time, and only when a table
+        or index of it is missing (DDL on a table in use would wait for its transactions)."""
+        names = re.findall(r"CREATE (?:UNIQUE )?(?:TABLE|INDEX) IF NOT EXISTS (\w+)", schema)
+        found = self._execute("select count(to_regclass(name)) as found from unnest(?::text[]) as name",
+                              [names]).fetchone()["found"]
+        if found == len(names):
+            return
+        translated = re.sub(r"\bINTEGER PRIMARY KEY\b", "BIGSERIAL PRIMARY KEY", schema)
+        translated = re.sub(r"\bREAL\b", "DOUBLE PRECISION", translated)
+        with self._reachable(), self.db.transaction():
+            self._execute("select pg_advisory_xact_lock(?)", [SCHEMA_LOCK_KEY])
+            self.db.execute(translated)
+
+    def _executemany(self, sql: str, rows: list[Any]) -> None:
+        with self._reachable(), self.db.cursor() as cursor:
+            cursor.executemany(_postgres_placeholders(sql), rows)
+
+    @contextlib.contextmanager
+    def _claiming(self) -> Iterator[None]:
+        with self._reachable(), self.db.transaction():
+            yield
+
+    @contextlib.contextmanager
+    def _immediate(self) -> Iterator[None]:
+        with self._reachable(), self.db.transaction():
+            self._execute("select pg_advisory_xact_lock(?)", [JOBS_LOCK_KEY])
+            yield
+
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """PostgreSQL's lock timeouts as :class:`StoreBusy`, its connection errors as :class:`StoreUnavailable`."""
+        try:
+            yield
+        except self._psycopg.errors.LockNotAvailable:
+            raise StoreBusy(f"the job store {redact_url(self.url)} stayed locked for more than "
+                            f"{self.busy_seconds:.0f} s by another process") from None
+        except self._psycopg.OperationalError as error:
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise StoreUnavailable(f"the job store {redact_url(self.url)} is unreachable: {first_line}") from None
+
+
+def open_job_store(location: Path | str, busy_seconds: float = 10.0) -> JobStore:
+    """The job store at ``location``: a ``postgresql://`` URL or the path of a SQLite file."""
+    if is_database_url(location):
+        return PostgresJobStore(str(location), busy_seconds)
+    return SqliteJobStore(location, busy_seconds)
+
+
+def is_database_url(location: Path | str) -> bool:
+    """Whether a configured location is a PostgreSQL URL (rather than a file path)."""
+    return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***`` (for messages and logs)."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def _postgres_placeholders(sql: str) -> str:
+    """The store's ``?`` placeholders as psycopg's ``%s`` (the store's SQL has no literal ``?`` or ``%``)."""
+    return sql.replace("?", "%s")
 
 
 def _final_error(state: str, error: str | None, errors: list[dict[str, Any]], max_attempts: int) -> str | None:
@@ -550,7 +758,7 @@ def _encode(value: Any) -> Any:
     return value
 
 
-def _decode(row: sqlite3.Row) -> dict[str, Any]:
+def _decode(row: Any) -> dict[str, Any]:
     decoded = dict(row)
     for column in _JSON_COLUMNS:
         if isinstance(decoded.get(column), str):

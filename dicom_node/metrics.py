@@ -107,7 +107,7 @@ class MetricsStore:
 
     def __init__(self, store: JobStore) -> None:
         self.store = store
-        store.db.executescript(_SCHEMA)
+        store.create_tables(_SCHEMA)
 
     def increment(self, metric: Recorded, amount: float = 1.0, **labels: Any) -> None:
         """Add ``amount`` to a counter."""
@@ -119,7 +119,7 @@ class MetricsStore:
         """Set a gauge."""
         if metric.kind != "gauge":
             raise ValueError(f"set(): {metric.name} is a {metric.kind}, not a gauge")
-        self.store.db.execute(
+        self.store.execute(
             "insert into metric_samples (name, labels, bucket, value) values (?, ?, '', ?) "
             "on conflict (name, labels, bucket) do update set value = excluded.value",
             [metric.name, _labels_key(metric, labels), float(value)])
@@ -135,15 +135,15 @@ class MetricsStore:
 
     def _add(self, name: str, labels: str, amounts: list[tuple[str, float]]) -> None:
         with self.store.transaction():
-            self.store.db.executemany(
+            self.store.executemany(
                 "insert into metric_samples (name, labels, bucket, value) values (?, ?, ?, ?) "
-                "on conflict (name, labels, bucket) do update set value = value + excluded.value",
+                "on conflict (name, labels, bucket) do update set value = metric_samples.value + excluded.value",
                 [(name, labels, bucket, amount) for bucket, amount in amounts])
 
     def samples(self, metric: Recorded) -> dict[tuple[str, ...], dict[str, float]]:
         """label values -> bucket -> value of one metric (``""`` is the bucket of counters and gauges)."""
         found: dict[tuple[str, ...], dict[str, float]] = {}
-        for row in self.store.db.execute("select labels, bucket, value from metric_samples where name = ?", [metric.name]):
+        for row in self.store.execute("select labels, bucket, value from metric_samples where name = ?", [metric.name]):
             found.setdefault(tuple(json.loads(row["labels"])), {})[row["bucket"]] = row["value"]
         return found
 
@@ -197,7 +197,8 @@ class NodeCollector:
         for state, count in self.store.counts().items():
             jobs.add_metric([state], count)
         yield jobs
-        oldest = self.store.db.execute("select min(created) from jobs where state = 'queued'").fetchone()[0]
+        oldest = self.store.execute("select min(created) as oldest from jobs where state = 'queued'").fetchone()[
+            "oldest"]
         yield GaugeMetricFamily("abscess_node_oldest_queued_seconds", "Age of the oldest queued job (0: none queued)",
                                 value=max(0.0, dt.datetime.now(dt.timezone.utc).timestamp() - _epoch(oldest))
                                 if oldest else 0.0)

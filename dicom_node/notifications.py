@@ -76,7 +76,7 @@ class NotificationQueue:
 
     def __init__(self, store: JobStore) -> None:
         self.store = store
-        store.db.executescript(_SCHEMA)
+        store.create_tables(_SCHEMA)
         if store.get_meta(CURSOR) is None:  # a new node: its notifications start now
             store.set_meta(CURSOR, str(store.last_event_id()))
 
@@ -95,9 +95,10 @@ class NotificationQueue:
                 body = json.dumps(payload(event))
                 for webhook in webhooks:
                     if event["state"] in webhook.on:
-                        added += self.store.db.execute(
-                            "insert or ignore into notifications (event_id, url, payload, state, next_attempt, updated) "
-                            "values (?, ?, ?, 'pending', 0, ?)", [event["id"], webhook.url, body, time.time()]).rowcount
+                        added += self.store.execute(
+                            "insert into notifications (event_id, url, payload, state, next_attempt, updated) "
+                            "values (?, ?, ?, 'pending', 0, ?) on conflict (event_id, url) do nothing",
+                            [event["id"], webhook.url, body, time.time()]).rowcount
             if events:
                 self.store.set_meta(CURSOR, str(events[-1]["id"]))
         return added
@@ -106,18 +107,18 @@ class NotificationQueue:
         """Take one due delivery (pending, past its back-off, not held by another worker)."""
         now = time.time()
         with self.store.transaction():
-            row = self.store.db.execute(
+            row = self.store.execute(
                 "select * from notifications where state = 'pending' and next_attempt <= ? and "
                 "(claimed_until is null or claimed_until < ?) order by next_attempt, id limit 1", [now, now]).fetchone()
             if row is None:
                 return None
-            self.store.db.execute("update notifications set claimed_until = ? where id = ?", [now + hold_seconds, row["id"]])
+            self.store.execute("update notifications set claimed_until = ? where id = ?", [now + hold_seconds, row["id"]])
         return {**dict(row), "payload": json.loads(row["payload"])}
 
     def result(self, delivery_id: int, error: str | None, max_attempts: int, backoff_seconds: float) -> str:
         """Record one attempt (``error`` None: delivered); returns the new state: sent, pending or failed."""
         with self.store.transaction():
-            attempts = self.store.db.execute("select attempts from notifications where id = ?",
+            attempts = self.store.execute("select attempts from notifications where id = ?",
                                              [delivery_id]).fetchone()["attempts"] + 1
             if error is None:
                 state, next_attempt = "sent", 0.0
@@ -125,14 +126,14 @@ class NotificationQueue:
                 state, next_attempt = "failed", 0.0
             else:
                 state, next_attempt = "pending", time.time() + backoff_seconds * 2 ** (attempts - 1)
-            self.store.db.execute(
+            self.store.execute(
                 "update notifications set state = ?, attempts = ?, next_attempt = ?, claimed_until = null, "
                 "last_error = ?, updated = ? where id = ?", [state, attempts, next_attempt, error, time.time(), delivery_id])
         return state
 
     def deliveries(self, job_id: int | None = None) -> list[dict[str, Any]]:
         """Every delivery (of one job's events), oldest first, with its payload."""
-        rows = self.store.db.execute("select * from notifications order by id").fetchall()
+        rows = self.store.execute("select * from notifications order by id").fetchall()
         found = [{**dict(row), "payload": json.loads(row["payload"])} for row in rows]
         return [d for d in found if job_id is None or d["payload"]["job_id"] == job_id]
 

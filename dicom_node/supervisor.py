@@ -19,14 +19,16 @@ import datetime as dt
 import logging
 import shutil
 import secrets
+import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from dicom_node.config import CHECKOUT, NodeConfig, WorkerSettings
-from dicom_node.jobs import JobStore
+from dicom_node.jobs import open_job_store
 from dicom_node.private_files import write_private_file
 from dicom_node.similar.relay import RelayClient
 
@@ -72,14 +74,18 @@ class ProcessSupervisor:
         self.relay_token = secrets.token_urlsafe(32)
         self.relay_address_file = config.work_directory / f"{SERVICE}.address"
         self.relay = RelayClient(self.relay_address_file, self.relay_token)
-        self.store = JobStore(config.jobs_database)
+        self.store = open_job_store(config.jobs_database)
+        self.worker_prefix = f"{socket.gethostname()}:{urlsplit(orthanc_url).port}/" if self.store.shared else ""
+        """Prefix of this node's worker names in the jobs: in a shared store, names must not collide
+        with another Orthanc's workers (``host:port/worker-0``)."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_watchdog = 0.0
 
     def _spawn(self, name: str) -> None:
         settings_path = self.config.work_directory / f"{name}.settings.json"
-        write_private_file(settings_path, WorkerSettings(self.config, self.orthanc_url, self.authorization, name).to_json())
+        write_private_file(settings_path, WorkerSettings(self.config, self.orthanc_url, self.authorization,
+                                                          self.worker_prefix + name).to_json())
         self.config.log_directory.mkdir(parents=True, exist_ok=True)
         log_path = self.config.log_directory / f"{name}.log"  # the child rotates it (--log-file)
         stderr_path = self.config.log_directory / f"{name}.stderr.log"  # what escapes logging: native crashes
@@ -142,7 +148,8 @@ class ProcessSupervisor:
         now = time.time() if now is None else now
         done = []
         for job in self.store.running_jobs():
-            process = self.processes.get(job["worker"] or "")
+            name = (job["worker"] or "").removeprefix(self.worker_prefix)
+            process = self.processes.get(name) if (job["worker"] or "").startswith(self.worker_prefix) else None
             if process is None or process.poll() is not None:
                 continue
             started = _epoch(job["started"])
@@ -157,14 +164,14 @@ class ProcessSupervisor:
                 continue
             process.kill()
             process.wait(10)
-            self._release_jobs_of(job["worker"], reason)
+            self._release_jobs_of(name, reason)
             done.append(reason)
         return done
 
     def _release_jobs_of(self, name: str, reason: str) -> None:
         """The jobs a dead worker held go back to the queue (or fail, after MaxAttempts); scratch removed."""
         for job in self.store.running_jobs():
-            if job["worker"] == name:
+            if job["worker"] == self.worker_prefix + name:
                 outcome = self.store.fail_attempt(job["id"], reason, self.config.max_attempts)
                 shutil.rmtree(self.config.work_directory / f"job-{job['id']}", ignore_errors=True)
                 if outcome:

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from dicom_node.config import NodeConfig, WorkerSettings
-from dicom_node.jobs import JobStore, Lease
+from dicom_node.jobs import JobStore, Lease, StoreBusy, StoreUnavailable, open_job_store
 from dicom_node.metrics import FORWARD_FAILURES, MetricsStore, record_attempt
 from dicom_node.notifications import NotificationQueue, send_due_notifications
 from dicom_node.orthanc_client import OrthancClient, OrthancError
@@ -36,6 +36,10 @@ from dicom_node.pseudonyms import Pseudonymizer
 
 log = logging.getLogger("abscess_node.worker")
 PR_SET_PDEATHSIG = 1
+STORE_RETRY_SECONDS = 5.0
+"""A worker that cannot reach its job store tries again after this long (instead of dying)."""
+EXIT_OVER_TIME = 3
+"""Exit code of a remote worker that ended itself because a job outlived JobTimeoutSeconds."""
 
 
 def die_with_parent() -> None:
@@ -63,13 +67,25 @@ def load_segmenter(config: NodeConfig) -> tuple[Any, str | None]:
 
 
 @contextlib.contextmanager
-def heartbeating(store: JobStore, lease: Lease, config: NodeConfig) -> Iterator[LeaseKeeper]:
-    """Renew the lease from a thread while the block runs; the keeper says when it was lost."""
+def heartbeating(store: JobStore, lease: Lease, config: NodeConfig,
+                 own_watchdog: bool = False) -> Iterator[LeaseKeeper]:
+    """Renew the lease from a thread while the block runs; the keeper says when it was lost.
+
+    With ``own_watchdog`` (a remote worker: no supervisor watches it) a job that outlives
+    ``JobTimeoutSeconds`` ends the process: its lease then lapses, another worker re-queues the
+    job (the attempt counts) and the service manager restarts this one.
+    """
     keeper = LeaseKeeper(store, lease)
     stop = threading.Event()
+    deadline = time.monotonic() + config.job_timeout_seconds
 
     def beat() -> None:
         while not stop.wait(config.heartbeat_seconds):
+            if own_watchdog and time.monotonic() > deadline:
+                log.error("job %s: attempt exceeded JobTimeoutSeconds=%d; this worker exits and its lease lapses",
+                          lease.job_id, config.job_timeout_seconds)
+                logging.shutdown()
+                os._exit(EXIT_OVER_TIME)
             try:
                 if not store.heartbeat(lease, config.lease_seconds):
                     keeper.lost.set()
@@ -131,12 +147,19 @@ def remove_stale_scratch(store: JobStore, config: NodeConfig) -> None:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_worker(settings: WorkerSettings, poll_seconds: float = 0.5, once: bool = False) -> None:
-    """Claim and process jobs until the parent process goes away (or after one job with ``once``)."""
-    die_with_parent()
+def run_worker(settings: WorkerSettings, poll_seconds: float = 0.5, once: bool = False,
+               follow_parent: bool = True) -> None:
+    """Claim and process jobs until the parent process goes away (or after one job with ``once``).
+
+    A remote worker (``follow_parent=False``, started by an admin or systemd on a machine without
+    Orthanc) runs until it is stopped; a job it was working on then goes back to the queue when
+    its lease lapses.
+    """
+    if follow_parent:
+        die_with_parent()
     parent = os.getppid()
     config = settings.node
-    store = JobStore(config.jobs_database)
+    store = open_job_store(config.jobs_database)
     client = OrthancClient(settings.orthanc_url, settings.authorization)
     pseudonymizer = Pseudonymizer.from_file(config.pseudonym_secret_path)
     metrics = MetricsStore(store)
@@ -144,33 +167,39 @@ def run_worker(settings: WorkerSettings, poll_seconds: float = 0.5, once: bool =
     segmenter, load_error = load_segmenter(config)
     remove_stale_scratch(store, config)
     log.info("worker %s ready (pid %d)", settings.name, os.getpid())
-    while once or os.getppid() == parent:
-        reaped = store.reap(config.max_attempts)
-        for job in reaped:
-            log.warning("job %s: worker %s lost its lease; job %s", job["id"], job["worker"], job["state"])
-        remove_scratch(config, [job["id"] for job in reaped])
-        claimed = store.claim(settings.name, config.lease_seconds)
-        if claimed is None:
-            sent = send_due_forwards(store, client, config, metrics) + send_due_notifications(notifications, config)
-            if sent == 0:
-                if once:
-                    return
-                time.sleep(poll_seconds)
-            continue
-        job, lease = claimed
-        log.info("job %s: study %s claimed (attempt %d)", job["id"], job.get("study_uid") or job["orthanc_study_id"],
-                 job["attempts"])
-        if segmenter is None:  # the admin may have fixed WeightsPath's file since the last try
-            segmenter, load_error = load_segmenter(config)
-        if load_error:
-            store.finish(lease, "failed", error=load_error)
-        else:
-            with heartbeating(store, lease, config) as keeper:
-                state = process_job(job, WorkerContext(config, store, client, segmenter, pseudonymizer, keeper))
-            if state is not None:
-                record_metrics(metrics, store, job["id"])
-            send_due_forwards(store, client, config, metrics)  # the first attempt of this job's forwards, at once
-        send_due_notifications(notifications, config)  # this job's webhooks, at once
-        if once:
-            return
+    while once or not follow_parent or os.getppid() == parent:
+        try:
+            reaped = store.reap(config.max_attempts)
+            for job in reaped:
+                log.warning("job %s: worker %s lost its lease; job %s", job["id"], job["worker"], job["state"])
+            remove_scratch(config, [job["id"] for job in reaped])
+            claimed = store.claim(settings.name, config.lease_seconds)
+            if claimed is None:
+                sent = send_due_forwards(store, client, config, metrics) + send_due_notifications(notifications, config)
+                if sent == 0:
+                    if once:
+                        return
+                    time.sleep(poll_seconds)
+                continue
+            job, lease = claimed
+            log.info("job %s: study %s claimed (attempt %d)", job["id"], job.get("study_uid") or job["orthanc_study_id"],
+                     job["attempts"])
+            if segmenter is None:  # the admin may have fixed WeightsPath's file since the last try
+                segmenter, load_error = load_segmenter(config)
+            if load_error:
+                store.finish(lease, "failed", error=load_error)
+            else:
+                with heartbeating(store, lease, config, own_watchdog=not follow_parent) as keeper:
+                    state = process_job(job, WorkerContext(config, store, client, segmenter, pseudonymizer, keeper))
+                if state is not None:
+                    record_metrics(metrics, store, job["id"])
+                send_due_forwards(store, client, config, metrics)  # the first attempt of this job's forwards, at once
+            send_due_notifications(notifications, config)  # this job's webhooks, at once
+            if once:
+                return
+        except (StoreBusy, StoreUnavailable) as error:  # the database is down or busy: the job's lease lapses
+            log.error("%s; trying again in %.0f s", error, STORE_RETRY_SECONDS)
+            if once:
+                return
+            time.sleep(STORE_RETRY_SECONDS)
     log.info("worker %s: parent gone, exiting", settings.name)

@@ -24,7 +24,7 @@ from dicom_node import job_routes, ordinary_find, ui
 from dicom_node.config import ConfigError, NodeConfig
 from dicom_node.intake import Intake
 from dicom_node.http_security import authenticated_user, orthanc_security_problems, query_arguments
-from dicom_node.jobs import JobStore
+from dicom_node.jobs import JobStore, open_job_store
 from dicom_node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dicom_node.metrics import NodeCollector, exposition
 from dicom_node.similar.relay import RelayUnavailable
@@ -53,9 +53,11 @@ def on_change(change_type: int, level: int, resource_id: str) -> None:
     elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
         config: NodeConfig = STATE["config"]
         store: JobStore = STATE["store"]
-        for job in store.requeue_all_running("the node stopped while this attempt ran", config.max_attempts):
+        supervisor: ProcessSupervisor = STATE["supervisor"]
+        for job in store.requeue_all_running("the node stopped while this attempt ran", config.max_attempts,
+                                             worker_prefix=supervisor.worker_prefix):
             orthanc.LogWarning(f"abscess-node: job {job['id']} interrupted by the last shutdown -> {job['state']}")
-        STATE["supervisor"].start()
+        supervisor.start()
         threading.Thread(target=_start_intake, name="abscess-node-intake", daemon=True).start()
     elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
         STATE["intake_stop"].set()
@@ -287,7 +289,7 @@ def register() -> None:
         raise SystemExit(f"abscess-node: refusing to start: {'; '.join(problems)}")
     port = int(full_config.get("HttpPort", 8042))
     STATE["config"] = config
-    STATE["store"] = JobStore(config.jobs_database)
+    STATE["store"] = open_job_store(config.jobs_database)
     STATE["intake"] = Intake(STATE["store"], _rest_get, config.enabled, orthanc.LogError)
     STATE["intake_stop"] = threading.Event()
     retrieve_aet = str(full_config.get("DicomAet", "ORTHANC"))

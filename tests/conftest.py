@@ -25,6 +25,7 @@ import torch
 from dicom_node.config import CHECKOUT
 from tooling import sample_data
 from tooling.orthanc_harness import OrthancProcess, free_port, scratch_node_configuration
+from tooling.postgres import PostgresServer, PostgresUnavailable
 
 DEMO_WEIGHTS = CHECKOUT / "models" / "weights" / "vmunet-demo-v1.pt"
 VIEWER_DIR = CHECKOUT / "viewer"
@@ -199,3 +200,33 @@ def browser_driver() -> Callable[[str, dict[str, Any], Path], dict[str, Any]]:
         return result
 
     return run
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL 15 (Debian's binaries, initdb in a temporary directory), for the session.
+
+    Fails, like the Orthanc fixtures, when PostgreSQL is missing or cannot start: `make install`
+    provides it, so a skip would only hide a broken CI machine.
+    """
+    try:
+        server = PostgresServer().start()
+    except PostgresUnavailable as error:
+        pytest.fail(f"PostgreSQL cannot run here: {error}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """URL of a fresh, empty database of the session's PostgreSQL server."""
+    return postgres_server.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def jobs_location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a test's job store lives: a SQLite file, or a fresh PostgreSQL database (tests that take
+    this fixture run on both)."""
+    if request.param == "postgresql":
+        return request.getfixturevalue("postgres_url")
+    return str(tmp_path / "jobs.sqlite")

@@ -26,6 +26,21 @@ ADMIN = "admin"
 """The HTTP user of the shipped orthanc.json (its password comes from ABSCESS_NODE_ADMIN_PASSWORD)."""
 
 
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, period: float = 0.3) -> Any:
+    """Call ``condition`` every ``period`` seconds until it returns something truthy; return that.
+
+    Raises:
+        TimeoutError: still falsy after ``timeout`` seconds (the message names ``what``).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(period)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket() as probe:

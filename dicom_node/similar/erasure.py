@@ -14,7 +14,7 @@ import threading
 from typing import Protocol
 
 from dicom_node.config import NodeConfig
-from dicom_node.jobs import JobStore
+from dicom_node.jobs import JobStore, open_job_store
 from dicom_node.metrics import MetricsStore, record_index_size
 from dicom_node.similar.policy import AuditLog, Caller
 from dicom_node.similar.query import open_index
@@ -35,7 +35,7 @@ def erase_pending(config: NodeConfig, store: JobStore, audit: AuditLog) -> int:
     erased = 0
     if not pending:
         return 0
-    with open_index(config.index_directory) as index:
+    with open_index(config.index_directory, database_url=config.index_database) as index:
         for erasure_id, orthanc_study_id in pending:
             for study_uid in index.study_uids_with(orthanc_study_id):
                 index.delete_study(study_uid)
@@ -50,7 +50,7 @@ def erase_pending(config: NodeConfig, store: JobStore, audit: AuditLog) -> int:
 
 def reconcile(config: NodeConfig, store: JobStore, exists: StudyExists) -> int:
     """Record an erasure for every indexed study that Orthanc no longer holds; how many."""
-    with open_index(config.index_directory) as index:
+    with open_index(config.index_directory, database_url=config.index_database) as index:
         known = index.orthanc_study_ids()
     missing = {orthanc_id for orthanc_id in known.values() if not exists(orthanc_id)}
     for orthanc_id in sorted(missing):
@@ -61,7 +61,7 @@ def reconcile(config: NodeConfig, store: JobStore, exists: StudyExists) -> int:
 def run_erasures(config: NodeConfig, audit: AuditLog, exists: StudyExists, stop: threading.Event,
                  period_seconds: float = 1.0) -> None:
     """The service's erasure loop: reconcile once, then erase what the plugin records (until ``stop``)."""
-    store = JobStore(config.jobs_database)
+    store = open_job_store(config.jobs_database)
     try:
         if reconcile(config, store, exists):
             log.warning("studies deleted from Orthanc while the node was down are erased from the index")

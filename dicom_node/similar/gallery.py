@@ -26,7 +26,7 @@ import pydicom
 from PIL import Image
 from scipy import ndimage
 
-from dicom_node.jobs import JobStore
+from dicom_node.jobs import JobStore, open_job_store
 from dicom_node.orthanc_client import OrthancClient, OrthancError
 from dicom_node.similar.policy import Caller
 from dicom_node.similar.query import query_index
@@ -186,7 +186,7 @@ class Gallery:
         if slices is None:
             if service.client is None:
                 raise ValueError("the gallery needs the service's Orthanc client (or a slice source)")
-            slices = OrthancSlices(service.client, JobStore(service.config.jobs_database))
+            slices = OrthancSlices(service.client, open_job_store(service.config.jobs_database))
         self.slices = slices
         self.references = ThumbnailReferences()
         self._thumbnails: collections.OrderedDict[tuple[str, str], bytes] = collections.OrderedDict()

@@ -30,7 +30,7 @@ from dicom_node.identity import (
     dataset_bytes,
     derived_uid,
 )
-from dicom_node.jobs import JobStore
+from dicom_node.jobs import JobStore, open_job_store
 from dicom_node.orthanc_client import OrthancClient
 from dicom_node.pseudonyms import Pseudonymizer
 from dicom_node.reports.similar_cases import ReportedQuery, build_similar_cases_report
@@ -74,7 +74,7 @@ class SimilarCasesReports:
         if self.client is None:
             return None
         try:
-            store = JobStore(self.config.jobs_database)
+            store = open_job_store(self.config.jobs_database)
             jobs = store.list(study_uid=query.study_uid, state="done", limit=1)
             job_result = (jobs[0].get("result") or {}) if jobs else {}
             if self._default_request(request):
@@ -135,7 +135,7 @@ class SimilarCasesReports:
 
     def _query_images(self, study_uid: str) -> list[Dataset]:
         """Headers of the indexed query series, in index slice order (the SR's query images)."""
-        with query_index(self.config.index_directory) as index:
+        with query_index(self.config.index_directory, self.config.index_database) as index:
             record = index.get_study(study_uid)
             by_index = index.slice_instance_uids(study_uid)
         instances = self.client.get_json(f"/series/{record.orthanc_series_id}/instances")

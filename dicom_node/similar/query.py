@@ -164,14 +164,18 @@ class IndexBusy(RuntimeError):
 
 @contextlib.contextmanager
 def open_index(directory: Path, lock_timeout_seconds: float = 120.0, on_rebuild: Callable[[], None] | None = None,
-               vector_encoding: str | None = None) -> Iterator[CaseIndex]:
+               vector_encoding: str | None = None, database_url: str = "") -> Iterator[CaseIndex]:
     """Open the case index to write, under an exclusive lock (one writer across worker processes).
 
     ``vector_encoding`` (``IndexVectorEncoding``: flat or sq8) converts the index when it differs
-    from the stored one; None keeps the index's own. A database that SQLite cannot read (corrupt,
-    or not a database at all) is moved aside to ``<directory>.corrupt-<time>`` with a loud error, a
-    fresh index is opened, and ``on_rebuild`` is called (the worker queues every processed study
-    again so that it is re-indexed).
+    from the stored one; None keeps the index's own. With ``database_url`` (``IndexDatabase``)
+    the rows live in PostgreSQL and ``directory`` is this machine's cache of them
+    (:class:`index.shared.SharedCaseIndex`, synced from the change log at open and before every
+    query); the lock then only guards the local cache, writers on all machines are serialised
+    in PostgreSQL. A database that SQLite cannot read (corrupt, or not a database at all) is
+    moved aside to ``<directory>.corrupt-<time>`` with a loud error, a fresh index is opened, and
+    ``on_rebuild`` is called (the worker queues every processed study again so that it is
+    re-indexed; not for a shared index, which is whole in PostgreSQL).
 
     Raises:
         IndexBusy: the lock was not free within ``lock_timeout_seconds``.
@@ -190,7 +194,7 @@ def open_index(directory: Path, lock_timeout_seconds: float = 120.0, on_rebuild:
                 time.sleep(0.05)
         try:
             try:
-                index = CaseIndex.open(directory, vector_encoding=vector_encoding)
+                index = _open(directory, database_url, vector_encoding=vector_encoding)
             except sqlite3.DatabaseError as error:
                 quarantine = directory.with_name(f"{directory.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
                 log.error("case index %s is unreadable (%s): moved to %s, starting an empty index", directory, error,
@@ -199,8 +203,8 @@ def open_index(directory: Path, lock_timeout_seconds: float = 120.0, on_rebuild:
                 for path in directory.iterdir():
                     if path.name != ".lock":
                         path.rename(quarantine / path.name)
-                index = CaseIndex.open(directory, vector_encoding=vector_encoding)
-                if on_rebuild is not None:
+                index = _open(directory, database_url, vector_encoding=vector_encoding)
+                if on_rebuild is not None and not database_url:  # a shared index is whole in PostgreSQL
                     on_rebuild()
             try:
                 yield index
@@ -210,19 +214,39 @@ def open_index(directory: Path, lock_timeout_seconds: float = 120.0, on_rebuild:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-_query_indexes: dict[Path, CaseIndex] = {}
+def _open(directory: Path, database_url: str, **options: Any) -> CaseIndex:
+    if not database_url:
+        return CaseIndex.open(directory, **options)
+    from index.shared import SharedCaseIndex  # psycopg only where the index is shared
+
+    return SharedCaseIndex.open(directory, database_url, **options)
+
+
+_query_indexes: dict[Path, tuple[CaseIndex, tuple[int, int] | None]] = {}
 _query_indexes_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def query_index(directory: Path) -> Iterator[CaseIndex]:
+def query_index(directory: Path, database_url: str = "") -> Iterator[CaseIndex]:
     """The process's read-only case index for similar-case queries, kept open between queries.
 
     The first call opens it (loads the graphs and checks them); later calls hand out the same
     object, which catches up with the workers' commits incrementally before each search. It
     takes no lock a writer holds, so a query never waits for a study being indexed.
+
+    With ``database_url`` (a shared index) it is this process's own cache of PostgreSQL's rows,
+    in ``<directory>-query`` (the workers of this machine keep theirs in ``directory``): it
+    applies the change log before each search.
     """
     directory = Path(directory)
+    if database_url:
+        with _query_indexes_lock:
+            index, _ = _query_indexes.get(directory, (None, None))
+            if index is None:
+                index = _open(directory.with_name(f"{directory.name}-query"), database_url)
+                _query_indexes[directory] = (index, None)
+        yield index
+        return
     with _query_indexes_lock:
         index, identity = _query_indexes.get(directory, (None, None))
         current = _file_identity(directory / "index.sqlite")

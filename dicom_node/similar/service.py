@@ -20,7 +20,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from dicom_node.config import NodeConfig
-from dicom_node.jobs import JobStore
+from dicom_node.jobs import open_job_store
 from dicom_node.metrics import SIMILAR_QUERY_SECONDS, MetricsStore
 from dicom_node.orthanc_client import OrthancClient, OrthancError
 from dicom_node.pseudonyms import Pseudonymizer
@@ -85,7 +85,7 @@ class SimilarCaseService:
         self.reports = SimilarCasesReports(config, client, self.pseudonymizer)
         self.policy = AccessPolicy(config)
         self.audit = AuditLog(config.log_directory)
-        self.metrics = MetricsStore(JobStore(config.jobs_database))
+        self.metrics = MetricsStore(open_job_store(config.jobs_database))
 
     def answer(self, request: ParsedRequest, caller: Caller, *, store_report: bool = False) -> Answer:
         """The one way to similar cases: access policy, search, report, pseudonymisation, audit.
@@ -181,7 +181,7 @@ class SimilarCaseService:
 
     def _not_indexed_comment(self, study_uid: str) -> str:
         try:
-            jobs = JobStore(self.config.jobs_database).list(study_uid=study_uid, limit=1)
+            jobs = open_job_store(self.config.jobs_database).list(study_uid=study_uid, limit=1)
         except Exception:  # noqa: BLE001 - the job store only words the message
             jobs = []
         if jobs and jobs[0]["state"] in ("queued", "running"):
@@ -242,7 +242,7 @@ class SimilarCaseService:
             QueryError: 0xC001 (not indexed), 0xA900 (bad filter), 0xA700 (index unusable).
         """
         try:
-            with query_index(self.config.index_directory) as index:
+            with query_index(self.config.index_directory, self.config.index_database) as index:
                 query = self.resolve(request, index)
                 try:
                     results = find_similar(index, query)
@@ -256,7 +256,7 @@ class SimilarCaseService:
         except sqlite3.DatabaseError as error:
             log.error("case index %s unreadable (%s): rebuilding it", self.config.index_directory, error)
             with open_index(self.config.index_directory, self.config.index_lock_timeout_seconds,
-                            on_rebuild=JobStore(self.config.jobs_database).requeue_for_reindex):
+                            on_rebuild=open_job_store(self.config.jobs_database).requeue_for_reindex):
                 pass  # moved aside, reopened empty, processed studies queued for re-indexing
             raise QueryError(OUT_OF_RESOURCES, "case index was unreadable and is being rebuilt; retry later") from None
         except (OSError, RuntimeError, sqlite3.Error) as error:

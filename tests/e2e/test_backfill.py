@@ -13,17 +13,10 @@ from dicom_node.config import CHECKOUT
 from dicom_node.jobs import PRIORITY_BACKFILL
 from dicom_node.private_files import write_private_file
 from tooling.convert import StudyInfo, volume_to_ct_series, write_series
-from tooling.orthanc_harness import ADMIN, OrthancProcess, scratch_node_configuration
+from tooling.orthanc_harness import ADMIN, OrthancProcess, scratch_node_configuration, wait_until
 
 ARCHIVE = [("arch-1", "20190301"), ("arch-2", "20200715"), ("arch-3", "20211102"), ("arch-4", "20220120"),
            ("arch-5", "20230509")]
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
 
 
 def test_backfill_processes_each_archived_study_once_and_resumes_after_an_interrupt(tmp_path, weights_path, ct_crop):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tooling.convert import StudyInfo, volume_to_ct_series, write_series
-from tooling.orthanc_harness import OrthancProcess
+from tooling.orthanc_harness import OrthancProcess, wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -42,16 +42,6 @@ def pid_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
-
-
-def wait_until(condition, timeout: float, what: str, period: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(period)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def running_in_stage(node: OrthancProcess, study_uid: str, stage: str):

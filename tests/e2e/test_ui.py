@@ -25,10 +25,10 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from dicom_node.config import CHECKOUT
-from dicom_node.jobs import JobStore
+from dicom_node.jobs import open_job_store
 from tooling import demo
 from tooling.convert import StudyInfo, volume_to_ct_series, write_series
-from tooling.orthanc_harness import ADMIN, OrthancProcess, scratch_node_configuration
+from tooling.orthanc_harness import ADMIN, OrthancProcess, scratch_node_configuration, wait_until
 from tooling.phantoms import make_case
 from tooling.webhook_receiver import WebhookReceiver
 
@@ -46,13 +46,6 @@ def scrape(node: OrthancProcess) -> dict[tuple[str, tuple], float]:
     assert answer.status_code == 200 and answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in text_string_to_metric_families(answer.text) for sample in family.samples}
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 def worker_pid(node: OrthancProcess) -> int:
@@ -122,7 +115,7 @@ def ui_node(tmp_path_factory, weights_path, forward_scp, receiver, ct_crop, samp
             return time.monotonic() - quiet_since[0] > 3
 
         wait_until(quiet, 300, "the queue to stay empty")
-        store = JobStore(directory / "jobs.sqlite")
+        store = open_job_store(directory / "jobs.sqlite")
         worker = worker_pid(node)
         os.kill(worker, signal.SIGSTOP)
         try:
@@ -138,7 +131,7 @@ def ui_node(tmp_path_factory, weights_path, forward_scp, receiver, ct_crop, samp
                               metrics_at_start=metrics_at_start, directory=directory)
     finally:
         if held is not None:
-            JobStore(directory / "jobs.sqlite").finish(held, "skipped", error="released by the test's external worker")
+            open_job_store(directory / "jobs.sqlite").finish(held, "skipped", error="released by the test's external worker")
         node.stop()
 
 

@@ -44,6 +44,11 @@ def test_defaults():
     ({"SeriesRules": {"MinSlices": 50, "MaxSlices": 10}}, "MinSlices (50) is larger than MaxSlices (10)"),
     ({"SeriesRules": {"Prefer": "newest"}}, "AbscessNode.SeriesRules.Prefer"),
     ({"Threshold": 1.5}, "AbscessNode.Threshold: 1.5 is outside"),
+    ({"Device": "cuda:x"}, "AbscessNode.Device: expected one of auto, cpu, cuda, cuda:N"),
+    ({"JobsDatabase": "postgresql://node:secret@db/abscess"}, "AbscessNode.JobsDatabase: the URL carries a password"),
+    ({"IndexDatabase": "postgresql://node@db"}, "AbscessNode.IndexDatabase: 'postgresql://node@db' names no database"),
+    ({"IndexDatabase": "/var/index.sqlite"}, "AbscessNode.IndexDatabase: expected a URL starting with postgresql://"),
+    ({"OrthancUrl": "pacs:8042"}, "AbscessNode.OrthancUrl: expected a URL starting with http:// or https://"),
     ({"IndexVectorEncoding": "pq"}, "AbscessNode.IndexVectorEncoding: expected one of flat, sq8"),
 ])
 def test_bad_values_name_the_key(section, message):
@@ -68,3 +73,13 @@ def test_worker_settings_round_trip(tmp_path: Path):
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     again = WorkerSettings.from_json(read_private_file(path))
     assert again.node == config and again.authorization == "token"
+
+
+def test_scale_out_keys_take_database_urls_and_a_gpu_per_worker():
+    url = "postgresql://abscess@db.example:5432/abscess?passfile=/etc/abscess/pgpass"
+    config = NodeConfig.from_section({"JobsDatabase": url, "IndexDatabase": url, "Device": "cuda:1",
+                                      "OrthancUrl": "http://ingest:8042/", "OrthancPasswordFile": "secrets/pw"})
+    assert config.jobs_database == url and config.index_database == url and config.device == "cuda:1"
+    assert config.orthanc_url == "http://ingest:8042" and config.orthanc_password_file == CHECKOUT / "secrets" / "pw"
+    assert NodeConfig.from_json(config.to_json()) == config
+    assert NodeConfig.from_section({"JobsDatabase": "jobs.sqlite"}).jobs_database == CHECKOUT / "jobs.sqlite"

@@ -1,23 +1,56 @@
-"""The job store on a real SQLite file: idempotent enqueue, leases, retries, forwards, concurrency."""
+"""The job store on a real SQLite file and on a real PostgreSQL 15 (every test runs on both):
+idempotent enqueue, leases, retries, forwards, bounded waits, concurrency."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dicom_node.intake import CHANGE_SEQ, Intake
-from dicom_node.jobs import PRIORITY_BACKFILL, JobStore, LeaseLost, NotFoundError, StoreBusy
+from dicom_node.jobs import (
+    JOBS_LOCK_KEY,
+    PRIORITY_BACKFILL,
+    LeaseLost,
+    NotFoundError,
+    PostgresJobStore,
+    StoreBusy,
+    StoreUnavailable,
+    is_database_url,
+    open_job_store,
+)
 
 LEASE = 60.0
 
 
-def test_enqueue_is_idempotent_while_queued(tmp_path: Path):
-    store = JobStore(tmp_path / "jobs.sqlite")
+@contextlib.contextmanager
+def write_lock_held(location: str) -> Iterator[None]:
+    """Another process's connection holds the store's write lock for the duration of the block."""
+    if is_database_url(location):
+        import psycopg
+
+        with psycopg.connect(location) as holder:  # a transaction: the lock is held until it ends
+            holder.execute("select pg_advisory_xact_lock(%s)", [JOBS_LOCK_KEY])
+            yield
+            holder.rollback()
+        return
+    holder = sqlite3.connect(location, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+def test_enqueue_is_idempotent_while_queued(jobs_location: str):
+    store = open_job_store(jobs_location)
     first = store.enqueue("study-a", "1.2.3")
     again = store.enqueue("study-a", "1.2.3")
     assert first["id"] == again["id"] and len(store.list()) == 1
@@ -36,16 +69,16 @@ def test_enqueue_is_idempotent_while_queued(tmp_path: Path):
     assert done["result"] == {"x": 1} and done["timings"] == {"segment": 1.5}
 
 
-def test_live_studies_go_before_backfilled_ones(tmp_path: Path):
-    store = JobStore(tmp_path / "jobs.sqlite")
+def test_live_studies_go_before_backfilled_ones(jobs_location: str):
+    store = open_job_store(jobs_location)
     old = store.enqueue("archive-1", priority=PRIORITY_BACKFILL)
     live = store.enqueue("live-1")
     assert store.claim("w0", LEASE)[0]["id"] == live["id"]
     assert store.claim("w0", LEASE)[0]["id"] == old["id"]
 
 
-def test_only_the_lease_holder_changes_the_job(tmp_path: Path):
-    store = JobStore(tmp_path / "jobs.sqlite")
+def test_only_the_lease_holder_changes_the_job(jobs_location: str):
+    store = open_job_store(jobs_location)
     job = store.enqueue("study-c", "1.2.5")
     _, lease = store.claim("w0", lease_seconds=0.2)
     store.update(lease, stage="segment")
@@ -68,8 +101,8 @@ def test_only_the_lease_holder_changes_the_job(tmp_path: Path):
     assert store.output_for("series-c")["objects"] == {"orthanc_ids": ["y"]}
 
 
-def test_a_poison_study_fails_after_max_attempts_with_every_error(tmp_path: Path):
-    store = JobStore(tmp_path / "jobs.sqlite")
+def test_a_poison_study_fails_after_max_attempts_with_every_error(jobs_location: str):
+    store = open_job_store(jobs_location)
     job = store.enqueue("poison", "1.2.6")
     for attempt in range(1, 4):
         claimed = store.claim(f"w{attempt}", LEASE)
@@ -82,8 +115,8 @@ def test_a_poison_study_fails_after_max_attempts_with_every_error(tmp_path: Path
     assert store.claim("w9", LEASE) is None  # no fourth attempt without an explicit re-run
 
 
-def test_transient_failures_retry_with_backoff_input_errors_do_not(tmp_path: Path):
-    store = JobStore(tmp_path / "jobs.sqlite")
+def test_transient_failures_retry_with_backoff_input_errors_do_not(jobs_location: str):
+    store = open_job_store(jobs_location)
     job = store.enqueue("flaky", "1.2.7")
     _, lease = store.claim("w0", LEASE)
     assert store.finish(lease, "failed", error="Orthanc REST error: timeout", retry=True, max_attempts=3) == "queued"
@@ -95,19 +128,18 @@ def test_transient_failures_retry_with_backoff_input_errors_do_not(tmp_path: Pat
     assert store.get(bad["id"])["error"] == "lacks PixelSpacing"
 
 
-def test_node_restart_lapses_every_running_job(tmp_path: Path):
-    path = tmp_path / "jobs.sqlite"
-    store = JobStore(path)
+def test_node_restart_lapses_every_running_job(jobs_location: str):
+    store = open_job_store(jobs_location)
     job = store.enqueue("study-b", "1.2.4")
     store.claim("w0", LEASE)
-    reopened = JobStore(path)  # the node restarted
+    reopened = open_job_store(jobs_location)  # the node restarted
     assert reopened.reap() == []  # the lease is still young
     assert reopened.requeue_all_running("the node stopped") == [{"id": job["id"], "worker": "w0", "state": "queued"}]
     assert reopened.claim("w1", LEASE)[0]["id"] == job["id"]
 
 
-def test_unknown_job_bad_state_and_cancel(tmp_path: Path):
-    store = JobStore(tmp_path / "jobs.sqlite")
+def test_unknown_job_bad_state_and_cancel(jobs_location: str):
+    store = open_job_store(jobs_location)
     with pytest.raises(NotFoundError):
         store.get(42)
     job = store.enqueue("s", "1")
@@ -119,8 +151,8 @@ def test_unknown_job_bad_state_and_cancel(tmp_path: Path):
     assert not store.cancel(other["id"])  # running: it finishes its attempt
 
 
-def test_forwards_retry_with_backoff_then_give_up_visibly(tmp_path: Path):
-    store = JobStore(tmp_path / "jobs.sqlite")
+def test_forwards_retry_with_backoff_then_give_up_visibly(jobs_location: str):
+    store = open_job_store(jobs_location)
     job = store.enqueue("fwd", "1.2.9")
     _, lease = store.claim("w0", LEASE)
     store.add_forwards(lease, "1.2.9", ["seg-id", "sr-id"], ["pacs", "archive"])
@@ -141,24 +173,18 @@ def test_forwards_retry_with_backoff_then_give_up_visibly(tmp_path: Path):
     assert {f["destination"]: f["state"] for f in shown["forwards"]} == {"pacs": "sent", "archive": "failed"}
 
 
-def test_a_locked_store_waits_a_bounded_time_then_says_so(tmp_path: Path):
-    path = tmp_path / "jobs.sqlite"
-    JobStore(path)
-    holder = sqlite3.connect(path, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
-    try:
-        store = JobStore(path, busy_seconds=0.5)
+def test_a_locked_store_waits_a_bounded_time_then_says_so(jobs_location: str):
+    open_job_store(jobs_location)
+    with write_lock_held(jobs_location):
+        store = open_job_store(jobs_location, busy_seconds=0.5)
         started = time.monotonic()
         with pytest.raises(StoreBusy, match="stayed locked"):
             store.enqueue("locked", "1.3")
         assert time.monotonic() - started < 5
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
 
 
-def test_connections_are_per_thread(tmp_path: Path):
-    store = JobStore(tmp_path / "jobs.sqlite")
+def test_connections_are_per_thread(jobs_location: str):
+    store = open_job_store(jobs_location)
     errors = []
 
     def enqueue_many(prefix: str) -> None:
@@ -176,8 +202,8 @@ def test_connections_are_per_thread(tmp_path: Path):
     assert errors == [] and len(store.list(limit=1000)) == 80
 
 
-def test_intake_keeps_missed_events_and_replays_orthancs_change_log(tmp_path: Path):
-    store = JobStore(tmp_path / "jobs.sqlite")
+def test_intake_keeps_missed_events_and_replays_orthancs_change_log(jobs_location: str):
+    store = open_job_store(jobs_location)
     changes = {"last": 7, "log": [
         {"Seq": 8, "ChangeType": "StableStudy", "ResourceType": "Study", "ID": "lost-study"},
         {"Seq": 9, "ChangeType": "NewInstance", "ResourceType": "Instance", "ID": "i"},
@@ -193,12 +219,9 @@ def test_intake_keeps_missed_events_and_replays_orthancs_change_log(tmp_path: Pa
     reports = []
     intake = Intake(store, rest_get, report=reports.append)
     assert intake.replay_changes() == 0 and store.get_meta(CHANGE_SEQ) == "7"  # first start: no implicit backfill
-    intake.store = JobStore(tmp_path / "jobs.sqlite", busy_seconds=0.2)
-    holder = sqlite3.connect(tmp_path / "jobs.sqlite", isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
-    assert intake.stable("busy-study", "1.4") is None and intake.pending() == 1
-    holder.execute("ROLLBACK")
-    holder.close()
+    intake.store = open_job_store(jobs_location, busy_seconds=0.2)
+    with write_lock_held(jobs_location):
+        assert intake.stable("busy-study", "1.4") is None and intake.pending() == 1
     assert reports and "could not be queued" in reports[0]
     assert intake.retry_missed() == 1 and intake.pending() == 0
     assert intake.replay_changes() == 2  # the node was down when seq 8 and 10 happened
@@ -206,8 +229,8 @@ def test_intake_keeps_missed_events_and_replays_orthancs_change_log(tmp_path: Pa
     assert store.pending_erasures()[0][1] == "gone-study" and store.get_meta(CHANGE_SEQ) == "10"
 
 
-def _claim_all(path: str, name: str, queue) -> None:
-    store = JobStore(path)
+def _claim_all(jobs_location: str, name: str, queue) -> None:
+    store = open_job_store(jobs_location)
     claimed = []
     while (found := store.claim(name, LEASE)) is not None:
         job, lease = found
@@ -216,13 +239,12 @@ def _claim_all(path: str, name: str, queue) -> None:
     queue.put(claimed)
 
 
-def test_concurrent_workers_never_claim_the_same_job(tmp_path: Path):
-    path = tmp_path / "jobs.sqlite"
-    store = JobStore(path)
+def test_concurrent_workers_never_claim_the_same_job(jobs_location: str):
+    store = open_job_store(jobs_location)
     for index in range(60):
         store.enqueue(f"study-{index}", f"1.2.{index}")
     queue = multiprocessing.get_context("spawn").Queue()
-    workers = [multiprocessing.get_context("spawn").Process(target=_claim_all, args=(str(path), f"w{i}", queue))
+    workers = [multiprocessing.get_context("spawn").Process(target=_claim_all, args=(jobs_location, f"w{i}", queue))
                for i in range(3)]
     for worker in workers:
         worker.start()
@@ -244,3 +266,29 @@ def test_child_logs_rotate_before_a_restart(tmp_path: Path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["worker-0.stderr.log", "worker-0.stderr.log.1",
                                                                 "worker-0.stderr.log.2"]
     assert (tmp_path / "worker-0.stderr.log.1").read_bytes()[:1] == b"C"  # the newest backup first
+
+
+def test_postgres_claims_race_to_one_running_job_per_study(postgres_url: str):
+    """Two queued jobs of one study (a retried attempt and a newer event): while another worker's claim of
+    the first is still uncommitted, SKIP LOCKED passes it over, the second loses on the one-running-per-study
+    index once the first commits, and the claim comes back empty instead of running the study twice."""
+    import psycopg
+
+    store = PostgresJobStore(postgres_url)
+    retried = store.enqueue("study-r", "1.5")
+    store.claim("w0", lease_seconds=0.1)
+    newer = store.enqueue("study-r", "1.5")
+    time.sleep(0.2)
+    assert store.reap() == [{"id": retried["id"], "worker": "w0", "state": "queued"}]
+    with psycopg.connect(postgres_url) as other_worker:
+        other_worker.execute("update jobs set state = 'running' where id = %s", [retried["id"]])  # not committed yet
+        threading.Timer(0.5, other_worker.commit).start()
+        assert store.claim("w1", LEASE) is None
+    assert store.get(newer["id"])["state"] == "queued" and store.get(retried["id"])["state"] == "running"
+
+
+def test_an_unreachable_postgresql_store_says_so(postgres_server):
+    from tooling.orthanc_harness import free_port
+
+    with pytest.raises(StoreUnavailable, match=r"the job store postgresql://abscess@127\.0\.0\.1:\d+/jobs is unreachable"):
+        open_job_store(f"postgresql://abscess@127.0.0.1:{free_port()}/jobs", busy_seconds=1)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dicom_node.jobs import PRIORITY_BACKFILL, JobStore
+from dicom_node.jobs import PRIORITY_BACKFILL, JobStore, open_job_store
 from dicom_node.metrics import (
     FORWARD_FAILURES,
     INDEX_VECTORS,
@@ -30,8 +30,8 @@ def scrape(store: JobStore, restarts: dict[str, int] | None = None) -> dict[tupl
             for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
-def test_every_final_transition_is_one_job_event(tmp_path: Path):
-    store = JobStore(tmp_path / "jobs.sqlite")
+def test_every_final_transition_is_one_job_event(jobs_location: str):
+    store = open_job_store(jobs_location)
     done = store.enqueue("s-done", "1.2.1")
     _, lease = store.claim("w0", LEASE)
     store.finish(lease, "done", result={})
@@ -40,7 +40,7 @@ def test_every_final_transition_is_one_job_event(tmp_path: Path):
     assert store.finish(lease, "failed", error="Orthanc down", retry=True, max_attempts=3) == "queued"
     cancelled = store.enqueue("s-cancel", "1.2.3")
     assert store.cancel(cancelled["id"]) and not store.cancel(cancelled["id"])
-    store.db.execute("update jobs set not_before = 0 where id = ?", [retried["id"]])
+    store.execute("update jobs set not_before = 0 where id = ?", [retried["id"]])
     _, lease = store.claim("w0", LEASE)
     store.fail_attempt(lease.job_id, "worker killed by the watchdog", max_attempts=2)  # attempt 2 of 2: failed
     events = store.events_after(0)
@@ -52,7 +52,7 @@ def test_every_final_transition_is_one_job_event(tmp_path: Path):
 
 
 def test_a_forward_that_gives_up_fails_its_done_job_with_an_event(tmp_path: Path):
-    store = JobStore(tmp_path / "jobs.sqlite")
+    store = open_job_store(tmp_path / "jobs.sqlite")
     store.enqueue("s-fwd", "1.2.9")
     _, lease = store.claim("w0", LEASE)
     store.add_forwards(lease, "1.2.9", ["orthanc-id"], ["pacs"])
@@ -62,8 +62,8 @@ def test_a_forward_that_gives_up_fails_its_done_job_with_an_event(tmp_path: Path
     assert [e["state"] for e in store.events_after(0)] == ["done", "failed"]
 
 
-def test_recorded_samples_and_exposition_parse_back(tmp_path: Path):
-    store = JobStore(tmp_path / "jobs.sqlite")
+def test_recorded_samples_and_exposition_parse_back(jobs_location: str):
+    store = open_job_store(jobs_location)
     before = scrape(store)
     assert before[("abscess_node_jobs", (("state", "queued"),))] == 0
     assert before[("abscess_node_jobs_finished_total", (("state", "done"),))] == 0
@@ -75,7 +75,7 @@ def test_recorded_samples_and_exposition_parse_back(tmp_path: Path):
                  timings={"download": 0.3, "segment": 7.0})
     # a worker records its attempt; another process (the service) records a query, with its own connection
     record_attempt(MetricsStore(store), store.get(lease.job_id))
-    other_process = MetricsStore(JobStore(tmp_path / "jobs.sqlite"))
+    other_process = MetricsStore(open_job_store(jobs_location))
     other_process.observe(SIMILAR_QUERY_SECONDS, 0.02, route="rest")
     other_process.observe(SIMILAR_QUERY_SECONDS, 3.0, route="rest")
     other_process.increment(FORWARD_FAILURES, destination="pacs")
@@ -101,7 +101,7 @@ def test_recorded_samples_and_exposition_parse_back(tmp_path: Path):
 
 
 def test_recorded_metrics_refuse_wrong_labels_kinds_and_values(tmp_path: Path):
-    metrics = MetricsStore(JobStore(tmp_path / "jobs.sqlite"))
+    metrics = MetricsStore(open_job_store(tmp_path / "jobs.sqlite"))
     with pytest.raises(ValueError, match=r"takes the labels \['stage'\]"):
         metrics.observe(STAGE_SECONDS, 1.0, study_uid="1.2.3")
     with pytest.raises(ValueError, match="not a gauge"):

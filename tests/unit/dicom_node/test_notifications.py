@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.config import NodeConfig
-from dicom_node.jobs import JobStore
+from dicom_node.jobs import JobStore, open_job_store
 from dicom_node.metrics import NOTIFICATION_FAILURES, MetricsStore
 from dicom_node.notifications import NotificationQueue, send_due_notifications
 from tooling.webhook_receiver import WebhookReceiver
@@ -23,8 +23,8 @@ def receiver():
         yield server
 
 
-def config_for(tmp_path: Path, webhooks: list[dict], **extra) -> NodeConfig:
-    return NodeConfig.from_section({"JobsDatabase": str(tmp_path / "jobs.sqlite"), "Notifications": webhooks,
+def config_for(jobs_location: str, webhooks: list[dict], **extra) -> NodeConfig:
+    return NodeConfig.from_section({"JobsDatabase": jobs_location, "Notifications": webhooks,
                                     "NotificationBackoffSeconds": 1, **extra})
 
 
@@ -35,9 +35,9 @@ def finish(store: JobStore, orthanc_id: str, state: str, error: str | None = Non
     return job["id"]
 
 
-def test_one_call_per_finished_job_in_a_subscribed_state(tmp_path: Path, receiver: WebhookReceiver):
-    config = config_for(tmp_path, [{"Url": receiver.url, "On": ["failed", "done"]}])
-    store = JobStore(config.jobs_database)
+def test_one_call_per_finished_job_in_a_subscribed_state(jobs_location: str, receiver: WebhookReceiver):
+    config = config_for(jobs_location, [{"Url": receiver.url, "On": ["failed", "done"]}])
+    store = open_job_store(config.jobs_database)
     old = finish(store, "before-the-first-worker", "done")
     queue = NotificationQueue(store)  # the first worker starts: notifications start now, no history replayed
     assert send_due_notifications(queue, config) == 0
@@ -57,9 +57,9 @@ def test_one_call_per_finished_job_in_a_subscribed_state(tmp_path: Path, receive
     assert [d["state"] for d in queue.deliveries()] == ["sent", "sent"]
 
 
-def test_a_failing_receiver_is_retried_then_given_up(tmp_path: Path, receiver: WebhookReceiver):
-    config = config_for(tmp_path, [{"Url": receiver.url, "On": ["done"]}], NotificationRetries=3)
-    store = JobStore(config.jobs_database)
+def test_a_failing_receiver_is_retried_then_given_up(jobs_location: str, receiver: WebhookReceiver):
+    config = config_for(jobs_location, [{"Url": receiver.url, "On": ["done"]}], NotificationRetries=3)
+    store = open_job_store(config.jobs_database)
     queue = NotificationQueue(store)
     send_due_notifications(queue, config)
     receiver.failures = 1
@@ -81,9 +81,10 @@ def test_a_failing_receiver_is_retried_then_given_up(tmp_path: Path, receiver: W
 
 
 def test_a_slow_receiver_times_out_and_an_unreachable_one_is_named(tmp_path: Path, receiver: WebhookReceiver):
-    config = config_for(tmp_path, [{"Url": receiver.url, "On": ["done"]}, {"Url": "http://127.0.0.1:9/", "On": ["done"]}],
+    config = config_for(str(tmp_path / "jobs.sqlite"),
+                        [{"Url": receiver.url, "On": ["done"]}, {"Url": "http://127.0.0.1:9/", "On": ["done"]}],
                         NotificationTimeoutSeconds=1, NotificationRetries=1)
-    store = JobStore(config.jobs_database)
+    store = open_job_store(config.jobs_database)
     queue = NotificationQueue(store)
     send_due_notifications(queue, config)
     receiver.delay = 3.0
@@ -96,11 +97,11 @@ def test_a_slow_receiver_times_out_and_an_unreachable_one_is_named(tmp_path: Pat
 
 
 def test_without_webhooks_the_cursor_still_moves(tmp_path: Path, receiver: WebhookReceiver):
-    quiet = config_for(tmp_path, [])
-    store = JobStore(quiet.jobs_database)
+    quiet = config_for(str(tmp_path / "jobs.sqlite"), [])
+    store = open_job_store(quiet.jobs_database)
     queue = NotificationQueue(store)
     send_due_notifications(queue, quiet)
     finish(store, "while-off", "failed", error="x")
     send_due_notifications(queue, quiet)
-    loud = config_for(tmp_path, [{"Url": receiver.url, "On": ["failed"]}])
+    loud = config_for(str(tmp_path / "jobs.sqlite"), [{"Url": receiver.url, "On": ["failed"]}])
     assert send_due_notifications(queue, loud) == 0 and receiver.calls == []

@@ -19,7 +19,7 @@ from dicom_node import phi
 from dicom_node.config import NodeConfig
 from dicom_node.http_security import authenticated_user, orthanc_security_problems, query_arguments
 from dicom_node.identity import is_uid
-from dicom_node.jobs import JobStore
+from dicom_node.jobs import open_job_store
 from dicom_node.private_files import create_secret
 from dicom_node.pseudonyms import Pseudonymizer
 from dicom_node.series import InputError, read_geometry
@@ -223,7 +223,7 @@ def test_erasure_removes_a_deleted_study_from_the_index(tmp_path: Path):
         for number in range(3):
             index.replace_study(StudyRecord(f"1.2.{number}", orthanc_study_id=f"orthanc-{number}"),
                                 [SliceRecord(i) for i in range(6)], rng.normal(size=(6, 16)).astype(np.float32))
-    store = JobStore(config.jobs_database)
+    store = open_job_store(config.jobs_database)
     audit = AuditLog(config.log_directory)
     store.request_erasure("orthanc-1")
     assert erase_pending(config, store, audit) == 1 and store.pending_erasures() == []

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node import job_routes, ui
-from dicom_node.jobs import JobStore
+from dicom_node.jobs import JobStore, open_job_store
 
 LEASE = 60.0
 JSON_TYPE = {"Content-Type": "application/json; charset=utf-8"}
@@ -54,7 +54,7 @@ def finished(store: JobStore, orthanc_id: str, state: str) -> dict:
 
 
 def test_retry_cancel_and_rerun_act_on_the_right_states_only(tmp_path: Path):
-    store = JobStore(tmp_path / "jobs.sqlite")
+    store = open_job_store(tmp_path / "jobs.sqlite")
     failed = finished(store, "study-1", "failed")
     done = finished(store, "study-2", "done")
 
@@ -89,7 +89,7 @@ def test_retry_cancel_and_rerun_act_on_the_right_states_only(tmp_path: Path):
     ("application/json", True), ("Application/JSON; charset=utf-8", True), ("text/plain", False),
     ("application/x-www-form-urlencoded", False), ("multipart/form-data", False), ("", False)])
 def test_actions_need_a_json_content_type(tmp_path: Path, content_type: str, accepted: bool):
-    store = JobStore(tmp_path / "jobs.sqlite")
+    store = open_job_store(tmp_path / "jobs.sqlite")
     queued = store.enqueue("study-9", "1.2.9")
     status, _ = job_routes.job_action(store, str(queued["id"]), "cancel", {"content-type": content_type})
     assert (status == 200) is accepted
