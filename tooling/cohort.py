@@ -68,7 +68,7 @@ import torch
 from scipy import ndimage
 
 from tooling.phantoms import make_case
-from models.preprocessing import resize_to_model, window_hu
+from models.preprocessing import to_model_grid, window_hu
 from models.segmenter import MASK_THRESHOLD, Segmenter, roi_pool
 
 __all__ = [
@@ -161,7 +161,8 @@ def tiny_random_segmenter(seed: int = 0, input_size: int = 64) -> Segmenter:
 
 
 def region_embeddings(
-    segmenter: Segmenter, slices_hu: np.ndarray, regions: Mapping[str, np.ndarray], batch_size: int = 8
+    segmenter: Segmenter, slices_hu: np.ndarray, regions: Mapping[str, np.ndarray],
+    pixel_spacing_mm: tuple[float, float] | None, batch_size: int = 8,
 ) -> dict[str, np.ndarray]:
     """Deepest-encoder features pooled over given masks (one forward pass for all masks).
 
@@ -172,6 +173,7 @@ def region_embeddings(
         segmenter: The segmenter.
         slices_hu: float32 [n, H, W] in HU.
         regions: name -> bool [n, H, W] mask on the same grid.
+        pixel_spacing_mm: ``(row, column)`` spacing of the slices (as for :meth:`Segmenter.run`).
         batch_size: Slices per forward pass.
 
     Returns:
@@ -190,10 +192,11 @@ def region_embeddings(
             if not wanted:
                 continue
             images = window_hu(slices_hu[start:stop], segmenter.window).to(segmenter.device)
-            _, features = segmenter.model.forward_with_features(resize_to_model(images, segmenter.input_size))
+            grid = (segmenter.input_size, segmenter.input_spacing_mm)
+            _, features = segmenter.model.forward_with_features(to_model_grid(images, pixel_spacing_mm, *grid))
             for name, mask in wanted.items():
-                weights = torch.from_numpy(mask.astype(np.float32)).to(segmenter.device)
-                out[name][start:stop] = roi_pool(features, weights).cpu().numpy()
+                weights = torch.from_numpy(mask.astype(np.float32)).to(segmenter.device)[:, None]
+                out[name][start:stop] = roi_pool(features, to_model_grid(weights, pixel_spacing_mm, *grid)[:, 0]).cpu().numpy()
     return out
 
 
@@ -244,10 +247,10 @@ def _phantom_study(
             spacing[1] * case.volume_hu.shape[1] / volume.shape[1],
             spacing[2] * case.volume_hu.shape[2] / volume.shape[2],
         ]
-    output = segmenter.run(volume)
+    output = segmenter.run(volume, pixel_spacing_mm=(spacing[1], spacing[2]))
     predicted = output.probabilities > MASK_THRESHOLD
     lesion_masks = {str(label): labels == label for label in range(1, len(case.lesions) + 1)}
-    pooled = region_embeddings(segmenter, volume, lesion_masks)
+    pooled = region_embeddings(segmenter, volume, lesion_masks, (spacing[1], spacing[2]))
     study_uid = f"2.25.{PHANTOM_SEED_BASE}{index:05d}{case_seed % 100000:05d}"
     arrays = {
         f"phantom_{index}_slice": output.slice_embeddings,
@@ -432,8 +435,8 @@ def _organ_study(
         organ: masks[organ] & (masks[organ].sum(axis=(1, 2)) >= MIN_ORGAN_PIXELS)[:, None, None]
         for organ in organ_slices
     }
-    output = segmenter.run(volume)
-    pooled = region_embeddings(segmenter, volume, masks)
+    output = segmenter.run(volume, pixel_spacing_mm=(new_spacing[1], new_spacing[2]))
+    pooled = region_embeddings(segmenter, volume, masks, (new_spacing[1], new_spacing[2]))
     arrays = {f"organ_{index}_slice": output.slice_embeddings}
     for organ, slices in organ_slices.items():
         arrays[f"organ_{index}_roi_{organ}"] = pooled[organ][slices]
