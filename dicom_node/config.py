@@ -17,6 +17,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from models.lesion_rules import PlausibilityRules
+
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 """The repository checkout the node runs from: relative paths of the configuration resolve against it."""
@@ -39,6 +41,9 @@ class SeriesRules:
         axial_tolerance_degrees: how far the slice normal may tilt from the patient z axis.
         exclude_descriptions: case-insensitive substrings of SeriesDescription to skip.
         prefer: ``"most-slices"`` or ``"thinnest"`` to rank the eligible series.
+        require_neck_coverage: skip a series that shows no neck (models.anatomy: less than
+            25 mm between the skull base and the thoracic inlet); when false it is segmented,
+            with lesions only where neck soft tissue is.
     """
 
     modalities: tuple[str, ...] = ("CT",)
@@ -48,6 +53,7 @@ class SeriesRules:
     axial_tolerance_degrees: float = 15.0
     exclude_descriptions: tuple[str, ...] = ("scout", "localizer", "topogram", "dose")
     prefer: str = "most-slices"
+    require_neck_coverage: bool = True
 
 
 SERIES_RULE_KEYS = {
@@ -58,7 +64,16 @@ SERIES_RULE_KEYS = {
     "AxialToleranceDegrees": "axial_tolerance_degrees",
     "ExcludeDescriptions": "exclude_descriptions",
     "Prefer": "prefer",
+    "RequireNeckCoverage": "require_neck_coverage",
 }
+LESION_RULE_KEYS = {
+    "CoreHuRange": "core_hu_range",
+    "MinVolumeMl": "min_volume_ml",
+    "MinSoftTissueFraction": "min_soft_tissue_fraction",
+    "RimEnhancement": "rim_enhancement",
+    "MinRimEnhancementHu": "min_rim_enhancement_hu",
+}
+"""JSON names of :class:`models.plausibility.PlausibilityRules` (the ``LesionRules`` key)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +101,8 @@ class NodeConfig:
     chunk_slices: int = 64
     inference_batch_size: int = 8
     job_timeout_seconds: int = 3600
+    lesion_rules: PlausibilityRules = PlausibilityRules()
+    rejected_candidates_segment: bool = False
 
     @classmethod
     def from_section(cls, section: dict[str, Any] | None, base_directory: Path = CHECKOUT) -> "NodeConfig":
@@ -117,9 +134,10 @@ class NodeConfig:
             value = getattr(self, key.attribute)
             if isinstance(value, Path):
                 value = str(value)
-            elif isinstance(value, SeriesRules):
+            elif isinstance(value, (SeriesRules, PlausibilityRules)):
+                names = SERIES_RULE_KEYS if isinstance(value, SeriesRules) else LESION_RULE_KEYS
                 value = {name: (list(v) if isinstance(v, tuple) else v) for name, v in
-                         ((jk, getattr(value, attr)) for jk, attr in SERIES_RULE_KEYS.items())}
+                         ((jk, getattr(value, attr)) for jk, attr in names.items())}
             elif isinstance(value, tuple):
                 value = list(value)
             section[json_key] = value
@@ -177,6 +195,8 @@ class Key:
             return tuple(raw)
         if self.kind == "series-rules":
             return _series_rules(where, raw)
+        if self.kind == "lesion-rules":
+            return _lesion_rules(where, raw)
         raise AssertionError(self.kind)
 
 
@@ -201,7 +221,7 @@ def _series_rules(where: str, raw: Any) -> SeriesRules:
         elif json_key in ("MinSlices", "MaxSlices"):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}: expected a whole number >= 1, got {value!r}")
-        elif json_key == "RequireAxial":
+        elif json_key in ("RequireAxial", "RequireNeckCoverage"):
             if not isinstance(value, bool):
                 raise ConfigError(f"{name}: expected true or false, got {value!r}")
         elif json_key == "AxialToleranceDegrees":
@@ -217,6 +237,31 @@ def _series_rules(where: str, raw: Any) -> SeriesRules:
     return rules
 
 
+def _lesion_rules(where: str, raw: Any) -> PlausibilityRules:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a JSON object, got {raw!r}")
+    values: dict[str, Any] = {}
+    for json_key, value in raw.items():
+        if json_key not in LESION_RULE_KEYS:
+            raise ConfigError(f"{where}.{json_key}: unknown key (known: {', '.join(LESION_RULE_KEYS)})")
+        name = f"{where}.{json_key}"
+        if json_key == "CoreHuRange":
+            if (not isinstance(value, list) or len(value) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                                                     for v in value) or value[0] >= value[1]):
+                raise ConfigError(f"{name}: expected [low, high] in HU with low < high, got {value!r}")
+            value = (float(value[0]), float(value[1]))
+        elif json_key == "RimEnhancement":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name}: expected true or false, got {value!r}")
+        else:
+            upper = 1.0 if json_key == "MinSoftTissueFraction" else 1000.0
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= upper:
+                raise ConfigError(f"{name}: expected a number in [0, {upper:g}], got {value!r}")
+            value = float(value)
+        values[LESION_RULE_KEYS[json_key]] = value
+    return PlausibilityRules(**values)
+
+
 KEYS: dict[str, Key] = {
     "Enabled": Key("enabled", "bool", "Process studies that become stable. False keeps the REST routes and the C-FIND dispatch but enqueues nothing."),
     "WorkerCount": Key("worker_count", "int", "Worker processes started and supervised by the plugin.", minimum=0, maximum=32),
@@ -227,7 +272,9 @@ KEYS: dict[str, Key] = {
     "WorkDirectory": Key("work_directory", "path", "Scratch space of the workers (downloaded instances, memory-mapped volumes)."),
     "LogDirectory": Key("log_directory", "path", "Worker log files (UIDs only, no patient data)."),
     "WorkerPython": Key("worker_python", "path", "Python interpreter of the project venv that runs the workers."),
-    "SeriesRules": Key("series_rules", "series-rules", "Which series is segmented: Modalities, MinSlices, MaxSlices, RequireAxial, AxialToleranceDegrees, ExcludeDescriptions, Prefer."),
+    "SeriesRules": Key("series_rules", "series-rules", "Which series is segmented: Modalities, MinSlices, MaxSlices, RequireAxial, AxialToleranceDegrees, ExcludeDescriptions, Prefer, RequireNeckCoverage (skip a series without a neck, with that reason)."),
+    "LesionRules": Key("lesion_rules", "lesion-rules", "Plausibility rules every abscess candidate must pass (the SR and the job count what each removed): CoreHuRange (fluid core), MinVolumeMl, MinSoftTissueFraction (in the neck band's soft tissue), RimEnhancement (contrast series only), MinRimEnhancementHu."),
+    "RejectedCandidatesSegment": Key("rejected_candidates_segment", "bool", "Also write the rejected candidates into the SEG as a second segment \"Abscess candidate (rejected)\" (QA)."),
     "ForwardTo": Key("forward_to", "name-list", "Orthanc modality names (DicomModalities) that every SEG/SR is sent to."),
     "ForwardRetries": Key("forward_retries", "int", "Attempts per forward before the job records a forwarding error.", minimum=1, maximum=20),
     "SimilarCasesAet": Key("similar_cases_aet", "aet", "Called AE title that turns a C-FIND into a similar-case query."),

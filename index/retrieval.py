@@ -47,7 +47,7 @@ NUMERIC_DESCRIPTORS = (
     "last_slice",
 )
 """Lesion descriptors that filters compare as numbers."""
-TEXT_DESCRIPTORS = ("space",)
+TEXT_DESCRIPTORS = ("space", "side")
 """Lesion descriptors that filters compare as case-insensitive text (``=`` and ``!=`` only)."""
 
 # Descriptor similarity: size-like descriptors by relative difference, HU descriptors by the
@@ -312,7 +312,7 @@ def descriptor_similarity(query_descriptors: Mapping[str, Any], lesions: Sequenc
     - ``volume_ml``, ``longest_axial_diameter_mm``, ``loculi``: ``1 - |a - b| / max(|a|, |b|)``
       (relative difference; 1 when both are 0);
     - ``core_mean_hu`` / ``core_sd_hu``: ``1 - min(|a - b| / s, 1)`` with s = 100 / 50 HU;
-    - ``space``: 1 when equal (case-insensitive), else 0.
+    - ``space``, ``side``: 1 when equal (case-insensitive), else 0.
 
     The lesion's similarity is the mean over these descriptors; the study's is the maximum
     over its lesions (0 for a study without lesions).

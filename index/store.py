@@ -101,7 +101,7 @@ CREATE INDEX IF NOT EXISTS rois_study ON rois (study_uid, live);
 CREATE TABLE IF NOT EXISTS lesions (
     study_uid TEXT NOT NULL, label INTEGER NOT NULL,
     volume_ml REAL, longest_axial_diameter_mm REAL, core_mean_hu REAL, core_sd_hu REAL,
-    loculi INTEGER, first_slice INTEGER, last_slice INTEGER, space TEXT,
+    loculi INTEGER, first_slice INTEGER, last_slice INTEGER, space TEXT, side TEXT,
     descriptors TEXT NOT NULL,
     PRIMARY KEY (study_uid, label)
 );
@@ -115,6 +115,7 @@ _LESION_COLUMNS = (
     "first_slice",
     "last_slice",
     "space",
+    "side",
 )
 _STUDY_TEXT_FIELDS = tuple(name for name in StudyRecord.__dataclass_fields__ if name not in ("study_uid", "modalities", "extra"))
 
@@ -184,6 +185,8 @@ class CaseIndex:
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.executescript(_SCHEMA)
+        if "side" not in {row[1] for row in self._db.execute("PRAGMA table_info(lesions)")}:
+            self._db.execute("ALTER TABLE lesions ADD COLUMN side TEXT")  # indexes written before sides existed
         remove_orphaned_temporaries(self.directory)
         self._spaces = {name: VectorSpace(self.directory, name, self) for name in SPACES}
         stored_dim = self._meta("dim")

@@ -31,8 +31,8 @@ Per axial slice, on a grid of about :data:`ANALYSIS_SPACING_MM`:
   lies more than 20 mm lateral of the midline; the slice is *thoracic* when they reach
   :data:`LUNG_MM2`.
 * **Spine**: the bone component nearest to a point 15 % of the body depth behind the body's
-  centre (at least 50 mm2). **Airway**: the air component (at least 10 mm2) in front of the
-  spine nearest to a point 20 mm in front of it, within 25 mm of the midline.
+  centre (at least 50 mm2). **Airway**: the air components (at least 10 mm2 each) in front of
+  the spine, at most 45 mm in front of it and within 20 mm of the body's midline, taken together.
 * **Mandible**: a bone component in front of the airway (or of the spine when there is no
   airway) whose extent across the body is at least 40 mm.
 * **Skull base**: the lowest slice of the topmost run of cranial slices (gaps of up to
@@ -56,9 +56,12 @@ carotid            airway centre + 27 mm lateral, 10 mm posterior
 submandibular      body midline + 31.5 mm lateral, 27.5 % of the body depth behind the skin
 =================  ==========================================================================
 
-A lesion takes the space whose centre is nearest to its centroid, when that is within
-:data:`MAX_SPACE_DISTANCE_MM`; otherwise ``other``. Its side is ``midline`` within
-:data:`MIDLINE_MM` of the spine's centre line, else ``left`` or ``right`` (the patient's).
+A lesion whose centroid lies within :data:`RETROPHARYNGEAL_HALF_WIDTH_MM` of the midline and not
+more than :data:`RETROPHARYNGEAL_FRONT_MM` in front of the airway's back wall is retropharyngeal
+(the space is a thin midline slab behind the pharynx). Any other lesion takes the space (and,
+for the paired spaces, the side) whose centre is nearest to its centroid, when that is within :data:`MAX_SPACE_DISTANCE_MM`; otherwise ``other``. A
+retropharyngeal or other lesion is ``midline`` within :data:`MIDLINE_MM` of the midline (the
+body's centre), else ``left`` or ``right`` (the patient's).
 """
 
 from __future__ import annotations
@@ -107,6 +110,8 @@ SPACES = ("parapharyngeal", "retropharyngeal", "peritonsillar", "submandibular",
 """The deep neck spaces located by :meth:`NeckAnatomy.locate` (besides ``other``)."""
 SIDES = ("left", "right", "midline")
 MAX_SPACE_DISTANCE_MM = 20.0
+RETROPHARYNGEAL_HALF_WIDTH_MM = 7.5
+RETROPHARYNGEAL_FRONT_MM = 4.5
 MIDLINE_MM = 7.0
 
 
@@ -163,8 +168,8 @@ class SliceLandmarks:
 
     @property
     def midline_x(self) -> float:
-        """Column of the body's midline: the spine's centre, else the body's."""
-        return (self.spine_centre_yx or self.body_centre_yx)[1]
+        """Column of the midline: the body's centre (the spine's centre drifts to a lateral mass at C1)."""
+        return self.body_centre_yx[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,23 +260,19 @@ def slice_landmarks(slice_hu: np.ndarray, spacing_yx: Sequence[float], z: int = 
             near_midline = np.abs(sx - spine_centre[1]) * spacing[1] < 8.0
             spine_front = float(sy[near_midline].min() if near_midline.any() else sy.min())
 
-    # airway: air in front of the spine, near the midline
+    # airway: the air in front of the spine near the midline (pharynx, larynx or trachea; the
+    # pieces of a pharynx split by the tongue or the epiglottis count together)
     airway_centre = airway_back = None
     reference_y = spine_front if spine_front is not None else float(body_centre[0])
-    midline_x = spine_centre[1] if spine_centre is not None else float(body_centre[1])
-    target = np.array([reference_y - 20.0 / spacing[0], midline_x])
-    best = math.inf
-    for index in range(count):
-        if sizes[index] * pixel_mm2 < 10.0:
-            continue
-        cy, cx = centres[index]
-        if cy > reference_y or abs(cx - midline_x) * spacing[1] > 25.0:
-            continue
-        distance = float(np.hypot(*((centres[index] - target) * spacing)))
-        if distance < best and distance < 45.0:
-            best = distance
-            ay, _ = np.nonzero(labels == index + 1)
-            airway_centre, airway_back = (float(cy), float(cx)), float(ay.max())
+    midline_x = float(body_centre[1])
+    pieces = [index for index in range(count)
+              if sizes[index] * pixel_mm2 >= 10.0 and centres[index][0] <= reference_y
+              and abs(centres[index][1] - midline_x) * spacing[1] <= 20.0
+              and (reference_y - centres[index][0]) * spacing[0] <= 45.0]
+    if pieces:
+        airway = np.isin(labels, np.asarray(pieces) + 1)
+        ay, ax = np.nonzero(airway)
+        airway_centre, airway_back = (float(ay.mean()), float(ax.mean())), float(ay.max())
 
     # mandible: a bone arch in front of the airway (or of the spine)
     mandible = False
@@ -448,18 +449,27 @@ class NeckAnatomy:
             return LesionLocation("other", "midline", math.inf)
         spacing = np.asarray(self.spacing_mm[1:])
         lateral_mm = (x - marks.midline_x) * spacing[1]
-        side = "midline" if abs(lateral_mm) < MIDLINE_MM else ("left" if lateral_mm > 0 else "right")
-        sign = 0 if side == "midline" else (1 if side == "left" else -1)
-        best_space, best_distance = "other", math.inf
+        best_space, best_sign, best_distance = "other", 0, math.inf
+        if (marks.airway_back_y is not None and abs(lateral_mm) <= RETROPHARYNGEAL_HALF_WIDTH_MM
+                and (y - marks.airway_back_y) * spacing[0] >= -RETROPHARYNGEAL_FRONT_MM):
+            centre = space_centre("retropharyngeal", 0, marks, spacing)
+            distance = math.inf if centre is None else float(np.hypot(*((np.array([y, x]) - centre) * spacing)))
+            side = "midline" if abs(lateral_mm) < MIDLINE_MM else ("left" if lateral_mm > 0 else "right")
+            return LesionLocation("retropharyngeal", side, distance)
         for space in SPACES:
-            centre = space_centre(space, sign or 1, marks, spacing)
-            if centre is None:
-                continue
-            distance = float(np.hypot(*((np.array([y, x]) - centre) * spacing)))
-            if distance < best_distance:
-                best_space, best_distance = space, distance
+            for sign in ((0,) if space == "retropharyngeal" else (1, -1)):
+                centre = space_centre(space, sign, marks, spacing)
+                if centre is None:
+                    continue
+                distance = float(np.hypot(*((np.array([y, x]) - centre) * spacing)))
+                if distance < best_distance:
+                    best_space, best_sign, best_distance = space, sign, distance
         if best_distance > MAX_SPACE_DISTANCE_MM:
-            best_space = "other"
+            best_space, best_sign = "other", 0
+        if best_sign == 0:  # retropharyngeal or other: the side from the offset to the midline
+            side = "midline" if abs(lateral_mm) < MIDLINE_MM else ("left" if lateral_mm > 0 else "right")
+        else:
+            side = "left" if best_sign > 0 else "right"
         return LesionLocation(best_space, side, best_distance)
 
     def _nearest_marks(self, z: int) -> SliceLandmarks | None:

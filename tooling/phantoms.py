@@ -29,8 +29,8 @@ Placement rules (the product's anatomy, :mod:`models.anatomy`, on the augmented 
   + s*(15-22) mm lateral, 0-8 mm posterior; peritonsillar = airway + s*(9-15) mm lateral, 2-8 mm
   anterior (upper neck); submandibular = body midline + s*(25-38) mm, 20-35 % of the body depth
   from the anterior skin (lower neck); carotid = airway + s*(22-32) mm lateral, 5-15 mm posterior.
-* The centre is then moved (up to 12 mm) to the point with the most soft tissue (-100 to
-  +120 HU) around it, and the lesion is clipped to soft tissue: never bone, air or the outer
+* The centre is then moved (up to 12 mm, 4 mm in the thin retropharyngeal space) to the point
+  with the most soft tissue (-100 to +120 HU) around it, and the lesion is clipped to soft tissue: never bone, air or the outer
   3 mm of the body.
 
 CLI: ``python -m tooling.phantoms --out DIR --cases N --seed S``.
@@ -253,14 +253,14 @@ def _space_centre(space: str, side: int, marks: anatomy.SliceLandmarks, spacing_
 
 
 def _snap_to_soft_tissue(slice_hu: np.ndarray, allowed: np.ndarray, proposal: np.ndarray,
-                         spacing_yx: np.ndarray, radius_mm: float) -> np.ndarray:
-    """Move a proposed centre (<= 12 mm) to where the most soft tissue surrounds it."""
+                         spacing_yx: np.ndarray, radius_mm: float, reach_mm: float = 12.0) -> np.ndarray:
+    """Move a proposed centre (<= ``reach_mm``) to where the most soft tissue surrounds it."""
     soft = ((slice_hu > -100.0) & (slice_hu < 120.0) & allowed).astype(np.float32)
     sigma = np.maximum(0.5 * radius_mm / spacing_yx, 1.0)
     density = ndimage.gaussian_filter(soft, sigma)
     yy, xx = np.indices(slice_hu.shape)
     distance_mm = np.hypot((yy - proposal[0]) * spacing_yx[0], (xx - proposal[1]) * spacing_yx[1])
-    score = np.where((distance_mm <= 12.0) & allowed, density - 0.01 * distance_mm, -np.inf)
+    score = np.where((distance_mm <= reach_mm) & allowed, density - 0.01 * distance_mm, -np.inf)
     if not np.isfinite(score).any():
         return proposal
     return np.array(np.unravel_index(int(np.argmax(score)), score.shape), dtype=float)
@@ -326,7 +326,9 @@ def _insert_lesion(volume_hu: np.ndarray, labels: np.ndarray, core_mask: np.ndar
     inner_body = ndimage.binary_erosion(anatomy.body_mask(slice_hu), iterations=max(1, int(round(3.0 / spacing_yx[0]))))
     allowed = inner_body & (slice_hu > -400.0) & (slice_hu < 300.0)
     proposal = _space_centre(space, side, marks, spacing_yx, rng)
-    centre_yx = _snap_to_soft_tissue(slice_hu, allowed, proposal, spacing_yx, float(radius_yx_mm.mean()))
+    # the retropharyngeal space is a thin midline slab: its lesions may move only a little
+    reach_mm = 4.0 if space == "retropharyngeal" else 12.0
+    centre_yx = _snap_to_soft_tissue(slice_hu, allowed, proposal, spacing_yx, float(radius_yx_mm.mean()), reach_mm)
     centre = np.array([z_centre, *centre_yx])
 
     # Local crop around the lesion (voxels), big enough for all lobes plus margins.
