@@ -53,6 +53,7 @@ from index.lesions import Lesion
 from index.records import SliceRecord, StudyRecord
 from index.retrieval import (
     DEFAULT_IMAGE_WEIGHT,
+    HIT_TABLE_K,
     LOCALIZATION_L,
     LesionFilter,
     SliceHit,
@@ -465,14 +466,14 @@ class CaseIndex:
         query_slice_indices: Sequence[int] | None = None,
         slice_range: tuple[int, int] | None = None,
         exclude_study_uid: str | None = None,
-        k: int = 10,
+        k: int = HIT_TABLE_K,
         top: int = 10,
         rerank: bool = True,
         filters: Iterable[str | LesionFilter] = (),
         query_descriptors: Mapping[str, Any] | None = None,
         image_weight: float = DEFAULT_IMAGE_WEIGHT,
         localization_l: int = LOCALIZATION_L,
-        max_candidates: int = 100,
+        max_candidates: int | None = None,
     ) -> list[StudyHit]:
         """Rank studies for a query volume, sub-volume (region) or ROI set.
 
@@ -492,7 +493,7 @@ class CaseIndex:
             query_slice_indices: Slice index of each row (default 0..n-1).
             slice_range: (first, last) slice indices, inclusive: keep only those query rows.
             exclude_study_uid: The query's own study, never returned.
-            k: Neighbours retrieved per query slice for the hit table (``k=1`` is the paper's
+            k: Neighbours retrieved per query slice for the hit table (default 1, the paper's
                 setting: only the most similar slice of each query slice counts).
             top: Number of studies returned.
             rerank: Re-rank by late interaction (True) or keep the count-based order (False).
@@ -500,8 +501,8 @@ class CaseIndex:
             query_descriptors: Descriptors of the query lesion for the mixed score.
             image_weight: w of the mixed score.
             localization_l: L best-matching slices per result (eq. 6).
-            max_candidates: Re-rank at most this many candidates (the ones with most hits), to
-                bound the cost; the paper re-ranks all studies with a hit.
+            max_candidates: Re-rank at most this many candidates (the ones with most hits), an
+                option to bound the cost; default None re-ranks every study with a hit (the paper).
 
         Returns:
             Up to ``top`` hits, rank 1 first.

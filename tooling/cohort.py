@@ -7,7 +7,7 @@ numpy and never runs a model (package boundary: ``index`` must not run models).
 
 Abscess studies ("phantom" studies)
     ``cases`` synthetic patients from :func:`tooling.phantoms.make_case`: real head-and-neck CT
-    (``ct_head`` and ``neck_chest_ct`` in turn) with 1 or 2 inserted abscesses (2 with
+    (``ct_head``, ``neck_chest_ct`` and ``aorta_ct`` in turn) with 1 or 2 inserted abscesses (2 with
     probability 1/3) of known deep neck space, volume and loculi. Case ``i`` uses seed
     ``PHANTOM_SEED_BASE + 1000 * seed + i`` (far from the seeds of the demo training set).
     In-plane, volumes larger than ``max_size`` pixels are resampled down to ``max_size``
@@ -67,7 +67,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from tooling.phantoms import make_case
+from tooling.phantoms import HOSTS, make_case
 from models.preprocessing import to_model_grid, window_hu
 from models.segmenter import MASK_THRESHOLD, Segmenter, roi_pool
 
@@ -196,7 +196,9 @@ def region_embeddings(
             _, features = segmenter.model.forward_with_features(to_model_grid(images, pixel_spacing_mm, *grid))
             for name, mask in wanted.items():
                 weights = torch.from_numpy(mask.astype(np.float32)).to(segmenter.device)[:, None]
-                out[name][start:stop] = roi_pool(features, to_model_grid(weights, pixel_spacing_mm, *grid)[:, 0]).cpu().numpy()
+                # any network pixel the mask touches counts (a thin lesion must not vanish on a coarser grid)
+                on_grid = to_model_grid(weights, pixel_spacing_mm, *grid)[:, 0]
+                out[name][start:stop] = roi_pool(features, on_grid, threshold=0.0).cpu().numpy()
     return out
 
 
@@ -472,7 +474,7 @@ def build_cohort(
     Args:
         segmenter: The segmenter whose embeddings are evaluated.
         out: Output ``.npz`` path.
-        cases: Number of abscess phantom studies (hosts ``ct_head`` / ``neck_chest_ct`` in turn).
+        cases: Number of abscess phantom studies (the hosts of :data:`tooling.phantoms.HOSTS` in turn).
         seed: Cohort seed (phantom seeds and organ augmentations derive from it).
         organ_copies: Augmented copies per organ-labelled CT (0: no organ studies).
         max_size: In-plane side above which volumes are resampled down.
@@ -487,16 +489,17 @@ def build_cohort(
     started = time.perf_counter()
     say = progress or (lambda line: None)
     rng = np.random.default_rng([seed, 4242])
-    hosts = ("ct_head", "neck_chest_ct")
+    hosts = tuple(HOSTS)
     arrays: dict[str, np.ndarray] = {}
     phantoms = []
     for index in range(cases):
         case_seed = PHANTOM_SEED_BASE + 1000 * seed + index
         n_lesions = 2 if rng.random() < 1.0 / 3.0 else 1
         try:
-            record, study_arrays = _phantom_study(segmenter, index, case_seed, hosts[index % 2], n_lesions, max_size)
+            record, study_arrays = _phantom_study(segmenter, index, case_seed, hosts[index % len(hosts)], n_lesions,
+                                                 max_size)
         except ValueError:  # no placement for a second lesion: fall back to one
-            record, study_arrays = _phantom_study(segmenter, index, case_seed, hosts[index % 2], 1, max_size)
+            record, study_arrays = _phantom_study(segmenter, index, case_seed, hosts[index % len(hosts)], 1, max_size)
         phantoms.append(record)
         arrays.update(study_arrays)
         say(

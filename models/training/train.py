@@ -236,6 +236,7 @@ def _meta(settings: TrainSettings, data_root: Path, description: dict[str, Any],
         f"VM-UNet trained with models.training.train on {data_root.name}; not validated for clinical use")
     training = {
         "data": str(data_root), "dataset_name": description.get("name", data_root.name),
+        "hosts": sorted(set(description.get("generator", {}).get("hosts", []))),
         "synthetic": synthetic, "image_kind": image_kind, "config": settings["config"],
         "epoch": epoch, "epochs": settings["epochs"], "batch_size": settings["batch_size"],
         "lr": settings["lr"], "seed": settings["seed"], "train_cases": train_cases, "val_cases": val_cases,

@@ -46,7 +46,8 @@ def similar_node(tmp_path_factory, weights_path, ct_crop):
     viewer_port = free_port()
     config = scratch_node_configuration(
         directory, {"WeightsPath": str(weights_path), "ChunkSlices": 32, "SimilarCasesTopK": 2,
-                    "AllowedSimilarCasesAets": [VIEWER], "SimilarCasesAet": SIMILAR_AET},
+                    "AllowedSimilarCasesAets": [VIEWER], "SimilarCasesAet": SIMILAR_AET,
+                    "SeriesRules": {"RequireNeckCoverage": False}},  # the studies are 64 x 64 crops
         DicomAet="ABSCESS_NODE",
         DicomModalities={"viewer": [VIEWER, "127.0.0.1", viewer_port], "stranger": [STRANGER, "127.0.0.1", 1]})
     node = OrthancProcess(config, directory).start()
