@@ -219,7 +219,7 @@ def _process(job: dict[str, Any], config: NodeConfig, store: JobStore, client: O
             index.replace_study(
                 study_record(study, chosen.series_uid, chosen.orthanc_id, fingerprint),
                 [SliceRecord(i, str(h.SOPInstanceUID), float(z)) for i, (h, z) in enumerate(zip(geometry.headers, geometry.positions))],
-                segmented.slice_embeddings, segmented.roi_embeddings, lesions)
+                segmented.slice_embeddings, _kept_roi_embeddings(segmented.roi_embeddings, plausible.kept), lesions)
             similar = find_similar(index, SimilarQuery(study_uid, k=config.similar_cases_top_k),
                                    config.pseudonymize_similar_cases)
     with watch.stage("sr"):
@@ -304,6 +304,12 @@ class Segmented:
     probabilities: np.ndarray
     slice_embeddings: np.ndarray
     roi_embeddings: np.ndarray
+
+
+def _kept_roi_embeddings(roi_embeddings: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """ROI embeddings of the slices that hold a kept lesion; zero rows (no ROI) where only rejected
+    candidates were (a region query must not match a rejected speck in the petrous bone)."""
+    return np.where(kept.any(axis=(1, 2))[:, None], roi_embeddings, 0.0).astype(np.float32)
 
 
 def _load_volume(geometry: SeriesGeometry, config: NodeConfig, volume_path: Path) -> np.ndarray:

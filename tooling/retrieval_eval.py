@@ -23,7 +23,8 @@ Cohort (see :mod:`tooling.cohort`)
 ---------------------------------
 * **Abscess studies**: real head-and-neck CT with 1-2 inserted abscesses of known deep neck
   space, volume and loculi. Each study is indexed as the node indexes a study: slice
-  embeddings, ROI embeddings (pooled over the *predicted* mask) and the lesion descriptors of
+  embeddings, ROI embeddings (pooled over the *predicted* mask, kept on the slices that hold a
+  plausible lesion) and the lesion descriptors of
   :func:`index.lesions.measure_lesions` on the predicted mask after the plausibility rules,
   each with the deep neck space and side the node's anatomy gives it (never the ground truth).
 * **Organ studies**: augmented, z-cropped copies of the TotalSegmentator-labelled real CT of
@@ -382,10 +383,12 @@ def _lesion_key(lesion: dict[str, Any], definition: str) -> str:
     raise ValueError(f"unknown relevance definition {definition!r}; use one of {PHANTOM_RELEVANCE}")
 
 
-def _measured_lesions(study: PhantomStudy) -> list[Lesion]:
-    """What the node indexes for the study: plausible lesions with the space and side of its anatomy."""
+def _as_the_node_indexes(study: PhantomStudy) -> tuple[list[Lesion], np.ndarray]:
+    """What the node indexes for the study: its plausible lesions with the space and side of its
+    anatomy, and its ROI embeddings on the slices that keep a lesion (zero rows elsewhere)."""
+    roi = study.roi_embeddings
     if not study.predicted_mask.any():
-        return []
+        return [], roi
     spacing = tuple(study.record["spacing_mm"])
     anatomy = analyse_neck(study.predicted_hu, spacing)
     kept = filter_candidates(study.predicted_mask, study.predicted_hu, spacing, anatomy).kept
@@ -393,12 +396,13 @@ def _measured_lesions(study: PhantomStudy) -> list[Lesion]:
     for lesion in measure_lesions(kept, study.predicted_hu, spacing):
         location = anatomy.locate(lesion.centroid_zyx)
         lesions.append(lesion.located(location.space, location.side))
-    return lesions
+    return lesions, np.where(kept.any(axis=(1, 2))[:, None], roi, 0.0).astype(np.float32)
 
 
-def _index_phantoms(index: CaseIndex, studies: Sequence[PhantomStudy], measured: dict[str, list[Lesion]]) -> None:
+def _index_phantoms(index: CaseIndex, studies: Sequence[PhantomStudy],
+                    indexed: dict[str, tuple[list[Lesion], np.ndarray]]) -> None:
     for study in studies:
-        lesions = measured[study.study_uid]
+        lesions, roi = indexed[study.study_uid]
         index.replace_study(
             StudyRecord(
                 study.study_uid,
@@ -408,7 +412,7 @@ def _index_phantoms(index: CaseIndex, studies: Sequence[PhantomStudy], measured:
             ),
             [SliceRecord(z) for z in range(len(study.slice_embeddings))],
             study.slice_embeddings,
-            study.roi_embeddings,
+            roi,
             lesions,
         )
 
@@ -438,12 +442,13 @@ def evaluate_phantoms(
     index = CaseIndex.open(workdir / "abscess-index")
     without_host: dict[str, CaseIndex] = {}
     try:
-        measured = {study.study_uid: _measured_lesions(study) for study in studies}
-        _index_phantoms(index, studies, measured)
+        indexed_as = {study.study_uid: _as_the_node_indexes(study) for study in studies}
+        measured = {uid: lesions for uid, (lesions, _) in indexed_as.items()}
+        _index_phantoms(index, studies, indexed_as)
         if protocol == "other-host":
             for host in sorted(set(host_of.values())):
                 without_host[host] = CaseIndex.open(workdir / f"abscess-index-without-{host}")
-                _index_phantoms(without_host[host], [s for s in studies if host_of[s.study_uid] != host], measured)
+                _index_phantoms(without_host[host], [s for s in studies if host_of[s.study_uid] != host], indexed_as)
 
         def searched(uid: str) -> CaseIndex:
             return without_host.get(host_of[uid], index)

@@ -89,8 +89,16 @@ def _lesion_count(mask: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def evaluate_checkpoint(checkpoint: Path, held_out_host: str, cases: int, seed: int,
-                        nsd_tolerance: float = 2.0) -> dict[str, Any]:
+                        nsd_tolerance: float = 2.0, real_cts: Sequence[str] = REAL_CTS) -> dict[str, Any]:
     """Run one checkpoint on held-out-host phantoms and on the abscess-free real CTs.
+
+    Args:
+        checkpoint: the weights.
+        held_out_host: a key of :data:`tooling.phantoms.HOSTS` the weights were not trained on.
+        cases: phantom cases (one abscess each; case ``i`` has seed ``seed * 1000 + i``).
+        seed: phantom seed.
+        nsd_tolerance: NSD tolerance (mm).
+        real_cts: the abscess-free real CTs (samples of :mod:`tooling.sample_data`).
 
     Raises:
         SystemExit: the checkpoint was trained on the held-out host.
@@ -127,7 +135,7 @@ def evaluate_checkpoint(checkpoint: Path, held_out_host: str, cases: int, seed: 
             inserted_lesions += 1
             detected_lesions += bool((prediction & (case.labels == lesion_label)).any())
     real = {}
-    for name in REAL_CTS:
+    for name in real_cts:
         volume, spacing = _real_ct(name)
         anatomy = analyse_neck(volume, spacing)
         if not anatomy.covers_neck:
@@ -179,7 +187,7 @@ def segmentation_table(results: Sequence[dict[str, Any]]) -> str:
     lines += ["", "False lesions per abscess-free real CT (skipped: the node finds no neck in the series):", "",
               "| real CT | " + " | ".join(r["model"] for r in results) + " |",
               "|---|" + "---|" * len(results)]
-    for name in REAL_CTS:
+    for name in first["real_cts"]:
         cells = []
         for r in results:
             entry = r["real_cts"][name]
@@ -189,24 +197,35 @@ def segmentation_table(results: Sequence[dict[str, Any]]) -> str:
 
 
 def space_accuracy(cases: int, seed: int) -> dict[str, Any]:
-    """Locate phantoms of every space in every host; count correct spaces and sides."""
+    """Locate phantoms of every space in every host; count correct spaces and sides.
+
+    A seed whose lesion cannot be placed in that host and space (no room in the anatomy) is
+    left out and counted under ``unplaced``.
+    """
     table: dict[tuple[str, str], list[int]] = {}
+    unplaced = 0
     for host, spec in HOSTS.items():
         for space in spec.spaces:
-            right_space = right_side = 0
+            right_space = right_side = placed = 0
             for index in range(cases):
-                case = make_case(seed * 1000 + index, host=host, spaces=[space])
+                try:
+                    case = make_case(seed * 1000 + index, host=host, spaces=[space])
+                except ValueError:
+                    unplaced += 1
+                    continue
                 location = analyse_neck(case.volume_hu, case.spacing_mm).locate(ndimage.center_of_mass(case.mask))
                 right_space += location.space == space
                 right_side += location.side == case.lesions[0]["side"]
-            table[(host, space)] = [right_space, right_side, cases]
-    return {"cases": cases, "seed": seed, "table": table}
+                placed += 1
+            table[(host, space)] = [right_space, right_side, placed]
+    return {"cases": cases, "seed": seed, "table": table, "unplaced": unplaced}
 
 
 def spaces_table(result: dict[str, Any]) -> str:
     """Markdown table of :func:`space_accuracy`."""
-    lines = [f"{result['cases']} phantoms per host and space (seed {result['seed']}), located from the inserted "
-             "lesion's centroid by `models.anatomy`.", "",
+    lines = [f"{result['cases']} phantoms per host and space (seed {result['seed']}; {result['unplaced']} that could "
+             "not be placed left out), located from the inserted lesion's centroid by `models.anatomy`; cells: "
+             "right space / phantoms.", "",
              "| host | " + " | ".join(SPACES) + " | all (space) | all (side) |",
              "|---|" + "---|" * (len(SPACES) + 2)]
     by_host = collections.defaultdict(dict)
@@ -217,7 +236,7 @@ def spaces_table(result: dict[str, Any]) -> str:
         cells = [f"{spaces[s][0]}/{spaces[s][2]}" if s in spaces else "-" for s in SPACES]
         right = sum(c[0] for c in spaces.values())
         side = sum(c[1] for c in spaces.values())
-        total = sum(c[2] for c in spaces.values())
+        total = max(sum(c[2] for c in spaces.values()), 1)
         grand = [grand[0] + right, grand[1] + side, grand[2] + total]
         lines.append(f"| `{host}` | " + " | ".join(cells) + f" | {right / total:.2f} | {side / total:.2f} |")
     lines.append(f"| all | " + " | ".join(
