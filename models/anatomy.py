@@ -32,7 +32,8 @@ Per axial slice, on a grid of about :data:`ANALYSIS_SPACING_MM`:
   :data:`LUNG_MM2`.
 * **Spine**: the bone component nearest to a point 15 % of the body depth behind the body's
   centre (at least 50 mm2). **Airway**: the air components (at least 10 mm2 each) in front of
-  the spine, at most 45 mm in front of it and within 20 mm of the body's midline, taken together.
+  the spine, at most :data:`AIRWAY_REACH_MM` in front of it and within 20 mm of the body's
+  midline, taken together.
 * **Mandible**: a bone component in front of the airway (or of the spine when there is no
   airway) whose extent across the body is at least 40 mm.
 * **Skull base**: the lowest slice of the topmost run of cranial slices (gaps of up to
@@ -109,6 +110,9 @@ BODY_MARGIN_MM = 3.0
 SPACES = ("parapharyngeal", "retropharyngeal", "peritonsillar", "submandibular", "carotid")
 """The deep neck spaces located by :meth:`NeckAnatomy.locate` (besides ``other``)."""
 SIDES = ("left", "right", "midline")
+AIRWAY_REACH_MM = 55.0
+"""The airway lies at most this far in front of the spine (the trachea at the thoracic inlet
+reaches 54 mm in front of the detected vertebra in neck_chest_ct)."""
 MAX_SPACE_DISTANCE_MM = 20.0
 RETROPHARYNGEAL_HALF_WIDTH_MM = 7.5
 RETROPHARYNGEAL_FRONT_MM = 4.5
@@ -247,7 +251,8 @@ def slice_landmarks(slice_hu: np.ndarray, spacing_yx: Sequence[float], z: int = 
     # spine: the bone component nearest to a point behind the body's centre
     spine_centre = spine_front = None
     spine_guess = body_centre + np.array([0.15 * body_depth, 0.0])
-    opened_bone = ndimage.binary_opening(bone)
+    # an opening cuts bone bridges thinner than 2 pixels: only worth it (and harmless) on fine grids
+    opened_bone = ndimage.binary_opening(bone) if spacing.min() < 1.0 else bone
     bone_labels, bone_count, bone_sizes, bone_centres = _components(opened_bone)
     candidates = [i for i in range(bone_count) if bone_sizes[i] * pixel_mm2 >= 50.0]
     spine_index = None
@@ -268,7 +273,7 @@ def slice_landmarks(slice_hu: np.ndarray, spacing_yx: Sequence[float], z: int = 
     pieces = [index for index in range(count)
               if sizes[index] * pixel_mm2 >= 10.0 and centres[index][0] <= reference_y
               and abs(centres[index][1] - midline_x) * spacing[1] <= 20.0
-              and (reference_y - centres[index][0]) * spacing[0] <= 45.0]
+              and (reference_y - centres[index][0]) * spacing[0] <= AIRWAY_REACH_MM]
     if pieces:
         airway = np.isin(labels, np.asarray(pieces) + 1)
         ay, ax = np.nonzero(airway)

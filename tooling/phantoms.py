@@ -91,8 +91,8 @@ HOSTS: dict[str, HostSpec] = {
     "ct_head": HostSpec(
         "ct_head", keep_band=(0.0, 1.0), spaces=SPACES,
         upper_spaces=("peritonsillar",), lower_spaces=("submandibular",)),
-    "neck_chest_ct": HostSpec(
-        "neck_chest_ct", keep_band=(0.75, 1.0), spaces=("retropharyngeal", "parapharyngeal", "carotid")),
+    # the thoracic inlet (C6-T1): below the hyoid, where the parapharyngeal space has ended
+    "neck_chest_ct": HostSpec("neck_chest_ct", keep_band=(0.75, 1.0), spaces=("retropharyngeal", "carotid")),
     "aorta_ct": HostSpec(
         "aorta_ct", keep_band=(0.7, 1.0), spaces=("retropharyngeal", "parapharyngeal", "carotid", "submandibular"),
         lower_spaces=("retropharyngeal",), upper_spaces=("submandibular",)),

@@ -51,6 +51,7 @@ from models.anatomy import SPACES, analyse_neck
 from models.plausibility import filter_candidates
 from models.segmenter import Segmenter
 from models.training.evaluate import segmentation_metrics
+from models.weights import load_checkpoint, save_checkpoint
 from tooling.convert import read_nifti
 from tooling.phantoms import HOSTS, make_case
 from tooling.sample_data import fetch
@@ -165,6 +166,14 @@ def evaluate_checkpoint(checkpoint: Path, held_out_host: str, cases: int, seed: 
     }
 
 
+def store_metrics(checkpoint: Path, result: dict[str, Any], command: str) -> None:
+    """Write an evaluation result into the checkpoint's meta (``metrics.held_out_host``)."""
+    model, meta = load_checkpoint(checkpoint)
+    meta.setdefault("metrics", {})["held_out_host"] = {
+        key: value for key, value in result.items() if key not in ("model", "params")} | {"command": command}
+    save_checkpoint(checkpoint, model, meta)
+
+
 def segmentation_table(results: Sequence[dict[str, Any]]) -> str:
     """Markdown tables of :func:`evaluate_checkpoint` results (one row per checkpoint)."""
     first = results[0]
@@ -266,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     seg.add_argument("--cases", type=int, default=12)
     seg.add_argument("--seed", type=int, default=900)
     seg.add_argument("--nsd-tolerance", type=float, default=2.0, help="NSD tolerance (mm)")
+    seg.add_argument("--store-metrics", action="store_true",
+                     help="write each checkpoint's results into its meta (metrics.held_out_host)")
     spaces = commands.add_parser("spaces", help="deep-neck-space location accuracy on phantoms")
     spaces.add_argument("--cases", type=int, default=6)
     spaces.add_argument("--seed", type=int, default=300)
@@ -279,6 +290,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "segmentation":
         results = [evaluate_checkpoint(path, args.held_out_host, args.cases, args.seed, args.nsd_tolerance)
                    for path in args.checkpoint]
+        if args.store_metrics:
+            for path, result in zip(args.checkpoint, results):
+                store_metrics(path, result, shown)
         body, name = segmentation_table(results), "segmentation-eval"
     else:
         body, name = spaces_table(space_accuracy(args.cases, args.seed)), "spaces-eval"
