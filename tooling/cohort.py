@@ -36,8 +36,11 @@ File layout (``np.savez_compressed``; ``<i>`` is the study's position, ``<j>`` a
 
     manifest                       0-d str: JSON (settings, segmenter info, studies; see build_cohort)
     phantom_<i>_slice              float32 [n, D]   slice embeddings
-    phantom_<i>_roi                float32 [n, D]   ROI embeddings (zero rows: no predicted mask)
-    phantom_<i>_pred_mask          bool [n, H, W]   predicted abscess mask (probability > 0.5)
+    phantom_<i>_roi                float32 [n, D]   ROI embeddings (zero rows: no kept lesion on the slice)
+    phantom_<i>_pred_mask          bool [n, H, W]   predicted abscess mask as the node keeps it (probability
+                                                    > 0.5, then the plausibility rules of models.plausibility);
+                                                    its lesions' spaces and sides (models.anatomy) are in the
+                                                    manifest record's ``predicted_locations``
     phantom_<i>_pred_hu            int16 [m]        HU of the predicted-mask voxels (C order)
     phantom_<i>_gt_labels          uint8 [n, H, W]  0 background, j = voxels of lesion j
     phantom_<i>_lesion_<j>_roi     float32 [s, D]   lesion-mask-pooled embeddings of its slices
@@ -67,6 +70,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from index.lesions import measure_lesions
+from models.anatomy import analyse_neck
+from models.plausibility import filter_candidates
 from tooling.phantoms import HOSTS, make_case
 from models.preprocessing import to_model_grid, window_hu
 from models.segmenter import MASK_THRESHOLD, Segmenter, roi_pool
@@ -250,13 +256,16 @@ def _phantom_study(
             spacing[2] * case.volume_hu.shape[2] / volume.shape[2],
         ]
     output = segmenter.run(volume, pixel_spacing_mm=(spacing[1], spacing[2]))
-    predicted = output.probabilities > MASK_THRESHOLD
+    # what the node keeps and indexes: the plausible lesions, located in their deep neck space
+    anatomy = analyse_neck(volume, spacing)
+    predicted = filter_candidates(output.probabilities > MASK_THRESHOLD, volume, spacing, anatomy).kept
+    locations = [anatomy.locate(lesion.centroid_zyx) for lesion in measure_lesions(predicted, volume, spacing)]
     lesion_masks = {str(label): labels == label for label in range(1, len(case.lesions) + 1)}
     pooled = region_embeddings(segmenter, volume, lesion_masks, (spacing[1], spacing[2]))
     study_uid = f"2.25.{PHANTOM_SEED_BASE}{index:05d}{case_seed % 100000:05d}"
     arrays = {
         f"phantom_{index}_slice": output.slice_embeddings,
-        f"phantom_{index}_roi": output.roi_embeddings,
+        f"phantom_{index}_roi": np.where(predicted.any(axis=(1, 2))[:, None], output.roi_embeddings, 0.0).astype(np.float32),
         f"phantom_{index}_pred_mask": predicted,
         f"phantom_{index}_pred_hu": np.rint(volume[predicted]).astype(np.int16),
         f"phantom_{index}_gt_labels": labels,
@@ -288,6 +297,7 @@ def _phantom_study(
         "spacing_mm": [float(s) for s in spacing],
         "shape": list(volume.shape),
         "lesions": lesions,
+        "predicted_locations": [[location.space, location.side] for location in locations],
         "predicted_voxels": int(predicted.sum()),
     }
     return record, arrays

@@ -14,10 +14,9 @@ Package boundary
 ground truth) is produced by :mod:`tooling.cohort` into an ``.npz`` file that this module
 reads with plain numpy. With ``--cohort NPZ`` the evaluation only reads that file. Without
 it the CLI is a one-shot convenience: it imports :mod:`tooling.cohort` *lazily, inside*
-:func:`main`, builds ``DIR/cohort.npz`` and then evaluates it. The network never runs here;
-what the node does to a mask before it indexes it (the neck anatomy, the plausibility rules,
-the deep neck space and side of each lesion: :mod:`models.anatomy`, :mod:`models.plausibility`,
-numpy and scipy only) is applied to the cohort's predicted masks as the pipeline applies it.
+:func:`main`, builds ``DIR/cohort.npz`` and then evaluates it; nothing else in this module
+imports ``models`` or ``torch``. The cohort holds the masks as the node keeps them (after the
+plausibility rules) and each kept lesion's deep neck space and side from the node's anatomy.
 
 Cohort (see :mod:`tooling.cohort`)
 ---------------------------------
@@ -26,7 +25,7 @@ Cohort (see :mod:`tooling.cohort`)
   embeddings, ROI embeddings (pooled over the *predicted* mask, kept on the slices that hold a
   plausible lesion) and the lesion descriptors of
   :func:`index.lesions.measure_lesions` on the predicted mask after the plausibility rules,
-  each with the deep neck space and side the node's anatomy gives it (never the ground truth).
+  each with the deep neck space and side the node's anatomy gave it (never the ground truth).
 * **Organ studies**: augmented, z-cropped copies of the TotalSegmentator-labelled real CT of
   DATA.md (neck-chest and abdomen), indexed with their slice embeddings, in a second index.
 
@@ -94,6 +93,7 @@ class has no relevant item left in the index are skipped and counted.
 from __future__ import annotations
 
 import argparse
+import re
 import json
 import logging
 import sys
@@ -110,8 +110,6 @@ import numpy as np
 from index.metrics import average_precision, localization_ratio, precision_at_k
 from index.lesions import Lesion, measure_lesions
 from index.retrieval import DEFAULT_IMAGE_WEIGHT, HIT_TABLE_K, LOCALIZATION_L
-from models.anatomy import analyse_neck
-from models.plausibility import filter_candidates
 from index.records import SliceRecord, StudyRecord
 from index.store import CaseIndex
 
@@ -384,19 +382,13 @@ def _lesion_key(lesion: dict[str, Any], definition: str) -> str:
 
 
 def _as_the_node_indexes(study: PhantomStudy) -> tuple[list[Lesion], np.ndarray]:
-    """What the node indexes for the study: its plausible lesions with the space and side of its
-    anatomy, and its ROI embeddings on the slices that keep a lesion (zero rows elsewhere)."""
-    roi = study.roi_embeddings
+    """What the node indexes for the study: the lesions of its kept mask with the deep neck space
+    and side the node's anatomy gave them (never the ground truth), and its ROI embeddings."""
     if not study.predicted_mask.any():
-        return [], roi
-    spacing = tuple(study.record["spacing_mm"])
-    anatomy = analyse_neck(study.predicted_hu, spacing)
-    kept = filter_candidates(study.predicted_mask, study.predicted_hu, spacing, anatomy).kept
-    lesions = []
-    for lesion in measure_lesions(kept, study.predicted_hu, spacing):
-        location = anatomy.locate(lesion.centroid_zyx)
-        lesions.append(lesion.located(location.space, location.side))
-    return lesions, np.where(kept.any(axis=(1, 2))[:, None], roi, 0.0).astype(np.float32)
+        return [], study.roi_embeddings
+    lesions = measure_lesions(study.predicted_mask, study.predicted_hu, tuple(study.record["spacing_mm"]))
+    located = study.record.get("predicted_locations", [])
+    return [lesion.located(*location) for lesion, location in zip(lesions, located)], study.roi_embeddings
 
 
 def _index_phantoms(index: CaseIndex, studies: Sequence[PhantomStudy],
@@ -1026,7 +1018,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         from tooling.segmentation_eval import write_section
 
         shown = "python -m tooling.retrieval_eval " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_section(args.markdown, "retrieval-eval", shown, report)
+        write_section(args.markdown, "retrieval-eval", shown, re.sub(r"^(#+) ", r"#\1 ", report, flags=re.MULTILINE))
     (args.out / "retrieval_eval.md").write_text(report)
     (args.out / "retrieval_eval.json").write_text(json.dumps(to_json(result), indent=1))
     return result
