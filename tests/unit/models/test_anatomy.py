@@ -21,9 +21,11 @@ def _nifti(sample, name: str):
     return nifti.volume_hu, nifti.spacing_mm
 
 
-def _dicom_series(directory):
-    datasets = sorted((pydicom.dcmread(path) for path in directory.glob("*.dcm")),
-                      key=lambda ds: float(ds.ImagePositionPatient[2]))
+def _dicom_series(directory, top: int | None = None, pattern: str = "*.dcm"):
+    """The series sorted inferior to superior (HU, spacing); ``top``: only its most superior slices."""
+    paths = sorted(directory.glob(pattern),
+                   key=lambda path: float(pydicom.dcmread(path, stop_before_pixels=True).ImagePositionPatient[2]))
+    datasets = [pydicom.dcmread(path) for path in paths[-top if top else 0:]]
     volume = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in datasets])
     step = float(datasets[1].ImagePositionPatient[2]) - float(datasets[0].ImagePositionPatient[2])
     return volume.astype(np.float32), (step, *(float(v) for v in datasets[0].PixelSpacing))
@@ -82,10 +84,16 @@ def test_series_without_a_neck_say_why(sample, name: str, why: str) -> None:
 
 
 def test_chest_ct_in_dicom_has_no_neck(sample) -> None:
-    volume, spacing = _dicom_series(sample("rider_lung_ct"))
+    volume, spacing = _dicom_series(sample("rider_lung_ct"), top=80)  # its upper 100 mm: apices and above
     anatomy = analyse_neck(volume, spacing)
     assert not anatomy.covers_neck and "lung apices" in anatomy.reason
     assert anatomy.band_height_mm() < 25.0
+
+
+def test_jpeg2000_abdomen_series_has_no_neck(sample) -> None:
+    volume, spacing = _dicom_series(sample("jpeg2000_ct"), pattern="CT.*")  # JPEG 2000 lossless, 20 slices
+    anatomy = analyse_neck(volume, spacing)
+    assert not anatomy.covers_neck and "no neck" in anatomy.reason
 
 
 def test_feet_first_prone_series_gives_the_same_anatomy(head_neck) -> None:
