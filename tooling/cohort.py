@@ -70,6 +70,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from dicom_node.config import NodeConfig
 from index.lesions import measure_lesions
 from models.anatomy import analyse_neck
 from models.plausibility import filter_candidates
@@ -592,8 +593,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
 
 
-DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "vmunet-demo-v1.pt"
-"""The shipped demo weights (synthetic training data; not for clinical use)."""
+DEMO_WEIGHTS = NodeConfig().weights_path
+"""The shipped default weights (demo weights: synthetic training data; not for clinical use)."""
 
 
 def load_segmenter(weights: str | Path | None = None, *, tiny_random: bool = False, device: str = "cpu") -> Segmenter:

@@ -974,7 +974,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         help="precomputed cohort .npz (python -m tooling.cohort); "
         "without it the cohort is built here first with --weights",
     )
-    parser.add_argument("--weights", type=Path, help="segmenter checkpoint (default: models/weights/vmunet-demo-v1.pt)")
+    parser.add_argument("--weights", type=Path, help="segmenter checkpoint (default: the node's default WeightsPath)")
     parser.add_argument("--tiny-random", action="store_true", help="random tiny network (development only)")
     parser.add_argument("--cases", type=int, default=24, help="abscess phantom studies (one-shot build)")
     parser.add_argument("--organ-copies", type=int, default=3, help="copies per organ-labelled CT (one-shot build)")
