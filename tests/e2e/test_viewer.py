@@ -45,11 +45,6 @@ def viewer_url(node, study_uid: str) -> str:
 @pytest.fixture(scope="module")
 def demo_study(node, tmp_path_factory, sample):
     """The demo's head-and-neck CT sent to the node with storescu; its finished job and its SEG."""
-    for needed, hint in ((VIEWER_DIR / "www" / "viewer", "run `make viewer`"),
-                         (VIEWER_DIR / "node_modules" / "playwright-core", "run `make viewer`"),
-                         (Path(CHROMIUM), "apt-get install chromium")):
-        if not needed.exists():
-            pytest.fail(f"{needed} is missing: {hint}")
     sample("ct_head")
     datasets, inserted = demo.demo_study()
     directory = tmp_path_factory.mktemp("demo_ct")
@@ -144,6 +139,11 @@ def test_demo_reports_the_inserted_abscess_in_its_space_and_little_else(node, de
 
 
 def test_ohif_shows_our_seg_over_the_ct(node, demo_study, tmp_path):
+    for needed, hint in ((VIEWER_DIR / "www" / "viewer", "run `make viewer`"),
+                         (VIEWER_DIR / "node_modules" / "playwright-core", "run `make viewer`"),
+                         (Path(CHROMIUM), "apt-get install chromium")):
+        if not needed.exists():
+            pytest.fail(f"{needed} is missing: {hint}")
     started = time.monotonic()
     datasets, seg, _, _ = demo_study
     study_uid = datasets[0].StudyInstanceUID
