@@ -30,8 +30,8 @@ Per axial slice, on a grid of about :data:`ANALYSIS_SPACING_MM`:
 * **Lungs**: air (below -400 HU) inside the body in components of at least 1 cm2 whose centre
   lies more than 20 mm lateral of the midline; the slice is *thoracic* when they reach
   :data:`LUNG_MM2`.
-* **Spine**: the bone component nearest to a point 15 % of the body depth behind the body's
-  centre (at least 50 mm2). **Airway**: the air components (at least 10 mm2 each) in front of
+* **Spine**: the bone component (opened by a 3-pixel cross on grids finer than 1 mm) nearest to
+  a point 15 % of the body depth behind the body's centre (at least 50 mm2, within 40 mm). **Airway**: the air components (at least 10 mm2 each) in front of
   the spine, at most :data:`AIRWAY_REACH_MM` in front of it and within 20 mm of the body's
   midline, taken together.
 * **Mandible**: a bone component in front of the airway (or of the spine when there is no
@@ -43,7 +43,7 @@ Per axial slice, on a grid of about :data:`ANALYSIS_SPACING_MM`:
   of at least 20 cm2. The series **covers the neck** when the band is at least
   :data:`MIN_NECK_BAND_MM` high and the airway and the spine are found on at least 60 % of its
   slices; a chest CT whose first slices catch the thoracic inlet (about 20 mm above the lung
-  apices) does not.
+  apices) does not. The landmarks are those of the nearest band slice with an airway or a spine.
 
 Deep neck spaces (:data:`SPACES`) are points in a landmark frame of the lesion's slice (mm,
 ``lateral`` towards the lesion's side); :func:`space_centre` is the one definition that both
@@ -60,8 +60,8 @@ submandibular      body midline + 31.5 mm lateral, 27.5 % of the body depth behi
 A lesion whose centroid lies within :data:`RETROPHARYNGEAL_HALF_WIDTH_MM` of the midline and not
 more than :data:`RETROPHARYNGEAL_FRONT_MM` in front of the airway's back wall is retropharyngeal
 (the space is a thin midline slab behind the pharynx). Any other lesion takes the space (and,
-for the paired spaces, the side) whose centre is nearest to its centroid, when that is within :data:`MAX_SPACE_DISTANCE_MM`; otherwise ``other``. A
-retropharyngeal or other lesion is ``midline`` within :data:`MIDLINE_MM` of the midline (the
+for the paired spaces, the side) whose centre is nearest to its centroid, when that is within
+:data:`MAX_SPACE_DISTANCE_MM`; otherwise ``other``. A retropharyngeal or other lesion is ``midline`` within :data:`MIDLINE_MM` of the midline (the
 body's centre), else ``left`` or ``right`` (the patient's).
 """
 
