@@ -276,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     seg.add_argument("--seed", type=int, default=900)
     seg.add_argument("--nsd-tolerance", type=float, default=2.0, help="NSD tolerance (mm)")
     seg.add_argument("--store-metrics", action="store_true",
-                     help="write each checkpoint's results into its meta (metrics.held_out_host)")
+                     help="write the first checkpoint's results into its meta (metrics.held_out_host)")
     spaces = commands.add_parser("spaces", help="deep-neck-space location accuracy on phantoms")
     spaces.add_argument("--cases", type=int, default=6)
     spaces.add_argument("--seed", type=int, default=300)
@@ -291,8 +291,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         results = [evaluate_checkpoint(path, args.held_out_host, args.cases, args.seed, args.nsd_tolerance)
                    for path in args.checkpoint]
         if args.store_metrics:
-            for path, result in zip(args.checkpoint, results):
-                store_metrics(path, result, shown)
+            store_metrics(args.checkpoint[0], results[0], shown)
         body, name = segmentation_table(results), "segmentation-eval"
     else:
         body, name = spaces_table(space_accuracy(args.cases, args.seed)), "spaces-eval"
