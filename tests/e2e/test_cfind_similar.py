@@ -128,12 +128,14 @@ def test_findscu_study_query_gives_ranked_answers_with_sr(similar_node, tmp_path
         f"(0041,0010)={PRIVATE_CREATOR}", out=tmp_path)
     assert done.returncode == 0, done.stderr
     (tmp_path / "findscu.log").write_text(done.stderr)
-    assert len(answers) == 2  # SimilarCasesTopK
+    # at most SimilarCasesTopK: the studies that hold the nearest slice of some query slice (the
+    # hit table of Khun Jush et al. with one neighbour per query slice)
+    assert 1 <= len(answers) <= 2
     ranks = [int(private(a, 0x10)) for a in answers]
     scores = [float(private(a, 0x11)) for a in answers]
-    assert ranks == [1, 2] and scores == sorted(scores, reverse=True)
+    assert ranks == list(range(1, len(answers) + 1)) and scores == sorted(scores, reverse=True)
     others = {ds[0].StudyInstanceUID: ds[0] for seed, ds in similar_node.studies.items() if seed in ("sim-b", "sim-c")}
-    assert {a.StudyInstanceUID for a in answers} == set(others)
+    assert {a.StudyInstanceUID for a in answers} <= set(others)
     for answer in answers:
         source = others[answer.StudyInstanceUID]
         assert answer.PatientID == source.PatientID and str(answer.PatientName) == str(source.PatientName)
@@ -254,14 +256,16 @@ def test_rest_twin_matches_c_find(similar_node):
     answers = [i for s, i in c_find(similar_node.dicom_port, study_query(query_uid)) if s.Status == 0xFF00]
     body = rest.json()
     assert [r["study_uid"] for r in body["results"]] == [a.StudyInstanceUID for a in answers]
-    assert [r["rank"] for r in body["results"]] == [1, 2]
+    assert [r["rank"] for r in body["results"]] == list(range(1, len(answers) + 1))
     assert body["similar_cases_sr"]["sop_instance_uid"] == private(answers[0], 0x13)
     assert body["results"][0]["best_slices"] and "lesions" in body["results"][0]
     bad = requests.get(f"{similar_node.url}/abscess-node/studies/{orthanc_id}/similar", params={"k": 0}, timeout=60)
     assert bad.status_code == 400 and "0xA900" in bad.text
     filtered = requests.get(f"{similar_node.url}/abscess-node/studies/{orthanc_id}/similar",
                             params={"StudyDate": "20210101-20211231"}, timeout=60).json()
-    assert [r["study_uid"] for r in filtered["results"]] == [similar_node.studies["sim-b"][0].StudyInstanceUID]
+    sim_b = similar_node.studies["sim-b"][0].StudyInstanceUID
+    hit = [r["study_uid"] for r in body["results"]]
+    assert [r["study_uid"] for r in filtered["results"]] == [uid for uid in hit if uid == sim_b]
 
 
 @pytest.fixture(scope="module")
@@ -293,9 +297,10 @@ def test_standalone_ae_gives_the_same_answers_and_precise_statuses(similar_node,
     query_uid = similar_node.studies["sim-a"][0].StudyInstanceUID
     via_orthanc = [i for s, i in c_find(similar_node.dicom_port, study_query(query_uid)) if s.Status == 0xFF00]
     direct = c_find(standalone, study_query(query_uid), called="SIMILAR_SA")
-    assert [s.Status for s, _ in direct] == [0xFF00, 0xFF00, 0x0000]
-    assert [i.StudyInstanceUID for _, i in direct[:2]] == [a.StudyInstanceUID for a in via_orthanc]
-    assert [private(i, 0x11) for _, i in direct[:2]] == [private(a, 0x11) for a in via_orthanc]
+    pending = len(via_orthanc)
+    assert pending >= 1 and [s.Status for s, _ in direct] == [0xFF00] * pending + [0x0000]
+    assert [i.StudyInstanceUID for _, i in direct[:pending]] == [a.StudyInstanceUID for a in via_orthanc]
+    assert [private(i, 0x11) for _, i in direct[:pending]] == [private(a, 0x11) for a in via_orthanc]
 
     refused = c_find(standalone, study_query(query_uid), called="SIMILAR_SA", calling=STRANGER)
     assert refused[0][0].Status == 0x0124 and "not allowed" in refused[0][0].ErrorComment
