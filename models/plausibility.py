@@ -132,7 +132,7 @@ def filter_candidates(mask: np.ndarray, volume_hu: np.ndarray, spacing_mm: tuple
     verdicts: list[CandidateVerdict] = []
     if not mask.any():
         return PlausibilityResult(kept, rejected, verdicts)
-    labels, count = ndimage.label(mask, structure=_CONNECTIVITY_26)
+    labels, _ = ndimage.label(mask, structure=_CONNECTIVITY_26)
     tissue_cache: dict[int, np.ndarray] = {}
 
     def tissue(z: int) -> np.ndarray:

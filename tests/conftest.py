@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_node.config import CHECKOUT, NodeConfig
+from dicom_node.config import NodeConfig
 from tooling import sample_data
 from tooling.orthanc_harness import OrthancProcess, free_port, scratch_node_configuration
 

@@ -248,7 +248,7 @@ def spaces_table(result: dict[str, Any]) -> str:
         total = max(sum(c[2] for c in spaces.values()), 1)
         grand = [grand[0] + right, grand[1] + side, grand[2] + total]
         lines.append(f"| `{host}` | " + " | ".join(cells) + f" | {right / total:.2f} | {side / total:.2f} |")
-    lines.append(f"| all | " + " | ".join(
+    lines.append("| all | " + " | ".join(
         f"{sum(by_host[h][s][0] for h in by_host if s in by_host[h])}/"
         f"{sum(by_host[h][s][2] for h in by_host if s in by_host[h])}" for s in SPACES)
         + f" | {grand[0] / grand[2]:.2f} | {grand[1] / grand[2]:.2f} |")
