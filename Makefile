@@ -6,9 +6,9 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install apt venv data viewer demo stop test test-unit lint-imports bench clean
+.PHONY: install apt venv secrets data viewer demo stop test test-unit lint-imports bench clean
 
-install: apt venv data viewer  ## Debian packages + .venv + sample data + OHIF viewer (idempotent)
+install: apt venv secrets data viewer  ## Debian packages + .venv + secrets + sample data + OHIF viewer (idempotent)
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -24,6 +24,9 @@ $(VENV)/.installed: requirements.txt setup.cfg
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
 	$(PY) -m pip install -q -r requirements.txt
 	@touch $@
+
+secrets: venv  ## the admin's HTTP password and the pseudonym secret in runtime/secrets (0600, created once)
+	@$(PY) -m dicom_node init-secrets
 
 data: venv
 	@$(PY) -m tooling fetch-data ct_head rider_lung_ct jpeg2000_ct >/dev/null
@@ -49,9 +52,13 @@ test: install lint-imports  ## the whole test suite: import contracts, unit and 
 test-unit: venv lint-imports  ## the fast tier: tests/unit, no Orthanc, dcmtk or browser (fetches registry samples)
 	$(PY) -m pytest -q -rs -m "not e2e" tests/unit
 
-bench: install
+BENCH_SIZES ?= 10000,100000,1000000
+bench: install  ## every benchmark figure, measured in one run each (the 1M sizes take hours on 2 cores: BENCH_SIZES=10000,100000 for less)
 	$(PY) bench/segmentation.py
-	$(PY) bench/index.py --max-vectors 100000
+	$(PY) bench/study.py --runs 3
+	$(PY) bench/query.py --sizes $(BENCH_SIZES) --cfind
+	$(PY) bench/index.py --sizes $(BENCH_SIZES)
+	PYTHON=$(PY) bash bench/gpu_check.sh runtime/gpu_check.json
 
 clean:
 	rm -rf runtime .pytest_cache

@@ -1,25 +1,35 @@
-"""VM-UNet vs U-Net forward time on the CPU, one run, same machine.
+"""VM-UNet vs U-Nets: CPU forward time per slice, measured in one run on the same cores.
 
-Measures the forward time per 256x256 slice (3 channels, eval mode, ``torch.inference_mode``,
-denormals flushed) at each batch size of:
+Models (3x256x256 input, eval mode, ``torch.inference_mode``, denormals flushed):
 
 - ``VMUNet()``, the paper's configuration (27.43 M parameters; Ruan et al. 2024), with the
-  Numba scan (the node's CPU inference path: fused four-direction kernel) and with the
-  chunked PyTorch scan (the autograd backend, run without gradient; slow, so by default
-  at batch 1 only — ``--torch-scan-batch-sizes``);
-- the U-Net of AbscessHeNe's Table I (31.04 M parameters, 54.74 G FLOPs): MONAI's
-  ``BasicUNet`` with features (64, 128, 256, 512, 1024, 64) — the classic double-conv
-  U-Net, 31.11 M parameters, ~59 G MACs by thop — and, for reference, MONAI's ``UNet``
-  with channels (64, 128, 256, 512, 1024), strides (2, 2, 2, 2), 2 residual units
-  (25.97 M parameters: no channels/strides/residual-units setting of that class gives
-  31.04 M with these channels; 3 residual units give 38.5 M).
+  node's CPU inference path (Numba scan backend);
+- MONAI ``UNet`` with channels (64, 128, 256, 512, 1024), strides (2, 2, 2, 2), 2 residual
+  units (25.97 M parameters): the network a MONAI user picks first;
+- the paper's U-Net (AbscessHeNe's Table I: 31.04 M parameters, 54.74 G FLOPs) as MONAI's
+  ``BasicUNet`` with features (64, 128, 256, 512, 1024, 64): the classic double-conv U-Net,
+  31.11 M parameters, ~59 G MACs by thop.
 
-Prints a table and the time ratios VM-UNet (Numba) / U-Net. The last line is machine
-readable: ``vmunet_over_unet_cpu=<ratio>``, per-slice time of VM-UNet (Numba scan) over the
-31 M U-Net at the largest batch size measured. The goal in the issue is <= 0.25 (the FLOPs
-ratio of Table I is 4.11 / 54.74 = 0.075, but thop does not count the selective scan).
+For every thread setting (all cores, then 1 thread) and batch size, the models are timed
+interleaved (repeat 1 of every model, then repeat 2, ...; best of ``--repeats`` kept), so that
+load from other processes hits all of them alike. Printed:
 
-Run: ``python bench/segmentation.py --repeats 3 --batch-sizes 1,16``.
+- seconds per slice per model and batch size, each model's best batch size and its achieved
+  G MAC/s (thop MACs per slice / seconds per slice; thop does not count VM-UNet's selective
+  scan nor its x-projection einsums, like the paper's 4.11 G);
+- the G MAC/s of a large float32 matmul (2048 x 2048 @ 2048 x 2048) on the same threads with
+  MKL (``torch.mm``) and with oneDNN, the machine's practical limit;
+- the goal ratios at each model's best batch size, the last lines machine readable::
+
+      vmunet_over_monai_unet_all_threads=<ratio>
+      vmunet_over_basic_unet_all_threads=<ratio>
+      vmunet_over_monai_unet_1_thread=<ratio>
+      vmunet_over_basic_unet_1_thread=<ratio>
+
+``--profile`` also prints torch.profiler's top operators of one VM-UNet forward per thread
+setting and batch size (the Numba scan shows up as ``selective_scan_numba``).
+
+Run: ``python bench/segmentation.py --repeats 3 --batch-sizes 1,4,16`` (a few minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -37,22 +47,44 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import VMUNet
-from models.scan import forced_backend
 
 INPUT_SIZE = 256
-PAPER_UNET_PARAMETERS = 31.04e6
+MATMUL_SIZE = 2048
+VMUNET = "VM-UNet (numba scan)"
+MONAI_UNET = "MONAI UNet 64..1024 s2 ru2"
+BASIC_UNET = "BasicUNet 64..1024 (paper U-Net)"
+RATIO_KEYS = {MONAI_UNET: "monai_unet", BASIC_UNET: "basic_unet"}
+
+
+def build_models() -> dict[str, torch.nn.Module]:
+    """The three networks in eval mode, seeded."""
+    from monai.networks.nets import BasicUNet, UNet
+
+    torch.manual_seed(0)
+    return {
+        VMUNET: VMUNet().eval(),
+        MONAI_UNET: UNet(
+            spatial_dims=2,
+            in_channels=3,
+            out_channels=1,
+            channels=(64, 128, 256, 512, 1024),
+            strides=(2, 2, 2, 2),
+            num_res_units=2,
+        ).eval(),
+        BASIC_UNET: BasicUNet(
+            spatial_dims=2, in_channels=3, out_channels=1, features=(64, 128, 256, 512, 1024, 64)
+        ).eval(),
+    }
 
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def thop_gmacs(model: torch.nn.Module) -> float | None:
-    """Multiply-accumulates per 1x3x256x256 forward by thop, or None without thop."""
-    try:
-        import thop
-    except ImportError:
-        return None
+def thop_gmacs(model: torch.nn.Module) -> float:
+    """Multiply-accumulates (G) of one 3x256x256 slice by thop."""
+    import thop
+
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # thop's own deprecation warnings
         macs, _ = thop.profile(model, inputs=(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE),), verbose=False)
@@ -62,99 +94,102 @@ def thop_gmacs(model: torch.nn.Module) -> float | None:
     return macs / 1e9
 
 
-def seconds_per_slice(forward: Callable[[torch.Tensor], torch.Tensor], batch_size: int, repeats: int) -> float:
-    """Best of ``repeats`` timed forwards (after one warm-up), divided by the batch size."""
+def best_seconds(function: Callable[[], object], repeats: int) -> float:
+    """Best wall time of ``repeats`` calls (after one warm-up call)."""
+    function()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_gmacs(repeats: int) -> dict[str, float]:
+    """G MAC/s of a float32 2048^3 matmul with MKL (``torch.mm``) and, if built in, oneDNN."""
+    a, b = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
+    macs = MATMUL_SIZE**3 / 1e9
+    limits = {"MKL torch.mm": macs / best_seconds(lambda: torch.mm(a, b), repeats)}
+    if torch.backends.mkldnn.is_available():
+        weight = b.t().contiguous()  # linear: a @ weight.T
+        limits["oneDNN linear"] = macs / best_seconds(
+            lambda: torch.ops.mkldnn._linear_pointwise(a, weight, None, "none", [], ""), repeats
+        )
+    return limits
+
+
+def time_models(
+    models: dict[str, torch.nn.Module], batch_size: int, repeats: int
+) -> dict[str, float]:
+    """Seconds per slice of every model at ``batch_size``, repeats interleaved across models."""
+    images = torch.rand(batch_size, 3, INPUT_SIZE, INPUT_SIZE)
+    best = dict.fromkeys(models, float("inf"))
+    with torch.inference_mode():
+        for model in models.values():
+            model(images)  # warm-up: oneDNN primitives, Numba compilation
+        for _ in range(repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(images)
+                best[name] = min(best[name], time.perf_counter() - start)
+    return {name: seconds / batch_size for name, seconds in best.items()}
+
+
+def print_profile(model: torch.nn.Module, batch_size: int, rows: int) -> None:
+    """torch.profiler's top operators (self CPU time) of one forward."""
+    from torch.profiler import ProfilerActivity, profile
+
     images = torch.rand(batch_size, 3, INPUT_SIZE, INPUT_SIZE)
     with torch.inference_mode():
-        forward(images)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            forward(images)
-            best = min(best, time.perf_counter() - start)
-    return best / batch_size
+        model(images)
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            model(images)
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards per model and batch size (best kept)")
-    parser.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")
-    parser.add_argument(
-        "--torch-scan-batch-sizes", default="1", help="batch sizes for VM-UNet with the chunked PyTorch scan"
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: all cores)")
+    parser.add_argument("--batch-sizes", default="1,4,16", help="comma-separated batch sizes")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="the 'all threads' setting")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of VM-UNet")
+    parser.add_argument("--profile-rows", type=int, default=15, help="operators per profile table")
     args = parser.parse_args()
     batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
-    torch_scan_batch_sizes = [int(size) for size in args.torch_scan_batch_sizes.split(",") if size]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        import numba
-
-        numba.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    torch.manual_seed(0)
+    models = build_models()
+    gmacs = {name: thop_gmacs(model) for name, model in models.items()}
+    print(f"torch {torch.__version__}, cpu count {os.cpu_count()}, input 3x{INPUT_SIZE}x{INPUT_SIZE}, "
+          f"best of {args.repeats}, repeats interleaved across models")
+    for name, model in models.items():
+        print(f"  {name:34s} {count_parameters(model) / 1e6:6.2f} M parameters, {gmacs[name]:6.2f} G MACs (thop)")
 
-    from monai.networks.nets import BasicUNet, UNet
-
-    vmunet = VMUNet().eval()
-    basic_unet = BasicUNet(spatial_dims=2, in_channels=3, out_channels=1, features=(64, 128, 256, 512, 1024, 64)).eval()
-    monai_unet = UNet(
-        spatial_dims=2,
-        in_channels=3,
-        out_channels=1,
-        channels=(64, 128, 256, 512, 1024),
-        strides=(2, 2, 2, 2),
-        num_res_units=2,
-    ).eval()
-
-    def vmunet_with(backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        def forward(images: torch.Tensor) -> torch.Tensor:
-            with forced_backend(backend):
-                return vmunet(images)
-
-        return forward
-
-    candidates = [
-        ("VM-UNet, numba scan", vmunet, vmunet_with("numba"), batch_sizes),
-        ("VM-UNet, torch chunked scan", vmunet, vmunet_with("torch"), torch_scan_batch_sizes),
-        ("U-Net (MONAI BasicUNet 64..1024)", basic_unet, basic_unet, batch_sizes),
-        ("MONAI UNet 64..1024 s2 ru2", monai_unet, monai_unet, batch_sizes),
-    ]
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu count {os.cpu_count()}, "
-        f"input 3x{INPUT_SIZE}x{INPUT_SIZE}, best of {args.repeats}"
-    )
-    print(f"{'model':34s} {'params':>8s} {'GMACs':>6s} {'batch':>5s} {'s/slice':>8s}")
-    times: dict[tuple[str, int], float] = {}
-    for label, model, forward, sizes in candidates:
-        parameters = count_parameters(model)
-        gmacs = thop_gmacs(model)
-        for batch_size in sizes:
-            times[label, batch_size] = seconds_per_slice(forward, batch_size, args.repeats)
-            macs_text = f"{gmacs:6.2f}" if gmacs is not None else "     -"
-            print(
-                f"{label:34s} {parameters / 1e6:7.2f}M {macs_text} {batch_size:5d} {times[label, batch_size]:8.3f}",
-                flush=True,
-            )
-    print(
-        f"paper's U-Net: {PAPER_UNET_PARAMETERS / 1e6:.2f} M parameters; BasicUNet above: "
-        f"{count_parameters(basic_unet) / 1e6:.2f} M"
-    )
-    for batch_size in batch_sizes:
-        vm_time = times["VM-UNet, numba scan", batch_size]
-        print(
-            f"batch {batch_size:3d}: VM-UNet(numba) / U-Net(BasicUNet) = "
-            f"{vm_time / times['U-Net (MONAI BasicUNet 64..1024)', batch_size]:.3f}, "
-            f"/ MONAI UNet = {vm_time / times['MONAI UNet 64..1024 s2 ru2', batch_size]:.3f}"
-        )
-    for batch_size in torch_scan_batch_sizes:
-        print(
-            f"batch {batch_size:3d}: VM-UNet torch-scan / numba-scan = "
-            f"{times['VM-UNet, torch chunked scan', batch_size] / times['VM-UNet, numba scan', batch_size]:.1f}"
-        )
-    largest = max(batch_sizes)
-    ratio = times["VM-UNet, numba scan", largest] / times["U-Net (MONAI BasicUNet 64..1024)", largest]
-    print(f"vmunet_over_unet_cpu={ratio:.3f}")
+    ratio_lines = []
+    for label, threads in (("all_threads", args.threads), ("1_thread", 1)):
+        torch.set_num_threads(threads)
+        limits = matmul_gmacs(args.repeats)
+        print(f"\n== {threads} thread(s): float32 {MATMUL_SIZE}^3 matmul "
+              + ", ".join(f"{engine} {value:.0f} G MAC/s" for engine, value in limits.items()))
+        times = {size: time_models(models, size, args.repeats) for size in batch_sizes}
+        print(f"{'model':34s} " + " ".join(f"{'b=' + str(size):>8s}" for size in batch_sizes)
+              + f" {'best b':>6s} {'s/slice':>8s} {'GMAC/s':>7s} {'% limit':>7s}")
+        best: dict[str, float] = {}
+        for name in models:
+            best_size = min(batch_sizes, key=lambda size: times[size][name])
+            best[name] = times[best_size][name]
+            achieved = gmacs[name] / best[name]
+            print(f"{name:34s} " + " ".join(f"{times[size][name]:8.3f}" for size in batch_sizes)
+                  + f" {best_size:6d} {best[name]:8.3f} {achieved:7.1f} {100 * achieved / max(limits.values()):6.0f}%")
+        for name, key in RATIO_KEYS.items():
+            ratio = best[VMUNET] / best[name]
+            print(f"VM-UNet / {name} at best batch sizes: {ratio:.3f}")
+            ratio_lines.append(f"vmunet_over_{key}_{label}={ratio:.3f}")
+        if args.profile:
+            for size in batch_sizes:
+                print(f"\ntorch.profiler, VM-UNet, {threads} thread(s), batch {size}:")
+                print_profile(models[VMUNET], size, args.profile_rows)
+    print()
+    print("\n".join(ratio_lines))
 
 
 if __name__ == "__main__":

@@ -10,3 +10,13 @@ May import :mod:`index` and :mod:`models`; never ``orthanc`` (the plugin's modul
 tooling. The modules the plugin loads in Orthanc's interpreter (config, jobs, job_routes,
 ordinary_find, supervisor, similar.relay, private_files) import no heavy library.
 """
+
+import os
+
+# OpenMP threads (PyTorch, FAISS, the Numba scan kernels) sleep between parallel regions instead
+# of spinning. On a node whose cores are shared (Orthanc, the workers, the query service, other
+# software), a spinning thread that loses its core stalls every operation of its team: measured
+# here, the demo study's 95 slices took 68 s to segment instead of 1.7 s at a load average of 16
+# on 2 cores. Set before torch or faiss is imported (the worker and the service import this
+# package first); a value the administrator set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -41,6 +41,8 @@ class SeriesRules:
         axial_tolerance_degrees: how far the slice normal may tilt from the patient z axis.
         exclude_descriptions: case-insensitive substrings of SeriesDescription to skip.
         prefer: ``"most-slices"`` or ``"thinnest"`` to rank the eligible series.
+        max_pixels_per_slice: Rows x Columns above this -> the job fails before any pixel is
+            decoded (a small compressed file must not make the worker allocate gigabytes).
         require_neck_coverage: skip a series that shows no neck (models.anatomy: less than
             25 mm between the skull base and the thoracic inlet); when false it is segmented,
             with lesions only where neck soft tissue is.
@@ -53,8 +55,24 @@ class SeriesRules:
     axial_tolerance_degrees: float = 15.0
     exclude_descriptions: tuple[str, ...] = ("scout", "localizer", "topogram", "dose")
     prefer: str = "most-slices"
+    max_pixels_per_slice: int = 1024 * 1024
     require_neck_coverage: bool = True
 
+
+@dataclasses.dataclass(frozen=True)
+class Webhook:
+    """One entry of ``Notifications``: where to POST, and for which final job states.
+
+    Attributes:
+        url: an ``http://`` or ``https://`` URL.
+        on: the job states that are sent (done, failed, skipped, cancelled).
+    """
+
+    url: str
+    on: tuple[str, ...] = ("failed",)
+
+
+WEBHOOK_STATES = ("done", "failed", "skipped", "cancelled")
 
 SERIES_RULE_KEYS = {
     "Modalities": "modalities",
@@ -64,6 +82,7 @@ SERIES_RULE_KEYS = {
     "AxialToleranceDegrees": "axial_tolerance_degrees",
     "ExcludeDescriptions": "exclude_descriptions",
     "Prefer": "prefer",
+    "MaxPixelsPerSlice": "max_pixels_per_slice",
     "RequireNeckCoverage": "require_neck_coverage",
 }
 LESION_RULE_KEYS = {
@@ -85,22 +104,38 @@ class NodeConfig:
     device: str = "auto"
     weights_path: Path = CHECKOUT / "models" / "weights" / "vmunet-demo-v1.pt"
     index_directory: Path = CHECKOUT / "runtime" / "index"
+    index_vector_encoding: str = "flat"
     jobs_database: Path = CHECKOUT / "runtime" / "jobs.sqlite"
     work_directory: Path = CHECKOUT / "runtime" / "work"
     log_directory: Path = CHECKOUT / "runtime" / "logs"
     worker_python: Path = CHECKOUT / ".venv" / "bin" / "python"
     series_rules: SeriesRules = SeriesRules()
     forward_to: tuple[str, ...] = ()
-    forward_retries: int = 3
+    forward_retries: int = 6
     similar_cases_aet: str = "ABSCESS_SIMILAR"
     allowed_similar_cases_aets: tuple[str, ...] = ()
+    allowed_similar_cases_users: tuple[str, ...] = ()
     similar_cases_top_k: int = 5
     pseudonymize_similar_cases: bool = False
+    similar_cases_report: str = "pseudonymized"
+    forward_similar_cases_report: bool = False
+    pseudonym_secret_path: Path = CHECKOUT / "runtime" / "secrets" / "pseudonym.key"
     segmentation_type: str = "BINARY"
     threshold: float = 0.5
     chunk_slices: int = 64
     inference_batch_size: int = 8
     job_timeout_seconds: int = 3600
+    stage_timeout_seconds: int = 1800
+    lease_seconds: int = 60
+    heartbeat_seconds: int = 10
+    max_attempts: int = 3
+    forward_backoff_seconds: int = 30
+    forward_timeout_seconds: int = 300
+    index_lock_timeout_seconds: int = 120
+    notifications: tuple[Webhook, ...] = ()
+    notification_retries: int = 5
+    notification_timeout_seconds: int = 10
+    notification_backoff_seconds: int = 30
     lesion_rules: PlausibilityRules = PlausibilityRules()
     rejected_candidates_segment: bool = False
 
@@ -125,7 +160,11 @@ class NodeConfig:
                     f"AbscessNode.{json_key}: unknown key (known keys: {', '.join(sorted(KEYS))})")
             key = KEYS[json_key]
             values[key.attribute] = key.parse(json_key, raw, base_directory)
-        return cls(**values)
+        config = cls(**values)
+        if config.heartbeat_seconds * 2 > config.lease_seconds:
+            raise ConfigError(f"AbscessNode.HeartbeatSeconds ({config.heartbeat_seconds}) must be at most half of "
+                              f"AbscessNode.LeaseSeconds ({config.lease_seconds}): a lease must survive a late heartbeat")
+        return config
 
     def to_json(self) -> str:
         """Serialise for a worker process (inverse of :meth:`from_json`)."""
@@ -135,11 +174,9 @@ class NodeConfig:
             if isinstance(value, Path):
                 value = str(value)
             elif isinstance(value, (SeriesRules, PlausibilityRules)):
-                names = SERIES_RULE_KEYS if isinstance(value, SeriesRules) else LESION_RULE_KEYS
-                value = {name: (list(v) if isinstance(v, tuple) else v) for name, v in
-                         ((jk, getattr(value, attr)) for jk, attr in names.items())}
+                value = rules_section(value)
             elif isinstance(value, tuple):
-                value = list(value)
+                value = [{"Url": v.url, "On": list(v.on)} if isinstance(v, Webhook) else v for v in value]
             section[json_key] = value
         return json.dumps(section, indent=1)
 
@@ -195,6 +232,10 @@ class Key:
             return tuple(raw)
         if self.kind == "series-rules":
             return _series_rules(where, raw)
+        if self.kind == "webhooks":
+            if not isinstance(raw, list):
+                raise ConfigError(f'{where}: expected a list like [{{"Url": "https://...", "On": ["failed"]}}], got {raw!r}')
+            return tuple(_webhook(f"{where}[{i}]", item) for i, item in enumerate(raw))
         if self.kind == "lesion-rules":
             return _lesion_rules(where, raw)
         raise AssertionError(self.kind)
@@ -204,6 +245,18 @@ def _ae_title(where: str, raw: Any) -> str:
     if not isinstance(raw, str) or not AE_TITLE.match(raw) or not raw.strip():
         raise ConfigError(f"{where}: {raw!r} is not a DICOM AE title (1-16 printable characters, no backslash)")
     return raw.strip()
+
+
+def _webhook(where: str, raw: Any) -> Webhook:
+    if not isinstance(raw, dict) or set(raw) - {"Url", "On"}:
+        raise ConfigError(f'{where}: expected an object with "Url" and "On" only, got {raw!r}')
+    url = raw.get("Url")
+    if not isinstance(url, str) or not re.match(r"^https?://[^\s/]+", url):
+        raise ConfigError(f"{where}.Url: expected an http:// or https:// URL, got {url!r}")
+    on = raw.get("On", ["failed"])
+    if not isinstance(on, list) or not on or not all(state in WEBHOOK_STATES for state in on):
+        raise ConfigError(f"{where}.On: expected a non-empty list of {', '.join(WEBHOOK_STATES)}, got {on!r}")
+    return Webhook(url, tuple(dict.fromkeys(on)))
 
 
 def _series_rules(where: str, raw: Any) -> SeriesRules:
@@ -218,7 +271,7 @@ def _series_rules(where: str, raw: Any) -> SeriesRules:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
             value = tuple(v.upper() for v in value) if json_key == "Modalities" else tuple(value)
-        elif json_key in ("MinSlices", "MaxSlices"):
+        elif json_key in ("MinSlices", "MaxSlices", "MaxPixelsPerSlice"):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}: expected a whole number >= 1, got {value!r}")
         elif json_key in ("RequireAxial", "RequireNeckCoverage"):
@@ -262,30 +315,54 @@ def _lesion_rules(where: str, raw: Any) -> PlausibilityRules:
     return PlausibilityRules(**values)
 
 
+def rules_section(rules: SeriesRules | PlausibilityRules) -> dict[str, Any]:
+    """``SeriesRules`` or ``LesionRules`` as their JSON object (tuples as lists), the inverse of
+    what :class:`NodeConfig` parses."""
+    names = SERIES_RULE_KEYS if isinstance(rules, SeriesRules) else LESION_RULE_KEYS
+    return {json_key: (list(value) if isinstance(value, tuple) else value)
+            for json_key, value in ((json_key, getattr(rules, attribute)) for json_key, attribute in names.items())}
+
+
 KEYS: dict[str, Key] = {
     "Enabled": Key("enabled", "bool", "Process studies that become stable. False keeps the REST routes and the C-FIND dispatch but enqueues nothing."),
     "WorkerCount": Key("worker_count", "int", "Worker processes started and supervised by the plugin.", minimum=0, maximum=32),
     "Device": Key("device", "choice", "Where the network runs: auto (CUDA when available), cpu, cuda.", choices=("auto", "cpu", "cuda")),
     "WeightsPath": Key("weights_path", "path", "VM-UNet checkpoint. The shipped default is the demo checkpoint (not for clinical use)."),
     "IndexDirectory": Key("index_directory", "path", "Where the case index (FAISS + SQLite) lives."),
+    "IndexVectorEncoding": Key("index_vector_encoding", "choice", "How the FAISS HNSW graphs store vectors: flat (float32) or sq8 (8-bit scalar quantised: about a third of the memory per vector, recall in bench/index.py). A change converts the index at the next indexing job.", choices=("flat", "sq8")),
     "JobsDatabase": Key("jobs_database", "path", "SQLite file of the job store (survives restarts)."),
     "WorkDirectory": Key("work_directory", "path", "Scratch space of the workers (downloaded instances, memory-mapped volumes)."),
     "LogDirectory": Key("log_directory", "path", "Worker log files (UIDs only, no patient data)."),
     "WorkerPython": Key("worker_python", "path", "Python interpreter of the project venv that runs the workers."),
-    "SeriesRules": Key("series_rules", "series-rules", "Which series is segmented: Modalities, MinSlices, MaxSlices, RequireAxial, AxialToleranceDegrees, ExcludeDescriptions, Prefer, RequireNeckCoverage (skip a series without a neck, with that reason)."),
-    "LesionRules": Key("lesion_rules", "lesion-rules", "Plausibility rules every abscess candidate must pass (the SR and the job count what each removed): CoreHuRange (fluid core), MinVolumeMl, MinSoftTissueFraction (in the neck band's soft tissue), RimEnhancement (contrast series only), MinRimEnhancementHu."),
+    "SeriesRules": Key("series_rules", "series-rules", "Which series is segmented: Modalities, MinSlices, MaxSlices, RequireAxial, AxialToleranceDegrees, ExcludeDescriptions, Prefer, MaxPixelsPerSlice. `RequireNeckCoverage`: a series with less than 25 mm of neck between the skull base and the lung apices (found from HU, `models.anatomy`) ends as skipped with that reason; when false it is segmented (SEG with a frame for every slice) and lesions are kept only in neck soft tissue."),
+    "LesionRules": Key("lesion_rules", "lesion-rules", "Plausibility rules every abscess candidate (a connected region of the network's mask) must pass, in this order; the first it fails rejects it, and the measurement SR and the job count the candidates each rule removed. `MinSoftTissueFraction`: at least this share of the candidate in the neck band's soft tissue (inside the body, 3 mm from the skin, not bone or air; the kept part is clipped to it). `MinVolumeMl`: smallest abscess (1 mL, a 12 mm sphere). `CoreHuRange`: mean HU of the core (2 mm inside its surface) must be fluid (AbscessHeNe: 0-45 HU, widened for noise and partial volume). `RimEnhancement`: on series with a Contrast/Bolus Agent, the 2 mm rim must be `MinRimEnhancementHu` brighter than the core."),
     "RejectedCandidatesSegment": Key("rejected_candidates_segment", "bool", "Also write the rejected candidates into the SEG as a second segment \"Abscess candidate (rejected)\" (QA)."),
     "ForwardTo": Key("forward_to", "name-list", "Orthanc modality names (DicomModalities) that every SEG/SR is sent to."),
-    "ForwardRetries": Key("forward_retries", "int", "Attempts per forward before the job records a forwarding error.", minimum=1, maximum=20),
+    "ForwardRetries": Key("forward_retries", "int", "Attempts per destination before forwarding gives up (the job then says so); between attempts the node waits ForwardBackoffSeconds, doubling each time.", minimum=1, maximum=20),
+    "ForwardBackoffSeconds": Key("forward_backoff_seconds", "int", "Wait before the second attempt to forward to a destination (doubled after each failure).", minimum=1, maximum=3600),
+    "ForwardTimeoutSeconds": Key("forward_timeout_seconds", "int", "Longest wait for one forwarding attempt (Orthanc's C-STORE job) before it counts as failed.", minimum=5, maximum=7200),
     "SimilarCasesAet": Key("similar_cases_aet", "aet", "Called AE title that turns a C-FIND into a similar-case query."),
-    "AllowedSimilarCasesAets": Key("allowed_similar_cases_aets", "aet-list", "Calling AE titles allowed to receive similar-case answers (empty: nobody)."),
+    "AllowedSimilarCasesAets": Key("allowed_similar_cases_aets", "aet-list", "Calling AE titles allowed to receive similar-case answers over C-FIND (empty: nobody). Orthanc also checks the AE's host (DicomCheckModalityHost)."),
+    "AllowedSimilarCasesUsers": Key("allowed_similar_cases_users", "name-list", "Authenticated HTTP users allowed to receive similar-case answers over REST (empty: nobody; anonymous callers never)."),
     "SimilarCasesTopK": Key("similar_cases_top_k", "int", "Results in the similar-cases report written after each study.", minimum=1, maximum=100),
-    "PseudonymizeSimilarCases": Key("pseudonymize_similar_cases", "bool", "Return pseudonyms instead of other patients' names and IDs."),
+    "PseudonymizeSimilarCases": Key("pseudonymize_similar_cases", "bool", "Answer similar-case queries with keyed pseudonyms instead of other patients' names, IDs, accession numbers and UIDs."),
+    "SimilarCasesReport": Key("similar_cases_report", "choice", "The similar-cases SR written into each processed study: pseudonymized (other patients only as keyed case pseudonyms), identified (their IDs and UIDs; only where every reader of the study may see them) or off.", choices=("pseudonymized", "identified", "off")),
+    "ForwardSimilarCasesReport": Key("forward_similar_cases_report", "bool", "Also send the automatic similar-cases SR to ForwardTo (the SEG and the measurement SR are always sent)."),
+    "PseudonymSecretPath": Key("pseudonym_secret_path", "path", "Per-node secret of the keyed pseudonyms (HMAC-SHA256); created 0600 by `make install` or at the first start. Keep it: new secret, new pseudonyms."),
     "SegmentationType": Key("segmentation_type", "choice", "DICOM SEG type: BINARY or FRACTIONAL (probabilities).", choices=("BINARY", "FRACTIONAL")),
     "Threshold": Key("threshold", "float", "Probability above which a pixel is abscess.", minimum=0.0, maximum=1.0),
     "ChunkSlices": Key("chunk_slices", "int", "Slices held in memory at once while segmenting (bounds memory on long series).", minimum=1, maximum=4096),
     "InferenceBatchSize": Key("inference_batch_size", "int", "Slices per network forward pass.", minimum=1, maximum=256),
-    "JobTimeoutSeconds": Key("job_timeout_seconds", "int", "A running job older than this is considered dead and re-queued.", minimum=60),
+    "JobTimeoutSeconds": Key("job_timeout_seconds", "int", "Longest attempt at one job: a worker over it is killed and the attempt fails (counted against MaxAttempts).", minimum=10),
+    "StageTimeoutSeconds": Key("stage_timeout_seconds", "int", "Longest time in one pipeline stage (download, segment, store ...): a worker over it is killed and the attempt fails.", minimum=10),
+    "LeaseSeconds": Key("lease_seconds", "int", "A claimed job whose worker has not renewed its lease for this long goes back to the queue (a killed or hung worker).", minimum=5, maximum=3600),
+    "HeartbeatSeconds": Key("heartbeat_seconds", "int", "How often a worker renews the lease of its job (well below LeaseSeconds).", minimum=1, maximum=600),
+    "MaxAttempts": Key("max_attempts", "int", "Attempts at one job (crashes, lapsed leases, transient errors) before it ends failed with every attempt's error; a re-run is then explicit.", minimum=1, maximum=20),
+    "IndexLockTimeoutSeconds": Key("index_lock_timeout_seconds", "int", "Longest wait for the case index's write lock before the step fails with a clear error.", minimum=1, maximum=3600),
+    "Notifications": Key("notifications", "webhooks", "Webhooks: a list of {\"Url\": \"https://...\", \"On\": [\"failed\", \"done\"]}; the workers POST a JSON payload (job id, state, UIDs, error; never a patient name or ID) when a job ends in a listed state (done, failed, skipped, cancelled)."),
+    "NotificationRetries": Key("notification_retries", "int", "Attempts per webhook call before it is given up (logged and counted in the metrics).", minimum=1, maximum=20),
+    "NotificationTimeoutSeconds": Key("notification_timeout_seconds", "int", "Longest wait for a webhook receiver to answer one call.", minimum=1, maximum=300),
+    "NotificationBackoffSeconds": Key("notification_backoff_seconds", "int", "Wait before the second attempt of a failed webhook call (doubled after each failure).", minimum=1, maximum=3600),
 }
 
 @dataclasses.dataclass(frozen=True)

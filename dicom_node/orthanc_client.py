@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,10 @@ class OrthancClient:
             paths.append(path)
         return paths
 
+    def instance_bytes(self, orthanc_instance_id: str) -> bytes:
+        """The DICOM file of one instance, in memory (a single slice or a SEG; series go to disk)."""
+        return self._request("GET", f"/instances/{orthanc_instance_id}/file").content
+
     def store(self, dicom_bytes: bytes) -> dict[str, Any]:
         """POST a DICOM instance; returns Orthanc's answer (ID, ParentStudy, ...)."""
         return self._request("POST", "/instances", data=dicom_bytes,
@@ -94,30 +99,37 @@ class OrthancClient:
         """Delete an instance; False if it was already gone."""
         return self._found("DELETE", f"/instances/{orthanc_instance_id}")
 
+    def study_exists(self, orthanc_study_id: str) -> bool:
+        """Whether Orthanc still holds the study."""
+        return self._found("GET", f"/studies/{orthanc_study_id}")
+
     def instance_exists(self, orthanc_instance_id: str) -> bool:
         """Whether Orthanc still holds the instance."""
         return self._found("GET", f"/instances/{orthanc_instance_id}")
 
-    def send_to_modality(self, modality: str, resources: list[str], retries: int = 3,
-                         poll_seconds: float = 0.5, backoff_seconds: float = 2.0) -> dict[str, Any]:
-        """C-STORE resources to a configured modality through an Orthanc job, with retries.
+    def send_to_modality(self, modality: str, resources: list[str], timeout_seconds: float = 300.0,
+                         poll_seconds: float = 0.5) -> dict[str, Any]:
+        """One C-STORE of ``resources`` to a configured modality through an Orthanc job (no retry here:
+        the node's forward queue retries with back-off).
 
         Returns:
-            ``{"modality", "job", "attempts", "state"}``; state is ``Success`` or ``Failure``.
+            ``{"modality", "job", "state", "error"}``; state is ``Success``, ``Failure`` or ``Timeout``
+            (the Orthanc job is cancelled when it outlives ``timeout_seconds``).
         """
-        last: dict[str, Any] = {}
-        for attempt in range(1, retries + 1):
-            job = self.post_json(f"/modalities/{modality}/store",
-                                 {"Resources": resources, "Asynchronous": True, "Synchronous": False})
-            job_id = job["ID"]
-            while True:
-                status = self.get_json(f"/jobs/{job_id}")
-                if status["State"] in ("Success", "Failure"):
-                    break
-                time.sleep(poll_seconds)
-            last = {"modality": modality, "job": job_id, "attempts": attempt, "state": status["State"],
-                    "error": status.get("ErrorDescription", "") if status["State"] == "Failure" else ""}
-            if status["State"] == "Success":
-                return last
-            time.sleep(backoff_seconds * attempt)
-        return last
+        job = self.post_json(f"/modalities/{modality}/store",
+                             {"Resources": resources, "Asynchronous": True, "Synchronous": False})
+        job_id = job["ID"]
+        deadline = time.monotonic() + timeout_seconds
+        while True:
+            status = self.get_json(f"/jobs/{job_id}")
+            if status["State"] in ("Success", "Failure"):
+                error = status.get("ErrorDescription", "") if status["State"] == "Failure" else ""
+                if status["State"] == "Failure" and status.get("ErrorDetails"):
+                    error = f"{error}: {status['ErrorDetails']}"[:300]
+                return {"modality": modality, "job": job_id, "state": status["State"], "error": error}
+            if time.monotonic() > deadline:
+                with contextlib.suppress(OrthancError):
+                    self.post_json(f"/jobs/{job_id}/cancel", {})
+                return {"modality": modality, "job": job_id, "state": "Timeout",
+                        "error": f"no answer within ForwardTimeoutSeconds={timeout_seconds:.0f}"}
+            time.sleep(poll_seconds)

@@ -128,12 +128,14 @@ REQUIRED_TAGS = {
 CONSISTENT_TAGS = ("SeriesInstanceUID", "Rows", "Columns", "FrameOfReferenceUID")
 
 
-def read_geometry(paths: Sequence[Path | str], max_slices: int | None = None) -> SeriesGeometry:
-    """Read and check the headers of one series.
+def read_geometry(paths: Sequence[Path | str], max_slices: int | None = None,
+                  max_pixels_per_slice: int | None = None) -> SeriesGeometry:
+    """Read and check the headers of one series (no pixel data is decoded here).
 
     Raises:
-        InputError: unreadable file, missing geometry tags, mixed series, a single slice,
-            or more slices than ``max_slices``.
+        InputError: unreadable file, missing geometry tags, mixed series, a single slice, more
+            slices than ``max_slices``, images larger than ``max_pixels_per_slice``, multi-frame
+            or multi-sample images (checked from the headers, before any pixel is decoded).
     """
     if max_slices is not None and len(paths) > max_slices:
         raise InputError(
@@ -150,6 +152,7 @@ def read_geometry(paths: Sequence[Path | str], max_slices: int | None = None) ->
         if missing:
             raise InputError(f"instance {ds.get('SOPInstanceUID', '?')} of series {ds.get('SeriesInstanceUID', '?')} "
                              f"lacks {', '.join(missing)}; the volume geometry cannot be built")
+        _check_image_size(ds, max_pixels_per_slice)
         headers.append(ds)
     if not headers:
         raise InputError("series has no instances")
@@ -199,6 +202,26 @@ def read_geometry(paths: Sequence[Path | str], max_slices: int | None = None) ->
     dy, dx = (float(v) for v in headers[kept[0]].PixelSpacing)
     return SeriesGeometry(series_uid=series_uid, paths=[Path(paths[i]) for i in kept], headers=[headers[i] for i in kept],
                           positions=positions, spacing_mm=(dz, dy, dx), warnings=warnings)
+
+
+def _check_image_size(ds: pydicom.Dataset, max_pixels_per_slice: int | None) -> None:
+    """Refuse, from the header alone, what would make decoding allocate more than one bounded slice."""
+    where = f"instance {ds.get('SOPInstanceUID', '?')} of series {ds.get('SeriesInstanceUID', '?')}"
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (TypeError, ValueError):
+        raise InputError(f"{where} has a malformed Rows, Columns, NumberOfFrames or SamplesPerPixel") from None
+    if rows < 1 or columns < 1:
+        raise InputError(f"{where} declares an empty image ({rows} x {columns})")
+    if max_pixels_per_slice is not None and rows * columns > max_pixels_per_slice:
+        raise InputError(f"{where} declares {rows} x {columns} pixels, more than "
+                         f"SeriesRules.MaxPixelsPerSlice={max_pixels_per_slice}; not decoded (raise the limit if "
+                         "this is a genuine CT)")
+    if frames != 1 or samples != 1:
+        raise InputError(f"{where} has {frames} frame(s) of {samples} sample(s) per pixel: CT slices are "
+                         "single-frame greyscale images; not decoded")
 
 
 def read_hu(geometry: SeriesGeometry, start: int = 0, stop: int | None = None) -> np.ndarray:

@@ -193,7 +193,17 @@ def late_interaction(
         (RS, best_slices) with best_slices as (query_slice_index, slice_index, similarity),
         best first.
     """
-    sim = similarity_matrix(query_matrix, candidate_matrix)
+    return late_interaction_of(similarity_matrix(query_matrix, candidate_matrix), query_slice_indices,
+                               candidate_slice_indices, localization_l)
+
+
+def late_interaction_of(
+    sim: np.ndarray,
+    query_slice_indices: Sequence[int],
+    candidate_slice_indices: Sequence[int],
+    localization_l: int = LOCALIZATION_L,
+) -> tuple[float, list[tuple[int, int, float]]]:
+    """:func:`late_interaction` from an already computed similarity matrix SIM [n, m]."""
     rank_score = float(sim.max(axis=1).sum())
     column_best_query = sim.argmax(axis=0)
     m_sim = sim[column_best_query, np.arange(sim.shape[1])]
@@ -207,18 +217,20 @@ def late_interaction(
     return rank_score, best
 
 
-def normalize_rows(vectors: np.ndarray) -> np.ndarray:
+def normalize_rows(vectors: np.ndarray, in_place: bool = False) -> np.ndarray:
     """L2-normalise the rows of a float matrix (rows of zeros stay zero).
 
     Args:
         vectors: [n, D] array.
+        in_place: Overwrite ``vectors`` (a float32 array the caller owns) instead of copying it.
 
     Returns:
         float32 [n, D] with unit-norm rows.
     """
     vectors = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))[:, None]
+    out = vectors if in_place else np.zeros_like(vectors)
+    return np.divide(vectors, norms, out=out, where=norms > 0)
 
 
 _OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
@@ -368,7 +380,7 @@ def rank_studies(
     positions: np.ndarray,
     slice_hits: Sequence[Sequence[SliceHit]],
     lesions: Mapping[str, Sequence[Lesion]],
-    candidate_embeddings: Callable[[str], tuple[np.ndarray, np.ndarray]],
+    candidate_embeddings: Callable[[Sequence[str]], Mapping[str, tuple[np.ndarray, np.ndarray]]],
     *,
     space: str,
     k: int,
@@ -387,8 +399,9 @@ def rank_studies(
         positions: Slice index of each query row [n].
         slice_hits: Per query row, its database hits (eq. 1), best first.
         lesions: Lesions of every candidate study (missing: none).
-        candidate_embeddings: ``study_uid -> (slice indices [m], embeddings [m, D])`` of a
-            candidate, in the searched space (read only when re-ranking).
+        candidate_embeddings: ``study_uids -> {study_uid: (slice indices [m], embeddings [m, D])}``
+            of the candidates to re-rank, in the searched space (called once, only when
+            re-ranking; a study left out of the answer, e.g. deleted meanwhile, is dropped).
         space: ``"slice"`` or ``"roi"`` (written into each hit's mode).
         k: Neighbours that were retrieved per query slice (normalises the count score).
         top: Number of studies returned.
@@ -408,8 +421,19 @@ def rank_studies(
         table = [row for row in table if study_passes(lesions.get(row.study_uid, []), filters)]
     mode = f"{space}:{'late_interaction' if rerank else 'count'}"
     mode += "+descriptors" if query_descriptors is not None else ""
+    rows = table[: max_candidates if rerank else None]
+    similarities: dict[str, np.ndarray] = {}
+    if rerank and rows:
+        embeddings = candidate_embeddings([row.study_uid for row in rows])
+        rows = [row for row in rows if row.study_uid in embeddings]
+        if rows:  # one matrix product for all candidates, then split by candidate
+            matrices = [embeddings[row.study_uid][1] for row in rows]
+            candidates = np.concatenate(matrices).astype(np.float32, copy=False)
+            split = np.split(normalize_rows(queries) @ normalize_rows(candidates, in_place=True).T,  # eq. 3-4
+                             np.cumsum([len(matrix) for matrix in matrices])[:-1], axis=1)
+            similarities = {row.study_uid: sim for row, sim in zip(rows, split)}
     results = []
-    for row in table[: max_candidates if rerank else None]:
+    for row in rows:
         hit = StudyHit(
             study_uid=row.study_uid,
             rank=0,
@@ -421,9 +445,8 @@ def rank_studies(
             lesions=list(lesions.get(row.study_uid, [])),
         )
         if rerank:
-            candidate_positions, candidate_matrix = candidate_embeddings(row.study_uid)
-            hit.late_interaction_score, hit.best_slices = late_interaction(
-                queries, candidate_matrix, positions, candidate_positions, localization_l
+            hit.late_interaction_score, hit.best_slices = late_interaction_of(
+                similarities[row.study_uid], positions, embeddings[row.study_uid][0], localization_l
             )
             hit.image_score = min(max(hit.late_interaction_score / len(queries), 0.0), 1.0)
         hit.score = hit.image_score

@@ -7,17 +7,23 @@ ranking already live in :mod:`index.vectors` and :mod:`index.retrieval`.)
 Layout of an index directory::
 
     index.sqlite    studies, slices, rois, lesions, meta (sqlite3, WAL mode)
-    slices.faiss    IndexIDMap2(IndexHNSWFlat, inner product) over the slice embeddings
+    slices.faiss    IndexIDMap2(HNSW graph, inner product) over the slice embeddings
     rois.faiss      the same over the ROI embeddings (slices with a predicted mask only)
 
 **SQLite is the source of truth.** Every slice and ROI row keeps its float32 embedding, so
 both FAISS files can always be rebuilt. A vector's id is its row id (AUTOINCREMENT: never
-reused). Re-indexing a study marks its old rows dead (``live = 0``) in the same transaction
-that inserts the new ones: HNSW cannot delete, so dead vectors stay in the graph as
-tombstones and every search excludes them (a FAISS ``IDSelector`` on the HNSW search, so the
-graph walk continues past them instead of returning fewer results). When tombstones exceed
-``compact_fraction`` of a FAISS index, it is rebuilt from the live embeddings (compaction) and
-the dead rows are deleted.
+reused, so ids grow with commit order). Re-indexing a study marks its old rows dead
+(``live = 0``, ``retired`` = the generation that killed them) in the same transaction that
+inserts the new ones: HNSW cannot delete, so dead vectors stay in the graph as tombstones and
+every search excludes them (a FAISS ``IDSelector`` on the HNSW search, so the graph walk
+continues past them instead of returning fewer results). When tombstones exceed
+``compact_fraction`` of a FAISS index, it is rebuilt from the live embeddings (compaction),
+the dead rows are deleted and ``meta.compacted`` records the generation.
+
+**Vector encodings.** ``flat`` graphs keep float32 vectors; ``sq8`` graphs keep them 8-bit
+scalar-quantised (a quarter of the memory, see ``bench/index.py`` for the recall). The encoding
+is recorded in ``meta.vector_encoding``; a writer opened with another encoding converts the
+index (rebuild) and readers follow.
 
 **Crash safety.** A study is committed to SQLite first, then added to the in-memory indexes,
 then the FAISS files are written atomically (temp file, fsync, ``os.replace``, fsync of the
@@ -27,11 +33,18 @@ an unreadable file, a count mismatch (ntotal vs id map) or ids the database does
 (a stale file) make it rebuild the index from the stored embeddings. A ``kill -9`` at any
 point therefore leaves an index that opens, passes the check and answers queries.
 
-The FAISS side (files, consistency check, repair, GPU build) is :mod:`index.vectors`; the
-ranking algorithms are :mod:`index.retrieval`.
+**Writers and readers.** Use one writer at a time (the node serialises its workers with a
+file lock). Any number of processes may read: each notices commits by the ``generation``
+counter in ``meta`` and catches up *incrementally* before it searches (rows above the largest
+id it has seen, tombstones retired after the generation it has seen; no full check). A
+``read_only`` index (the query service's) never writes and never waits for a writer: SQLite
+in WAL mode lets it read while a writer commits, it takes no file lock, it keeps new vectors
+in a small exact-search tier instead of changing a graph that searches are walking, and it
+swaps in a freshly loaded graph in a background thread when that tier grows or a writer
+compacted. Its searches run outside its lock.
 
-Several processes may open one directory: a reader notices writes by the ``generation``
-counter in ``meta`` and catches up from SQLite before it searches. Use one writer at a time.
+The FAISS side (files, consistency check, repair, GPU build, snapshots) is
+:mod:`index.vectors`; the ranking algorithms are :mod:`index.retrieval`.
 """
 
 from __future__ import annotations
@@ -63,13 +76,14 @@ from index.retrieval import (
     parse_filters,
     rank_studies,
 )
-from index.vectors import SPACES, ConsistencyReport, VectorSpace, remove_orphaned_temporaries
+from index.vectors import ENCODINGS, SPACES, ConsistencyReport, VectorSpace, remove_orphaned_temporaries
 
 __all__ = [
     "CaseIndex",
     "CaseIndexError",
     "ConsistencyReport",
     "DimensionMismatch",
+    "ReadOnlyIndex",
     "SliceRecord",
     "StudyNotIndexed",
     "StudyRecord",
@@ -78,8 +92,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DB_FILE = "index.sqlite"
+REFRESH_VECTORS = 5_000
+"""A read-only index reloads its graphs in the background once this many vectors wait in its
+exact-search tier (each query scans that tier: 5,000 x 768 floats per query slice is ~4 M MACs)."""
 _ADD_BATCH = 65_536
-_SCHEMA = """
+MMAP_BYTES = 1 << 31
+"""SQLite maps this much of the database into memory (its compile-time ceiling is 2 GiB)."""
+_TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS studies (
     study_uid TEXT PRIMARY KEY,
@@ -91,12 +110,13 @@ CREATE TABLE IF NOT EXISTS studies (
 CREATE TABLE IF NOT EXISTS slices (
     vector_id INTEGER PRIMARY KEY AUTOINCREMENT,
     study_uid TEXT NOT NULL, slice_index INTEGER NOT NULL, sop_instance_uid TEXT,
-    z_position_mm REAL, live INTEGER NOT NULL, embedding BLOB
+    z_position_mm REAL, live INTEGER NOT NULL, embedding BLOB, retired INTEGER
 );
 CREATE INDEX IF NOT EXISTS slices_study ON slices (study_uid, live);
 CREATE TABLE IF NOT EXISTS rois (
     vector_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    study_uid TEXT NOT NULL, slice_index INTEGER NOT NULL, live INTEGER NOT NULL, embedding BLOB
+    study_uid TEXT NOT NULL, slice_index INTEGER NOT NULL, live INTEGER NOT NULL, embedding BLOB,
+    retired INTEGER
 );
 CREATE INDEX IF NOT EXISTS rois_study ON rois (study_uid, live);
 CREATE TABLE IF NOT EXISTS lesions (
@@ -106,6 +126,10 @@ CREATE TABLE IF NOT EXISTS lesions (
     descriptors TEXT NOT NULL,
     PRIMARY KEY (study_uid, label)
 );
+"""
+_RETIRED_INDEXES = """
+CREATE INDEX IF NOT EXISTS slices_retired ON slices (retired) WHERE retired IS NOT NULL;
+CREATE INDEX IF NOT EXISTS rois_retired ON rois (retired) WHERE retired IS NOT NULL;
 """
 _LESION_COLUMNS = (
     "volume_ml",
@@ -136,11 +160,16 @@ class DimensionMismatch(CaseIndexError, ValueError):
     """Embeddings have a different dimension than the index holds."""
 
 
+class ReadOnlyIndex(CaseIndexError, PermissionError):
+    """A write was asked of an index opened with ``read_only=True``."""
+
+
 class CaseIndex:
     """FAISS HNSW + SQLite case index of slice and ROI embeddings and lesion descriptors.
 
-    Open with :meth:`open`; write with :meth:`replace_study`; query with :meth:`search_slices`,
-    :meth:`search_studies` and :meth:`similar_studies`. Thread-safe within a process.
+    Open with :meth:`open`; write with :meth:`replace_study` (many at once inside
+    :meth:`batch`); query with :meth:`search_slices`, :meth:`search_studies` and
+    :meth:`similar_studies`. Thread-safe within a process.
     """
 
     @classmethod
@@ -148,7 +177,7 @@ class CaseIndex:
         """Open (or create) the index in ``directory`` and check/repair it against SQLite.
 
         ``options`` are the constructor's keyword arguments (dim, hnsw_m, ef_construction,
-        ef_search, compact_fraction).
+        ef_search, compact_fraction, vector_encoding, read_only, refresh_vectors).
         """
         return cls(directory, **options)
 
@@ -160,6 +189,9 @@ class CaseIndex:
         ef_construction: int = 200,
         ef_search: int = 128,
         compact_fraction: float = 0.25,
+        vector_encoding: str | None = None,
+        read_only: bool = False,
+        refresh_vectors: int = REFRESH_VECTORS,
     ) -> None:
         """Open (or create) the index in ``directory`` and check/repair it against SQLite.
 
@@ -170,41 +202,91 @@ class CaseIndex:
             ef_construction: HNSW efConstruction for new builds.
             ef_search: HNSW efSearch at query time (raised to k when k is larger).
             compact_fraction: Compact an index when its tombstones exceed this fraction.
+            vector_encoding: ``flat`` or ``sq8`` (see :data:`index.vectors.ENCODINGS`); None keeps
+                the index's own (``flat`` for a new one). A writer given another encoding than
+                the stored one converts the index.
+            read_only: Never write (no rows, no FAISS files; a damaged file is repaired in
+                memory only), never take a lock a writer holds, search outside the lock and keep
+                up with writers incrementally (the query service's mode).
+            refresh_vectors: Read-only: reload the graphs in the background once this many
+                vectors wait in the exact-search tier.
 
         Raises:
             DimensionMismatch: If ``dim`` differs from the stored dimension.
+            ValueError: If an option is out of range.
         """
         if not 0.0 < compact_fraction <= 1.0:
             raise ValueError(f"compact_fraction must be in (0, 1], got {compact_fraction}")
+        if vector_encoding is not None and vector_encoding not in ENCODINGS:
+            raise ValueError(f"vector_encoding must be one of {', '.join(ENCODINGS)}, not {vector_encoding!r}")
+        if refresh_vectors < 1:
+            raise ValueError(f"refresh_vectors must be >= 1, got {refresh_vectors}")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.hnsw_m, self.ef_construction, self.ef_search = hnsw_m, ef_construction, ef_search
         self.compact_fraction = compact_fraction
+        self.read_only = read_only
+        self.refresh_vectors = refresh_vectors
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.directory / DB_FILE, check_same_thread=False, timeout=60,
-                                   isolation_level=None)
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = FULL")
-        self._db.executescript(_SCHEMA)
-        if "side" not in {row[1] for row in self._db.execute("PRAGMA table_info(lesions)")}:
-            self._db.execute("ALTER TABLE lesions ADD COLUMN side TEXT")  # indexes written before sides existed
-        remove_orphaned_temporaries(self.directory)
-        self._spaces = {name: VectorSpace(self.directory, name, self) for name in SPACES}
-        stored_dim = self._meta("dim")
+        self._refresh_thread: threading.Thread | None = None
+        self._batch_depth = 0
+        self._db = self._connect()
+        if not read_only:
+            remove_orphaned_temporaries(self.directory)
+        stored_dim, stored_encoding = self._meta("dim"), self._meta("vector_encoding")
         if stored_dim is not None and dim is not None and int(stored_dim) != dim:
             raise DimensionMismatch(f"index in {self.directory} holds {stored_dim}-d embeddings, not {dim}-d")
         self.dim = int(stored_dim) if stored_dim is not None else dim
+        stored_encoding = stored_encoding or "flat"  # indexes written before encodings were recorded
+        self.vector_encoding = stored_encoding if read_only or vector_encoding is None else vector_encoding
+        converting = self.vector_encoding != stored_encoding and stored_dim is not None
+        self._spaces = {name: VectorSpace(self.directory, name, self, self.vector_encoding) for name in SPACES}
         self.last_check: list[ConsistencyReport] = []
         with self._lock:
-            self._generation = self._meta("generation")
-            if self.dim is not None:
-                self._set_meta("dim", str(self.dim))
-                for space in self._spaces.values():
-                    space.load(self.dim)
-                self.last_check = [space.sync(self.dim, save=True) for space in self._spaces.values()]
+            if not read_only:
+                with self._transaction():
+                    self._set_meta("vector_encoding", self.vector_encoding)
+                    if self.dim is not None:
+                        self._set_meta("dim", str(self.dim))
+            with self._read_snapshot():  # the check sees one consistent state of the rows
+                self._generation = self._meta("generation")
+                if self.dim is not None:
+                    for space in self._spaces.values():
+                        space.load(self.dim)
+                    self.last_check = [space.sync(self.dim, save=not read_only) for space in self._spaces.values()]
+            if converting:
+                log.info("case index %s converted to %s vectors", self.directory, self.vector_encoding)
+                with self._transaction():
+                    self._generation = self._next_generation()
+                    self._set_meta("compacted", self._generation)  # readers reload the new graphs
+
+    def _connect(self) -> sqlite3.Connection:
+        """The connection, with the schema created or migrated when needed (a reader writes nothing otherwise)."""
+        db = sqlite3.connect(self.directory / DB_FILE, check_same_thread=False, timeout=60, isolation_level=None)
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        columns = {row[1] for row in db.execute("PRAGMA table_info(slices)")}
+        lesion_columns = {row[1] for row in db.execute("PRAGMA table_info(lesions)")}
+        current = ({"meta", "studies", "slices", "rois", "lesions"} <= tables and "retired" in columns
+                   and "side" in lesion_columns)
+        if not current or db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            db.execute("PRAGMA journal_mode = WAL")
+            db.executescript(_TABLES)
+            for table in ("slices", "rois"):  # indexes written before tombstones carried their generation
+                if "retired" not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN retired INTEGER")
+            if "side" not in {row[1] for row in db.execute("PRAGMA table_info(lesions)")}:
+                db.execute("ALTER TABLE lesions ADD COLUMN side TEXT")  # indexes written before lesions had a side
+            db.executescript(_RETIRED_INDEXES)
+        if not self.read_only:
+            db.execute("PRAGMA synchronous = FULL")
+        db.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")  # re-rank reads of embeddings without a read() per page
+        return db
 
     def close(self) -> None:
         """Close the SQLite connection (the FAISS files are already on disk)."""
+        refresh = self._refresh_thread
+        if refresh is not None:
+            refresh.join()
         self._db.close()
 
     def __enter__(self) -> Self:
@@ -214,6 +296,24 @@ class CaseIndex:
         self.close()
 
     # -- writing ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[Self]:
+        """Write many studies at once: each is committed to SQLite as usual, the FAISS files
+        are written (and tombstones compacted) once, when the block ends.
+
+        A crash inside the block loses nothing: the check at the next open adds the committed
+        vectors that the files lack.
+        """
+        with self._lock:
+            self._batch_depth += 1
+            try:
+                yield self
+            finally:
+                self._batch_depth -= 1
+                if self._batch_depth == 0 and self.dim is not None:
+                    self._save_indexes()
+                    self._compact_if_needed()
+
     def replace_study(
         self,
         study: StudyRecord,
@@ -237,25 +337,23 @@ class CaseIndex:
         Raises:
             ValueError: If the shapes disagree or embeddings are not finite / are zero.
             DimensionMismatch: If D differs from the index's dimension.
+            ReadOnlyIndex: If the index was opened read-only.
         """
+        self._check_writable()
         slice_vectors, roi_vectors, roi_rows = self._validate(study, slices, slice_embeddings, roi_embeddings)
         lesions = list(lesions)
         if not all(isinstance(lesion, Lesion) for lesion in lesions):
             raise TypeError("lesions must be index.lesions.Lesion objects")
         with self._lock:
-            self._sync_if_stale()
-            if self.dim is None:
-                self.dim = slice_vectors.shape[1]
-                self._set_meta("dim", str(self.dim))
-                for space in self._spaces.values():
-                    space.sync(self.dim, save=False)
-            with self._transaction():
-                old_ids = {name: self._live_ids(space.table, study.study_uid) for name, space in self._spaces.items()}
-                for space in self._spaces.values():
-                    self._db.execute(
-                        f"UPDATE {space.table} SET live = 0, embedding = NULL WHERE study_uid = ? AND live = 1",
-                        [study.study_uid],
-                    )
+            with self._transaction():  # writers are serialised from here: catching up inside sees every commit
+                self._sync_if_stale()
+                if self.dim is None:
+                    self.dim = slice_vectors.shape[1]
+                    self._set_meta("dim", str(self.dim))
+                    for space in self._spaces.values():
+                        space.sync(self.dim, save=False)
+                generation = self._next_generation()
+                old_ids = self._retire(study.study_uid, generation)
                 self._db.execute("DELETE FROM lesions WHERE study_uid = ?", [study.study_uid])
                 row = self._study_row(study, len(slices), len(roi_rows))
                 self._db.execute(
@@ -288,40 +386,46 @@ class CaseIndex:
                     ],
                 )
                 new_ids = {name: self._live_ids(space.table, study.study_uid) for name, space in self._spaces.items()}
-                self._generation = self._bump_generation()
+            self._generation = generation
             # Committed: SQLite is now the truth. Mirror it into FAISS and persist.
             for name, vectors in (("slice", slice_vectors), ("roi", roi_vectors)):
                 space = self._spaces[name]
                 if new_ids[name].size:
-                    space.index.add_with_ids(vectors, new_ids[name])
-                space.dead_ids = np.union1d(space.dead_ids, old_ids[name])
-            self._save_indexes()
-            self._compact_if_needed()
+                    space.add(new_ids[name], vectors)
+                space.retire(old_ids[name])
+            if not self._batch_depth:
+                self._save_indexes()
+                self._compact_if_needed()
 
     def delete_study(self, study_uid: str) -> None:
         """Remove a study from the index (its vectors become tombstones).
 
         Raises:
             StudyNotIndexed: If the study is not indexed.
+            ReadOnlyIndex: If the index was opened read-only.
         """
+        self._check_writable()
         with self._lock:
-            self._sync_if_stale()
             with self._transaction():
+                self._sync_if_stale()
                 if self._db.execute("DELETE FROM studies WHERE study_uid = ?", [study_uid]).rowcount == 0:
                     raise StudyNotIndexed(study_uid)
-                old_ids = {name: self._live_ids(space.table, study_uid) for name, space in self._spaces.items()}
-                for space in self._spaces.values():
-                    self._db.execute(
-                        f"UPDATE {space.table} SET live = 0, embedding = NULL WHERE study_uid = ?", [study_uid]
-                    )
+                generation = self._next_generation()
+                old_ids = self._retire(study_uid, generation)
                 self._db.execute("DELETE FROM lesions WHERE study_uid = ?", [study_uid])
-                self._generation = self._bump_generation()
+            self._generation = generation
             for name, space in self._spaces.items():
-                space.dead_ids = np.union1d(space.dead_ids, old_ids[name])
-            self._compact_if_needed()
+                space.retire(old_ids[name])
+            if not self._batch_depth:
+                self._compact_if_needed()
 
     def compact(self) -> None:
-        """Rebuild both FAISS indexes from the live embeddings and delete the dead rows."""
+        """Rebuild both FAISS indexes from the live embeddings and delete the dead rows.
+
+        Raises:
+            ReadOnlyIndex: If the index was opened read-only.
+        """
+        self._check_writable()
         with self._lock:
             if self.dim is None:
                 return
@@ -331,7 +435,8 @@ class CaseIndex:
             with self._transaction():
                 for space in self._spaces.values():
                     self._db.execute(f"DELETE FROM {space.table} WHERE live = 0")
-                self._generation = self._bump_generation()  # readers reload the compacted files
+                self._generation = self._next_generation()
+                self._set_meta("compacted", self._generation)  # readers reload the compacted files
 
     def check_consistency(self) -> list[ConsistencyReport]:
         """Compare each FAISS index with its SQLite rows (no repair).
@@ -340,7 +445,9 @@ class CaseIndex:
             One report per vector space ("slice", "roi").
         """
         with self._lock:
-            return [space.check() for space in self._spaces.values()]
+            self._sync_if_stale()
+            with self._read_snapshot():
+                return [space.check() for space in self._spaces.values()]
 
     # -- reading ----------------------------------------------------------------------------
     def get_study(self, study_uid: str) -> StudyRecord:
@@ -355,6 +462,18 @@ class CaseIndex:
             raise StudyNotIndexed(study_uid)
         return rows[study_uid]
 
+    def study_uids_with(self, orthanc_study_id: str) -> list[str]:
+        """StudyInstanceUIDs indexed under an Orthanc study id (what to erase when Orthanc deletes it)."""
+        with self._lock:
+            rows = self._db.execute("SELECT study_uid FROM studies WHERE orthanc_study_id = ?", [orthanc_study_id])
+            return [row[0] for row in rows]
+
+    def orthanc_study_ids(self) -> dict[str, str]:
+        """StudyInstanceUID -> Orthanc study id of every indexed study that has one."""
+        with self._lock:
+            rows = self._db.execute("SELECT study_uid, orthanc_study_id FROM studies WHERE orthanc_study_id != ''")
+            return {row[0]: row[1] for row in rows}
+
     def study_uids(self) -> list[str]:
         """StudyInstanceUIDs of all indexed studies, sorted."""
         with self._lock:
@@ -367,9 +486,10 @@ class CaseIndex:
 
     def slice_instance_uids(self, study_uid: str) -> dict[int, str]:
         """slice index -> SOPInstanceUID of the live slices of a study (for localised results)."""
-        rows = self._db.execute(
-            "SELECT slice_index, sop_instance_uid FROM slices WHERE study_uid = ? AND live = 1", [study_uid]
-        ).fetchall()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT slice_index, sop_instance_uid FROM slices WHERE study_uid = ? AND live = 1", [study_uid]
+            ).fetchall()
         return {int(index): uid for index, uid in rows if uid}
 
     def study_embeddings(self, study_uid: str, space: str = "slice") -> tuple[np.ndarray, np.ndarray]:
@@ -395,17 +515,60 @@ class CaseIndex:
                 raise StudyNotIndexed(study_uid)
         return self._unpack(rows)
 
+    def embeddings_of_studies(self, study_uids: Sequence[str], space: str = "slice") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The embeddings of several studies in one go (studies without rows are left out).
+
+        The vectors come from memory where the index holds them exactly (its recent tier, a flat
+        graph) and from the database otherwise.
+
+        Returns:
+            study_uid -> (slice_indices int [m], embeddings float32 [m, D]) ordered by slice index.
+        """
+        vector_space = self._space(space)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT study_uid, slice_index, vector_id FROM {vector_space.table} "
+                "WHERE study_uid IN (SELECT value FROM json_each(?)) AND live = 1 ORDER BY study_uid, slice_index",
+                [json.dumps(list(study_uids))],
+            ).fetchall()
+            snapshot = vector_space.snapshot()
+        if not rows:
+            return {}
+        ids = np.fromiter((row[2] for row in rows), dtype=np.int64, count=len(rows))
+        with self._search_guard():
+            found, vectors = snapshot.stored_vectors(ids, self.dim)
+        if not found.all():
+            with self._lock:
+                for stored_ids, stored in self.embeddings_by_id(vector_space.table, ids[~found]):
+                    vectors[np.searchsorted(ids, stored_ids, sorter=np.argsort(ids))] = stored
+        studies = np.asarray([row[0] for row in rows])
+        slice_indices = np.fromiter((row[1] for row in rows), dtype=np.int64, count=len(rows))
+        starts = np.flatnonzero(np.r_[True, studies[1:] != studies[:-1]])
+        ends = np.r_[starts[1:], len(rows)]
+        return {str(studies[start]): (slice_indices[start:end], vectors[start:end]) for start, end in zip(starts, ends)}
+
     def vector_count(self, space: str = "slice", *, live_only: bool = True) -> int:
-        """Number of vectors in a space: live rows, or everything in the FAISS index."""
+        """Number of vectors in a space: live rows, or everything searchable (graph, tombstones, recent tier)."""
         with self._lock:
             vector_space = self._space(space)
             if live_only:
                 return int(self._db.execute(f"SELECT count(*) FROM {vector_space.table} WHERE live = 1").fetchone()[0])
-            return 0 if vector_space.index is None else int(vector_space.index.ntotal)
+            in_graph = 0 if vector_space.index is None else int(vector_space.index.ntotal)
+            return in_graph + int(vector_space.recent_ids.size)
 
     def tombstone_count(self, space: str = "slice") -> int:
         """Number of dead vectors still in a FAISS index (until compaction)."""
         return int(self._space(space).dead_ids.size)
+
+    def pending_vectors(self, space: str = "slice") -> int:
+        """Vectors a read-only index holds in its exact-search tier (not yet in its graph)."""
+        return int(self._space(space).recent_ids.size)
+
+    def wait_for_refresh(self) -> None:
+        """Block until a running background graph reload (read-only index) has finished."""
+        refresh = self._refresh_thread
+        if refresh is not None:
+            refresh.join()
 
     # -- queries ----------------------------------------------------------------------------
     def search_slices(
@@ -445,7 +608,10 @@ class CaseIndex:
             excluded = (
                 self._live_ids(vector_space.table, exclude_study_uid) if exclude_study_uid else np.empty(0, np.int64)
             )
-            similarities, ids = vector_space.search(normalize_rows(queries), k, excluded, self.ef_search)
+            snapshot = vector_space.snapshot()
+        with self._search_guard():
+            similarities, ids = snapshot.search(normalize_rows(queries), k, excluded, self.ef_search)
+        with self._lock:
             slice_rows = self._slice_rows(vector_space.table, ids[ids >= 0])
         hits = []
         for position, row_similarities, row_ids in zip(positions, similarities, ids):
@@ -526,18 +692,20 @@ class CaseIndex:
         queries, positions = queries[keep], positions[keep]
         if len(queries) == 0:
             return []
+        slice_hits = self.search_slices(
+            queries, k, space=space, query_slice_indices=positions.tolist(), exclude_study_uid=exclude_study_uid
+        )
+        candidates = sorted({hit.study_uid for row in slice_hits for hit in row})
         with self._lock:
-            slice_hits = self.search_slices(
-                queries, k, space=space, query_slice_indices=positions.tolist(), exclude_study_uid=exclude_study_uid
-            )
-            candidates = sorted({hit.study_uid for row in slice_hits for hit in row})
-            results = rank_studies(
-                normalize_rows(queries), positions, slice_hits, self._lesions(candidates),
-                lambda study_uid: self.study_embeddings(study_uid, space),
-                space=space, k=k, top=top, rerank=rerank, filters=parsed_filters,
-                query_descriptors=query_descriptors, image_weight=image_weight,
-                localization_l=localization_l, max_candidates=max_candidates,
-            )
+            lesions = self._lesions(candidates)
+        results = rank_studies(
+            normalize_rows(queries), positions, slice_hits, lesions,
+            lambda study_uids: self.embeddings_of_studies(study_uids, space),
+            space=space, k=k, top=top, rerank=rerank, filters=parsed_filters,
+            query_descriptors=query_descriptors, image_weight=image_weight,
+            localization_l=localization_l, max_candidates=max_candidates,
+        )
+        with self._lock:
             studies = self._studies([hit.study_uid for hit in results])
         for hit in results:
             hit.study = studies.get(hit.study_uid)
@@ -625,6 +793,15 @@ class CaseIndex:
             raise ValueError(f"unknown vector space {name!r}; use one of {', '.join(SPACES)}")
         return self._spaces[name]
 
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyIndex(f"the case index in {self.directory} was opened read-only; open it to write")
+
+    def _search_guard(self) -> contextlib.AbstractContextManager[Any]:
+        """What a FAISS search holds: nothing for a read-only index (it never changes a published
+        graph), the lock for a writer (its graph grows in place)."""
+        return contextlib.nullcontext() if self.read_only else self._lock
+
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
         """One write transaction (BEGIN IMMEDIATE ... COMMIT, rolled back on error)."""
@@ -636,6 +813,18 @@ class CaseIndex:
             raise
         self._db.execute("COMMIT")
 
+    @contextlib.contextmanager
+    def _read_snapshot(self) -> Iterator[None]:
+        """One read transaction (all reads see the same commit), or the enclosing transaction."""
+        if self._db.in_transaction:
+            yield
+            return
+        self._db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self._db.execute("COMMIT")
+
     def _meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
         return None if row is None else row[0]
@@ -643,25 +832,80 @@ class CaseIndex:
     def _set_meta(self, key: str, value: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [key, value])
 
-    def _bump_generation(self) -> str:
+    def _next_generation(self) -> str:
+        """Bump the generation counter (inside a write transaction) and return the new value."""
         generation = str(int(self._meta("generation") or 0) + 1)
         self._set_meta("generation", generation)
         return generation
 
+    def _retire(self, study_uid: str, generation: str) -> dict[str, np.ndarray]:
+        """Mark a study's live vectors dead at ``generation``; their ids per space."""
+        old_ids = {name: self._live_ids(space.table, study_uid) for name, space in self._spaces.items()}
+        for space in self._spaces.values():
+            self._db.execute(
+                f"UPDATE {space.table} SET live = 0, embedding = NULL, retired = ? WHERE study_uid = ? AND live = 1",
+                [int(generation), study_uid],
+            )
+        return old_ids
+
     def _sync_if_stale(self) -> None:
-        """Catch up with writes made by another process (or a reopened database)."""
-        generation = self._meta("generation")
-        if generation == self._generation:
-            return
-        stored_dim = self._meta("dim")
-        if self.dim is None and stored_dim is not None:
-            self.dim = int(stored_dim)
-        if self.dim is not None:
-            for space in self._spaces.values():
-                if space.index is None or space.file_changed():
+        """Catch up with commits made through another connection (another process, a reopened
+        database): new live rows above each space's high-water id, tombstones retired after the
+        generation seen last. A writer adds the new vectors to its graphs; a read-only index puts
+        them in its exact-search tier and reloads in the background when needed."""
+        with self._read_snapshot():
+            generation = self._meta("generation")
+            if generation == self._generation:
+                return
+            seen = int(self._generation or 0)
+            compacted = int(self._meta("compacted") or 0)
+            first_look = self.dim is None
+            if first_look:
+                stored_dim = self._meta("dim")
+                if stored_dim is None:
+                    self._generation = generation
+                    return
+                self.dim = int(stored_dim)
+            if first_look or (compacted > seen and not self.read_only):
+                for space in self._spaces.values():  # the files changed wholesale: load and check them
                     space.load(self.dim)
-                space.sync(self.dim, save=False)
-        self._generation = generation
+                    space.sync(self.dim, save=False)
+            else:
+                for space in self._spaces.values():
+                    new_ids, new_vectors = self._unpack(self._db.execute(
+                        f"SELECT vector_id, embedding FROM {space.table} WHERE vector_id > ? AND live = 1 "
+                        "ORDER BY vector_id", [space.high_water]).fetchall())
+                    retired = self._db.execute(f"SELECT vector_id FROM {space.table} WHERE retired > ?", [seen])
+                    retired_ids = np.fromiter((row[0] for row in retired), dtype=np.int64)
+                    space.absorb(new_ids, new_vectors, retired_ids, in_place=not self.read_only)
+            self._generation = generation
+        if self.read_only and (compacted > seen or any(
+                space.recent_ids.size >= self.refresh_vectors for space in self._spaces.values())):
+            self._start_refresh()
+
+    def _start_refresh(self) -> None:
+        """Read-only: load fresh graphs in a background thread, then swap them in."""
+        if self._refresh_thread is not None and self._refresh_thread.is_alive():
+            return
+        self._refresh_thread = threading.Thread(target=self._refresh, name="case-index-refresh", daemon=True)
+        self._refresh_thread.start()
+
+    def _refresh(self) -> None:
+        started = time.perf_counter()
+        try:
+            fresh = CaseIndex(self.directory, hnsw_m=self.hnsw_m, ef_construction=self.ef_construction,
+                              ef_search=self.ef_search, read_only=True)
+        except Exception:  # the current graphs and tier keep answering correctly
+            log.exception("case index %s: background reload failed", self.directory)
+            return
+        with self._lock:
+            for space in fresh._spaces.values():
+                space.rows = self
+            self._spaces, self._generation, self.dim = fresh._spaces, fresh._generation, fresh.dim
+            self.vector_encoding = fresh.vector_encoding
+        fresh._db.close()
+        log.info("case index %s: graphs reloaded in the background in %.2f s", self.directory,
+                 time.perf_counter() - started)
 
     def _save_indexes(self) -> None:
         for space in self._spaces.values():
@@ -713,13 +957,16 @@ class CaseIndex:
         return keys, vectors
 
     def _slice_rows(self, table: str, ids: np.ndarray) -> dict[int, tuple[str, int, str]]:
-        """vector id -> (study_uid, slice_index, sop_instance_uid) for slice or ROI vectors."""
-        rows = self._db.execute(
-            f"SELECT v.vector_id, v.study_uid, v.slice_index, s.sop_instance_uid FROM {table} AS v "
-            "LEFT JOIN slices AS s ON s.study_uid = v.study_uid AND s.slice_index = v.slice_index AND s.live = 1 "
-            "WHERE v.vector_id IN (SELECT value FROM json_each(?))",
-            [json.dumps(np.unique(ids).tolist())],
-        ).fetchall()
+        """vector id -> (study_uid, slice_index, sop_instance_uid) of *live* slice or ROI vectors
+        (a tombstone a reader has not heard of yet is dropped here, by the source of truth)."""
+        if table == "slices":
+            query = ("SELECT vector_id, study_uid, slice_index, sop_instance_uid FROM slices "
+                     "WHERE vector_id IN (SELECT value FROM json_each(?)) AND live = 1")
+        else:
+            query = (f"SELECT v.vector_id, v.study_uid, v.slice_index, s.sop_instance_uid FROM {table} AS v "
+                     "LEFT JOIN slices AS s ON s.study_uid = v.study_uid AND s.slice_index = v.slice_index "
+                     "AND s.live = 1 WHERE v.vector_id IN (SELECT value FROM json_each(?)) AND v.live = 1")
+        rows = self._db.execute(query, [json.dumps(np.unique(ids).tolist())]).fetchall()
         return {row[0]: (row[1], row[2], row[3] or "") for row in rows}
 
     def _lesions(self, study_uids: Sequence[str]) -> dict[str, list[Lesion]]:

@@ -1,14 +1,24 @@
-"""The FAISS side of the case index: one HNSW index per vector space, mirrored from the database.
+"""The FAISS side of the case index: one HNSW graph per vector space, mirrored from the database.
 
-Each :class:`VectorSpace` is an ``IndexIDMap2(IndexHNSWFlat, inner product)`` whose ids are the
-row ids of its table. The database is the source of truth: :meth:`VectorSpace.sync` compares
-the file with the rows and repairs it (adds missing vectors, or rebuilds from the stored
-embeddings when the file is unreadable, stale or inconsistent). Files are written atomically.
+Each :class:`VectorSpace` holds an ``IndexIDMap2`` over an HNSW graph whose ids are the row ids
+of its table, with one of two vector encodings (:data:`ENCODINGS`): ``flat`` (``IndexHNSWFlat``,
+float32 vectors) or ``sq8`` (``IndexHNSWSQ`` with 8-bit scalar quantisation: a quarter of the
+vector memory, distances slightly approximate). Inner product metric (cosine on unit vectors).
+
+The database is the source of truth: :meth:`VectorSpace.sync` compares the file with the rows
+and repairs it (adds missing vectors, or rebuilds from the stored embeddings when the file is
+unreadable, stale, inconsistent or of another encoding). Files are written atomically.
+
+**Catching up without rebuilding.** Vectors committed after the graph was loaded are either
+added to the graph in place (a writer) or kept in a small *recent* tier that is searched
+exactly beside the graph (a read-only index: it never mutates a graph that searches may be
+using; it swaps in a freshly loaded graph once the recent tier is large). Every search runs on
+a :class:`SpaceSnapshot`, an immutable view of graph, recent tier and tombstones.
 
 **GPU.** When the installed faiss has GPUs (``faiss.get_num_gpus() > 0``) and CAGRA, full
-rebuilds of large indexes are built on the GPU with ``GpuIndexCagra`` and converted to a CPU
-HNSW graph (``IndexHNSWCagra``); otherwise, and whenever that fails, the CPU HNSW build runs.
-The path taken is logged. Searches always run on the CPU graph.
+rebuilds of large flat indexes are built on the GPU with ``GpuIndexCagra`` and converted to a
+CPU HNSW graph (``IndexHNSWCagra``); otherwise, and whenever that fails, the CPU HNSW build
+runs. The path taken is logged. Searches always run on the CPU graph.
 """
 
 from __future__ import annotations
@@ -28,8 +38,15 @@ log = logging.getLogger(__name__)
 
 SPACES = ("slice", "roi")
 """Vector spaces: whole-slice embeddings and ROI (mask-pooled) embeddings."""
+ENCODINGS = ("flat", "sq8")
+"""How the graph stores its vectors: float32 (``flat``) or 8-bit scalar quantised (``sq8``)."""
 GPU_BUILD_MIN_VECTORS = 50_000
 """Full rebuilds of at least this many vectors use the GPU CAGRA build when a GPU is present."""
+SQ8_RANGE_MARGIN = 0.1
+"""The 8-bit quantiser's per-dimension range is the trained [min, max] widened by this fraction
+of its width on each side, so vectors added later than the training sample are rarely clipped."""
+SQ8_TRAINING_SAMPLE = 100_000
+"""At most this many stored embeddings train the quantiser of a rebuilt ``sq8`` graph."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +88,84 @@ class EmbeddingRows(Protocol):
         """Stored embeddings of ``ids`` in batches of (ids, float32 [b, D])."""
 
 
+@dataclass(frozen=True)
+class SpaceSnapshot:
+    """An immutable view of one vector space for one search.
+
+    Attributes:
+        graph: The HNSW graph (None before the dimension is known).
+        dead_ids: Sorted ids of tombstones in the graph.
+        recent_ids: Ids of live vectors not in the graph (searched exactly), sorted.
+        recent_vectors: Their unit vectors, float32 [len(recent_ids), D].
+    """
+
+    graph: faiss.IndexIDMap2 | None
+    dead_ids: np.ndarray
+    recent_ids: np.ndarray
+    recent_vectors: np.ndarray
+    graph_ids: np.ndarray
+    """Sorted ids held by the graph (tombstones included)."""
+    exact_graph: bool
+    """Whether the graph keeps the float32 vectors themselves (``flat``), so they can be read back."""
+
+    def stored_vectors(self, ids: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """The unit vectors of ``ids`` as this snapshot holds them (recent tier, or a flat graph).
+
+        Returns:
+            (found bool [m], vectors float32 [m, D]); rows not found are zero (read them from the
+            database: an ``sq8`` graph only holds approximations).
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        vectors = np.zeros((ids.size, dim), np.float32)
+        position = np.searchsorted(self.recent_ids, ids)
+        in_recent = position < self.recent_ids.size
+        in_recent[in_recent] = self.recent_ids[position[in_recent]] == ids[in_recent]
+        if in_recent.any():
+            vectors[in_recent] = self.recent_vectors[position[in_recent]]
+        found = in_recent.copy()
+        if self.exact_graph and self.graph is not None:
+            position = np.searchsorted(self.graph_ids, ids)
+            in_graph = ~in_recent & (position < self.graph_ids.size)
+            in_graph[in_graph] = self.graph_ids[position[in_graph]] == ids[in_graph]
+            if in_graph.any():
+                vectors[in_graph] = self.graph.reconstruct_batch(ids[in_graph])
+            found |= in_graph
+        return found, vectors
+
+    def search(
+        self, queries: np.ndarray, k: int, exclude_ids: np.ndarray, ef_search: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """kNN over live vectors, skipping tombstones and ``exclude_ids``; -1 ids are padding.
+
+        The graph is searched with a FAISS ``IDSelector`` (so the walk continues past excluded
+        vectors instead of returning fewer), the recent tier exactly; the two are merged.
+        """
+        similarities = np.full((len(queries), k), -np.inf, np.float32)
+        ids = np.full((len(queries), k), -1, np.int64)
+        if self.graph is not None and self.graph.ntotal > 0:
+            excluded = np.union1d(self.dead_ids, exclude_ids).astype(np.int64)
+            params = faiss.SearchParametersHNSW()
+            params.efSearch = max(ef_search, k)
+            if excluded.size:
+                batch = faiss.IDSelectorBatch(excluded)
+                selector = faiss.IDSelectorNot(batch)
+                params.sel = selector
+            similarities, ids = self.graph.search(queries, k, params=params)
+            similarities[ids < 0] = -np.inf
+        if self.recent_ids.size:
+            recent_similarities = queries @ self.recent_vectors.T
+            recent_similarities[:, np.isin(self.recent_ids, exclude_ids)] = -np.inf
+            keep = min(k, self.recent_ids.size)
+            best = np.argpartition(-recent_similarities, keep - 1, axis=1)[:, :keep]
+            similarities = np.concatenate([similarities, np.take_along_axis(recent_similarities, best, 1)], axis=1)
+            ids = np.concatenate([ids, self.recent_ids[best]], axis=1)
+            order = np.argsort(-similarities, axis=1, kind="stable")[:, :k]
+            similarities, ids = np.take_along_axis(similarities, order, 1), np.take_along_axis(ids, order, 1)
+        ids[~np.isfinite(similarities)] = -1
+        similarities[ids < 0] = 0.0
+        return similarities, ids
+
+
 class VectorSpace:
     """One FAISS index (slices or ROIs) mirrored from a table of the index database.
 
@@ -78,15 +173,25 @@ class VectorSpace:
         directory: The index directory (the file is ``<table>.faiss`` in it).
         name: ``"slice"`` or ``"roi"``.
         rows: The database side (row ids and stored embeddings).
+        encoding: One of :data:`ENCODINGS`, for new builds; a file of another encoding is rebuilt.
     """
 
-    def __init__(self, directory: Path, name: str, rows: EmbeddingRows) -> None:
+    def __init__(self, directory: Path, name: str, rows: EmbeddingRows, encoding: str = "flat") -> None:
+        if encoding not in ENCODINGS:
+            raise ValueError(f"vector encoding must be one of {', '.join(ENCODINGS)}, not {encoding!r}")
         self.rows = rows
         self.name = name
+        self.encoding = encoding
         self.table = "slices" if name == "slice" else "rois"
         self.path = directory / f"{self.table}.faiss"
         self.index: faiss.IndexIDMap2 | None = None
         self.dead_ids = np.empty(0, dtype=np.int64)
+        self.recent_ids = np.empty(0, dtype=np.int64)
+        self.recent_vectors = np.empty((0, 0), dtype=np.float32)
+        self.high_water = 0
+        """The largest row id this space has caught up to (everything at or below is mirrored)."""
+        self.graph_ids = np.empty(0, dtype=np.int64)
+        """Sorted ids in the graph (kept with it: :meth:`SpaceSnapshot.stored_vectors` looks them up)."""
         self.broken = ""
         self.file_stamp: tuple[int, int] | None = None
 
@@ -94,10 +199,16 @@ class VectorSpace:
         """Whether the file on disk differs from the one last loaded or saved here."""
         return _stamp(self.path) != self.file_stamp
 
+    def snapshot(self) -> SpaceSnapshot:
+        """The current graph, tombstones and recent tier (take it under the index's lock)."""
+        exact = self.index is not None and encoding_of(self.index) == "flat"
+        return SpaceSnapshot(self.index, self.dead_ids, self.recent_ids, self.recent_vectors, self.graph_ids, exact)
+
     # -- loading and checking ------------------------------------------------------------
     def load(self, dim: int) -> None:
         """Read the FAISS file (remembering why it is unusable, if it is)."""
-        self.index, self.broken = None, ""
+        self.index, self.broken, self.graph_ids = None, "", np.empty(0, dtype=np.int64)
+        self.recent_ids, self.recent_vectors = np.empty(0, dtype=np.int64), np.empty((0, dim), dtype=np.float32)
         self.file_stamp = _stamp(self.path)
         if not self.path.exists():
             self.broken = "file missing"
@@ -111,10 +222,13 @@ class VectorSpace:
             self.broken = f"not an IndexIDMap2 of dimension {dim}"
         elif loaded.ntotal != loaded.id_map.size() or loaded.index.ntotal != loaded.ntotal:
             self.broken = "count mismatch between the vectors and the id map"
+        elif encoding_of(loaded) != self.encoding:
+            self.broken = f"encoded as {encoding_of(loaded)}, configured {self.encoding}"
         else:
             self.index = loaded
 
     def faiss_ids(self) -> np.ndarray:
+        """Ids in the graph (tombstones included)."""
         if self.index is None:
             return np.empty(0, dtype=np.int64)
         return faiss.vector_to_array(self.index.id_map).astype(np.int64)
@@ -124,8 +238,9 @@ class VectorSpace:
         return self.rows.row_ids(self.table)
 
     def check(self) -> ConsistencyReport:
+        """Compare the graph and recent tier with the table's rows (no repair)."""
         known, live = self.row_ids()
-        in_faiss = self.faiss_ids()
+        in_faiss = np.concatenate([self.faiss_ids(), self.recent_ids])
         unique = np.unique(in_faiss)
         broken = self.broken or ("duplicate ids" if unique.size != in_faiss.size else "")
         return ConsistencyReport(
@@ -142,7 +257,7 @@ class VectorSpace:
         report = self.check()
         fresh = report.broken == "file missing" and not report.live_rows and not report.faiss_count
         if fresh:
-            self.index = new_hnsw_index(dim, self.rows.hnsw_m, self.rows.ef_construction)
+            self.index = self.new_graph(dim)
             if save:
                 self.save()
         elif report.broken or report.unknown:
@@ -158,42 +273,94 @@ class VectorSpace:
                 self.save()
         elif report.missing:
             if self.index is None:
-                self.index = new_hnsw_index(dim, self.rows.hnsw_m, self.rows.ef_construction)
+                self.index = self.new_graph(dim)
             in_faiss = self.faiss_ids()
             _, live = self.row_ids()
             missing = live[~np.isin(live, in_faiss)]
             log.warning("%s index %s: adding %d vectors missing from the file", self.name, self.path, missing.size)
             for ids, vectors in self.rows.embeddings_by_id(self.table, missing):
-                self.index.add_with_ids(vectors, ids)
+                self.add(ids, vectors)
             if save:
                 self.save()
         elif self.index is None:
-            self.index = new_hnsw_index(dim, self.rows.hnsw_m, self.rows.ef_construction)
-        known_live = self.row_ids()[1]
+            self.index = self.new_graph(dim)
+        known, known_live = self.row_ids()
         in_faiss = self.faiss_ids()
+        self.graph_ids = np.sort(in_faiss)
         self.dead_ids = in_faiss[~np.isin(in_faiss, known_live)]
+        self.high_water = int(max(known.max(initial=0), in_faiss.max(initial=0)))
         return report
 
+    # -- catching up ----------------------------------------------------------------------
+    def absorb(self, new_ids: np.ndarray, new_vectors: np.ndarray, retired_ids: np.ndarray, *, in_place: bool) -> None:
+        """Mirror rows committed since :attr:`high_water` and rows retired since the last look.
+
+        Args:
+            new_ids: Live ids above :attr:`high_water`, sorted.
+            new_vectors: Their unit vectors, float32 [len(new_ids), D].
+            retired_ids: Ids that became dead (tombstones) since the last look.
+            in_place: Add new vectors to the graph (a writer) or to the recent tier, replacing
+                arrays instead of changing them so that running searches keep their snapshot.
+        """
+        retired_ids = np.asarray(retired_ids, dtype=np.int64)
+        retired_ids = retired_ids[retired_ids <= self.high_water]  # newer ones were never mirrored
+        in_recent = np.isin(self.recent_ids, retired_ids)
+        self.dead_ids = np.union1d(self.dead_ids, np.setdiff1d(retired_ids, self.recent_ids))
+        if in_recent.any():
+            self.recent_ids, self.recent_vectors = self.recent_ids[~in_recent], self.recent_vectors[~in_recent]
+        if new_ids.size:
+            if in_place:
+                self.add(new_ids, new_vectors)
+            else:
+                self.recent_ids = np.concatenate([self.recent_ids, new_ids])
+                self.recent_vectors = np.concatenate([self.recent_vectors.reshape(-1, new_vectors.shape[1]), new_vectors])
+            self.high_water = max(self.high_water, int(new_ids.max()))
+
+    def retire(self, ids: np.ndarray) -> None:
+        """Mark ids of the graph as tombstones (a writer's own deletes)."""
+        self.dead_ids = np.union1d(self.dead_ids, np.asarray(ids, dtype=np.int64))
+
     # -- writing --------------------------------------------------------------------------
+    def new_graph(self, dim: int) -> faiss.IndexIDMap2:
+        """An empty graph of this space's encoding."""
+        return new_hnsw_index(dim, self.rows.hnsw_m, self.rows.ef_construction, self.encoding)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add vectors to the graph in place (an untrained ``sq8`` graph trains on them first)."""
+        if not self.index.is_trained:
+            train_quantiser(self.index, vectors)
+        ids = np.asarray(ids, dtype=np.int64)
+        self.index.add_with_ids(vectors, ids)
+        self.graph_ids = np.union1d(self.graph_ids, ids)
+        self.high_water = max(self.high_water, int(np.max(ids)))
+
     def rebuild(self, dim: int) -> None:
         """Build a fresh index from the live embeddings in SQLite (tombstones dropped)."""
         started = time.perf_counter()
-        _, live = self.row_ids()
+        known, live = self.row_ids()
         self.index, path = None, "cpu-hnsw"
-        if live.size >= GPU_BUILD_MIN_VECTORS and faiss.get_num_gpus() > 0:
+        self.graph_ids = np.empty(0, dtype=np.int64)
+        if self.encoding == "flat" and live.size >= GPU_BUILD_MIN_VECTORS and faiss.get_num_gpus() > 0:
             vectors = np.concatenate([v for _, v in self.rows.embeddings_by_id(self.table, live)])
             self.index = _build_on_gpu(vectors, live, self.rows.hnsw_m)
             path = "gpu-cagra->hnsw" if self.index is not None else "cpu-hnsw (GPU build failed)"
+            self.graph_ids = np.sort(live) if self.index is not None else self.graph_ids
         if self.index is None:
-            self.index = new_hnsw_index(dim, self.rows.hnsw_m, self.rows.ef_construction)
+            self.index = self.new_graph(dim)
+            if self.encoding != "flat" and live.size:
+                sample = np.sort(np.random.default_rng(0).permutation(live)[:SQ8_TRAINING_SAMPLE])
+                train_quantiser(self.index, np.concatenate([v for _, v in self.rows.embeddings_by_id(self.table, sample)]))
             for ids, vectors in self.rows.embeddings_by_id(self.table, live):
-                self.index.add_with_ids(vectors, ids)
+                self.add(ids, vectors)
         self.dead_ids = np.empty(0, dtype=np.int64)
+        self.recent_ids, self.recent_vectors = np.empty(0, dtype=np.int64), np.empty((0, dim), dtype=np.float32)
+        self.high_water = int(known.max(initial=0))
         self.broken = ""
         log.info(
-            "%s index rebuilt on %s: %d vectors in %.2f s",
+            "%s index rebuilt on %s (%s): %d vectors in %.2f s",
             self.name,
             path,
+            self.encoding,
             live.size,
             time.perf_counter() - started,
         )
@@ -207,31 +374,43 @@ class VectorSpace:
         _fsync_path(self.path.parent)
         self.file_stamp = _stamp(self.path)
 
-    # -- searching ------------------------------------------------------------------------
-    def search(
-        self, queries: np.ndarray, k: int, exclude_ids: np.ndarray, ef_search: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """kNN over live vectors, skipping tombstones and ``exclude_ids``; -1 ids are padding."""
-        if self.index is None or self.index.ntotal == 0:
-            return np.zeros((len(queries), k), np.float32), np.full((len(queries), k), -1, np.int64)
-        excluded = np.union1d(self.dead_ids, exclude_ids).astype(np.int64)
-        params = faiss.SearchParametersHNSW()
-        params.efSearch = max(ef_search, k)
-        if excluded.size:
-            batch = faiss.IDSelectorBatch(excluded)
-            selector = faiss.IDSelectorNot(batch)
-            params.sel = selector
-        similarities, ids = self.index.search(queries, k, params=params)
-        # Defensive post-filter: the selector already removed these.
-        ids[np.isin(ids, excluded)] = -1
-        return similarities, ids
 
+def new_hnsw_index(dim: int, hnsw_m: int, ef_construction: int, encoding: str = "flat") -> faiss.IndexIDMap2:
+    """An empty IndexIDMap2 over an inner-product HNSW graph (cosine on unit vectors).
 
-def new_hnsw_index(dim: int, hnsw_m: int, ef_construction: int) -> faiss.IndexIDMap2:
-    """An empty IndexIDMap2(IndexHNSWFlat) with inner-product metric (cosine on unit vectors)."""
-    hnsw = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    Args:
+        dim: Vector dimension.
+        hnsw_m: Graph degree M.
+        ef_construction: efConstruction of the build.
+        encoding: ``flat`` (IndexHNSWFlat) or ``sq8`` (IndexHNSWSQ, 8-bit; must be trained:
+            :func:`train_quantiser`).
+    """
+    if encoding == "flat":
+        hnsw = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    elif encoding == "sq8":
+        hnsw = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_8bit, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    else:
+        raise ValueError(f"vector encoding must be one of {', '.join(ENCODINGS)}, not {encoding!r}")
     hnsw.hnsw.efConstruction = ef_construction
     return faiss.IndexIDMap2(hnsw)
+
+
+def train_quantiser(index: faiss.IndexIDMap2, vectors: np.ndarray) -> None:
+    """Train an ``sq8`` graph's scalar quantiser on ``vectors`` (range widened by :data:`SQ8_RANGE_MARGIN`)."""
+    storage = faiss.downcast_index(faiss.downcast_index(index.index).storage)
+    storage.sq.rangestat = faiss.ScalarQuantizer.RS_minmax
+    storage.sq.rangestat_arg = SQ8_RANGE_MARGIN
+    index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+
+
+def encoding_of(index: faiss.IndexIDMap2) -> str:
+    """``flat`` or ``sq8``: how the graph under an IndexIDMap2 stores its vectors."""
+    graph = faiss.downcast_index(index.index)
+    if isinstance(graph, faiss.IndexHNSWSQ):
+        storage = faiss.downcast_index(graph.storage)
+        return "sq8" if storage.sq.qtype == faiss.ScalarQuantizer.QT_8bit else f"sq(qtype {storage.sq.qtype})"
+    flat_graphs = tuple(getattr(faiss, name) for name in ("IndexHNSWFlat", "IndexHNSWCagra") if hasattr(faiss, name))
+    return "flat" if isinstance(graph, flat_graphs) else type(graph).__name__
 
 
 def _build_on_gpu(vectors: np.ndarray, ids: np.ndarray, hnsw_m: int) -> faiss.IndexIDMap2 | None:

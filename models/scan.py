@@ -18,9 +18,11 @@ Backends (:func:`selective_scan` picks one and logs it once):
     mamba-ssm's fused kernel, imported lazily when the tensors are on a CUDA device.
 ``"numba"``
     CPU inference (no gradient needed): a compiled float32 forward kernel, vectorised
-    over a block of channels, parallel over (batch, channel block) on a thread pool of
-    ``torch.get_num_threads()`` threads. :func:`four_direction_scan_numba` is its fused
-    form for VM-UNet's SS2D (four directions read and written in place).
+    over a block of channels, parallel over (batch, channel block) on PyTorch's own
+    OpenMP threads (``torch.get_num_threads()``; a Python thread pool when PyTorch has no
+    OpenMP runtime). :func:`four_direction_scan_numba` is its fused form for VM-UNet's
+    SS2D (four directions read in place from the feature map and the x-projection
+    output, summed, optionally with the output LayerNorm and SiLU gate).
 ``"numba-autograd"``
     CPU autograd (training) when numba is importable: a compiled sequential forward that
     keeps the states and the adjoint recurrence backwards in time
@@ -39,11 +41,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
 import functools
-import itertools
 import logging
+import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -56,6 +59,7 @@ __all__ = [
     "four_direction_positions",
     "four_direction_scan_numba",
     "log_backend",
+    "OutputGate",
     "selective_scan",
     "selective_scan_chunked",
     "selective_scan_cuda",
@@ -247,30 +251,37 @@ def selective_scan_numba(
 
     Args and returns as :func:`selective_scan_reference`; tensors must be on the CPU.
     """
+    from models import _scan_numba as kernels  # imported lazily: keeps numba out of `import models`
+
     channels_per_group = _check_shapes(u, delta, A, B, C)
-    batch, _channels, length = u.shape
+    batch, channels, length = u.shape
     B_grouped, C_grouped = _grouped(B), _grouped(C)
     groups, state_size = B_grouped.shape[1], A.shape[1]
+    zeros = u.new_zeros(groups, channels_per_group)
     with torch.no_grad():
-        y_channels_last = _run_numba_jobs(
-            _numpy(u.transpose(1, 2)),
-            _numpy(delta.view(batch, groups, channels_per_group, length).permute(1, 0, 3, 2)),
-            np.zeros((groups, channels_per_group, 0), dtype=np.float32),
-            _numpy(A.view(groups, channels_per_group, state_size)),
-            _numpy(B_grouped.permute(1, 0, 3, 2)),
-            _numpy(C_grouped.permute(1, 0, 3, 2)),
-            _numpy(D.view(groups, channels_per_group) if D is not None else u.new_zeros(groups, channels_per_group)),
-            _numpy(
-                delta_bias.view(groups, channels_per_group)
-                if delta_bias is not None
-                else u.new_zeros(groups, channels_per_group)
+        arrays = {
+            kernels.GENERIC_U: _numpy(u.transpose(1, 2)),
+            kernels.GENERIC_DT: _numpy(delta.view(batch, groups, channels_per_group, length).permute(1, 0, 3, 2)),
+            kernels.GENERIC_A: _numpy(A.view(groups, channels_per_group, state_size)),
+            kernels.GENERIC_B: _numpy(B_grouped.permute(1, 0, 3, 2)),
+            kernels.GENERIC_C: _numpy(C_grouped.permute(1, 0, 3, 2)),
+            kernels.GENERIC_D: _numpy(D.view(groups, channels_per_group) if D is not None else zeros),
+            kernels.GENERIC_DT_BIAS: _numpy(
+                delta_bias.view(groups, channels_per_group) if delta_bias is not None else zeros
             ),
-            np.tile(np.arange(length, dtype=np.int64), (groups, 1)),
-            shared_input=False,
-            summed_output=False,
-            delta_softplus=bool(delta_softplus),
-        )
-    return torch.from_numpy(y_channels_last).transpose(1, 2).contiguous()
+            kernels.GENERIC_OUT: np.empty((batch, length, channels), np.float32),
+        }
+        sizes = {
+            kernels.GENERIC_GROUPS: groups,
+            kernels.GENERIC_BATCH: batch,
+            kernels.GENERIC_LENGTH: length,
+            kernels.GENERIC_CHANNELS: channels_per_group,
+            kernels.GENERIC_STATES: state_size,
+            kernels.GENERIC_SOFTPLUS: int(bool(delta_softplus)),
+        }
+        jobs = kernels.count_scan_jobs(batch, channels_per_group)
+        _launch(kernels.generic_scan_entry, kernels.GENERIC_BLOCK_SIZE, jobs, sizes, arrays)
+    return torch.from_numpy(arrays[kernels.GENERIC_OUT]).transpose(1, 2).contiguous()
 
 
 class _NumbaAutogradScan(torch.autograd.Function):
@@ -342,67 +353,20 @@ def selective_scan_numba_autograd(
     return y
 
 
-def _run_numba_jobs(
-    u: np.ndarray,
-    dt: np.ndarray,
-    dt_weight: np.ndarray,
-    A: np.ndarray,
-    B_rows: np.ndarray,
-    C_rows: np.ndarray,
-    D: np.ndarray,
-    dt_bias: np.ndarray,
-    positions: np.ndarray,
-    shared_input: bool,
-    summed_output: bool,
-    delta_softplus: bool,
-) -> np.ndarray:
-    """Run the Numba kernel over all jobs, split over ``torch.get_num_threads()`` threads.
+class OutputGate(NamedTuple):
+    """SS2D's output gate, ``LayerNorm(y) * SiLU(z)``, for :func:`four_direction_scan_numba`.
 
-    Arguments as :func:`models._scan_numba.scan_jobs`; returns its output array.
+    Attributes:
+        z: Gate inputs [b, H, W, d].
+        norm_weight: LayerNorm weight [d].
+        norm_bias: LayerNorm bias [d].
+        norm_eps: LayerNorm epsilon.
     """
-    from models import _scan_numba  # imported lazily: keeps numba out of `import models`
 
-    groups, channels_per_group, _ = dt_weight.shape
-    batch, length = u.shape[0], u.shape[1]
-    out = np.zeros((batch, length, channels_per_group if summed_output else groups * channels_per_group), np.float32)
-    arguments = (
-        u,
-        dt,
-        dt_weight,
-        A,
-        B_rows,
-        C_rows,
-        D,
-        dt_bias,
-        positions,
-        shared_input,
-        summed_output,
-        delta_softplus,
-        out,
-    )
-    jobs = _scan_numba.count_jobs(batch, channels_per_group)
-    workers = max(1, min(torch.get_num_threads(), jobs))
-    if workers == 1:
-        _scan_numba.scan_jobs(*arguments, 0, jobs)
-        return out
-    bounds = np.linspace(0, jobs, workers + 1).round().astype(int)
-    futures = [
-        _thread_pool(workers).submit(_scan_numba.scan_jobs, *arguments, int(first), int(stop))
-        for first, stop in itertools.pairwise(bounds)
-    ]
-    for future in futures:
-        future.result()
-    return out
-
-
-@functools.lru_cache(maxsize=4)
-def _thread_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="selective-scan")
-
-
-def _numpy(tensor: torch.Tensor) -> np.ndarray:
-    """Contiguous float32 numpy view (or copy) of a CPU tensor, detached."""
-    return tensor.detach().to(torch.float32).contiguous().numpy()
+    z: torch.Tensor
+    norm_weight: torch.Tensor
+    norm_bias: torch.Tensor
+    norm_eps: float
 
 
 def four_direction_positions(height: int, width: int) -> np.ndarray:
@@ -419,60 +383,159 @@ def four_direction_positions(height: int, width: int) -> np.ndarray:
 def _four_direction_positions(height: int, width: int) -> np.ndarray:
     grid = np.arange(height * width, dtype=np.int64).reshape(height, width)
     row_major, column_major = grid.reshape(-1), grid.T.reshape(-1)
-    positions = np.stack([row_major, column_major, row_major[::-1], column_major[::-1]])
-    return positions
+    return np.ascontiguousarray(np.stack([row_major, column_major, row_major[::-1], column_major[::-1]]))
 
 
 def four_direction_scan_numba(
-    x_channels_last: torch.Tensor,
-    dt_low_rank: torch.Tensor,
+    x: torch.Tensor,
+    projections: torch.Tensor,
     dt_weight: torch.Tensor,
     A: torch.Tensor,
-    B_rows: torch.Tensor,
-    C_rows: torch.Tensor,
     D: torch.Tensor,
     delta_bias: torch.Tensor,
     delta_softplus: bool = True,
+    gate: OutputGate | None = None,
 ) -> torch.Tensor:
-    """SS2D's four selective scans, summed, in one Numba call (CPU inference).
+    """SS2D's four selective scans, summed (optionally gated), with the Numba kernels (CPU inference).
 
-    Equivalent to scanning the stacked, transposed and flipped copies of the feature
-    map with :func:`selective_scan` and adding the four outputs back in row-major
-    order, but reads and writes the feature map in place and applies the low-rank dt
-    projection inside the kernel.
+    Equivalent to scanning the stacked, transposed and flipped copies of the feature map
+    with :func:`selective_scan` and adding the four outputs back in row-major order, but
+    reads ``x`` and the x-projection output where they are (no copies), applies the
+    low-rank dt projection inside the kernel and runs on PyTorch's intra-op threads.
 
     Args:
-        x_channels_last: Features [b, H, W, d].
-        dt_low_rank: Low-rank step factors per direction [4, b, H*W, R], indexed by
-            row-major position.
+        x: Features [b, H, W, d] (channel-last).
+        projections: x-projections [b, H, W, 4 * (R + 2n)], per direction ``k``
+            ``[k * (R + 2n) : (k + 1) * (R + 2n)]`` = low-rank dt (R), B (n), C (n); the
+            output of ``x @ x_proj_weight.reshape(-1, d).T``.
         dt_weight: dt up-projections [4, d, R] (step = ``dt_low_rank @ dt_weight[k].T``).
         A: State matrices [4, d, n].
-        B_rows: Input projections [4, b, H*W, n], by position.
-        C_rows: Output projections [4, b, H*W, n], by position.
         D: Skip weights [4, d].
         delta_bias: Step bias [4, d].
         delta_softplus: Apply softplus to ``step + delta_bias``.
+        gate: Apply ``LayerNorm(sum) * SiLU(z)`` to the sum (SS2D's output), or None.
 
     Returns:
-        Sum of the four directions [b, H, W, d] float32.
+        Sum of the four directions [b, H, W, d] float32 (gated when ``gate`` is given).
     """
-    batch, height, width, channels = x_channels_last.shape
+    from models import _scan_numba as kernels  # imported lazily: keeps numba out of `import models`
+
+    batch, height, width, channels = x.shape
+    rank, state_size = dt_weight.shape[2], A.shape[2]
+    length = height * width
+    out = torch.empty(batch, height, width, channels)  # every position written by the first direction
     with torch.no_grad():
-        y_channels_last = _run_numba_jobs(
-            _numpy(x_channels_last.reshape(batch, height * width, channels)),
-            _numpy(dt_low_rank),
-            _numpy(dt_weight),
-            _numpy(A),
-            _numpy(B_rows),
-            _numpy(C_rows),
-            _numpy(D),
-            _numpy(delta_bias),
-            four_direction_positions(height, width),
-            shared_input=True,
-            summed_output=True,
-            delta_softplus=bool(delta_softplus),
-        )
-    return torch.from_numpy(y_channels_last).view(batch, height, width, channels)
+        arrays = {
+            kernels.SS2D_X: _numpy(x),
+            kernels.SS2D_PROJECTIONS: _numpy(projections),
+            kernels.SS2D_DT_WEIGHT: _numpy(dt_weight),
+            kernels.SS2D_A: _numpy(A),
+            kernels.SS2D_D: _numpy(D),
+            kernels.SS2D_DT_BIAS: _numpy(delta_bias),
+            kernels.SS2D_POSITIONS: four_direction_positions(height, width),
+            kernels.SS2D_OUT: out.numpy(),
+        }
+        sizes = {
+            kernels.SS2D_BATCH: batch,
+            kernels.SS2D_LENGTH: length,
+            kernels.SS2D_CHANNELS: channels,
+            kernels.SS2D_RANK: rank,
+            kernels.SS2D_STATES: state_size,
+            kernels.SS2D_SOFTPLUS: int(bool(delta_softplus)),
+        }
+        jobs = kernels.count_scan_jobs(batch, channels)
+        _launch(kernels.ss2d_scan_entry, kernels.SS2D_BLOCK_SIZE, jobs, sizes, arrays)
+        if gate is not None:
+            parameters = torch.zeros(3, channels)
+            parameters[0], parameters[1], parameters[2, 0] = gate.norm_weight, gate.norm_bias, gate.norm_eps
+            arrays = {
+                kernels.GATE_OUT: arrays[kernels.SS2D_OUT],
+                kernels.GATE_Z: _numpy(gate.z),
+                kernels.GATE_PARAMETERS: parameters.numpy(),
+            }
+            sizes = {kernels.GATE_ROWS_TOTAL: batch * length, kernels.GATE_CHANNELS: channels}
+            jobs = kernels.count_gate_jobs(batch * length)
+            _launch(kernels.ss2d_gate_entry, kernels.GATE_BLOCK_SIZE, jobs, sizes, arrays)
+    return out
+
+
+def _launch(entry: Any, block_size: int, jobs: int, sizes: dict[int, int], arrays: dict[int, np.ndarray]) -> None:
+    """Run a kernel entry of :mod:`models._scan_numba` over ``jobs`` jobs.
+
+    Builds the entry's int64 argument block (job counter, job count, ``sizes`` and the
+    addresses of ``arrays``, each at its slot) and runs the entry on
+    ``min(torch.get_num_threads(), jobs)`` threads: PyTorch's own OpenMP threads when its
+    runtime is found (:func:`_openmp_parallel`), else a Python thread pool (ctypes releases
+    the GIL while an entry runs).
+
+    Args:
+        entry: A ``numba.cfunc`` entry (``void(int64*)``).
+        block_size: Slots of the entry's argument block.
+        jobs: Number of jobs.
+        sizes: Slot -> integer argument.
+        arrays: Slot -> C-contiguous array (kept alive by the caller during the call).
+    """
+    from models import _scan_numba as kernels
+
+    block = np.zeros(block_size, np.int64)
+    block[kernels.JOBS] = jobs
+    for slot, value in sizes.items():
+        block[slot] = value
+    for slot, array in arrays.items():
+        if not array.flags.c_contiguous:
+            raise ValueError(f"argument {slot} of {entry} must be C-contiguous")
+        block[slot] = array.ctypes.data
+    address = block.ctypes.data
+    threads = max(1, min(torch.get_num_threads(), jobs))
+    parallel = _openmp_parallel()
+    if threads == 1:
+        entry.ctypes(block.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)))
+    elif parallel is not None:
+        parallel(entry.address, address, threads, 0)
+    else:
+        pointer = block.ctypes.data_as(ctypes.POINTER(ctypes.c_int64))
+        list(_thread_pool(threads).map(lambda _: entry.ctypes(pointer), range(threads)))
+
+
+@functools.lru_cache(maxsize=1)
+def _openmp_parallel() -> Callable[[int, int, int, int], None] | None:
+    """``GOMP_parallel(fn, data, num_threads, flags)`` of the OpenMP runtime that runs
+    PyTorch's intra-op threads, or None (PyTorch without OpenMP, runtime not found).
+
+    The runtime is the ``libgomp``/``libiomp5`` already loaded into the process (PyTorch's
+    copy first): running the scan on its threads reuses the team that PyTorch's operators
+    use, instead of competing with it for the cores while its threads spin.
+    """
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        with open("/proc/self/maps") as maps:
+            loaded = {line.split()[-1] for line in maps if line.rstrip().endswith((".so", ".so.1", ".so.5"))}
+    except OSError:
+        return None
+    runtimes = sorted(
+        (path for path in loaded if os.path.basename(path).startswith(("libgomp", "libiomp5"))),
+        key=lambda path: not path.startswith(os.path.dirname(torch.__file__)),
+    )
+    for path in runtimes:
+        try:
+            function = ctypes.CDLL(path).GOMP_parallel
+        except (OSError, AttributeError):
+            continue
+        function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+        function.restype = None
+        return function
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _thread_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="selective-scan")
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    """Contiguous float32 numpy view (or copy) of a CPU tensor, detached."""
+    return tensor.detach().to(torch.float32).contiguous().numpy()
 
 
 def _load_cuda_kernel() -> Callable | None:

@@ -18,9 +18,13 @@ Layout: tensors between blocks are channel-last ``[B, H, W, C]`` as in the refer
   1x1 convolution to ``num_classes`` logits.
 
 The selective scan of the SS2D module runs through :func:`models.scan.selective_scan`,
-which picks the CUDA kernel of mamba-ssm or the PyTorch chunked scan (training); CPU
-inference uses the fused four-direction Numba kernel
-(:func:`models.scan.four_direction_scan_numba`).
+which picks the CUDA kernel of mamba-ssm, or on the CPU the Numba autograd scan (training)
+or the PyTorch chunked scan. CPU inference (no autograd) takes a fused path
+(:meth:`SS2D._forward_cpu_inference`): oneDNN matmuls (with the residual add as a post-op),
+the depth-wise convolution with its SiLU as a oneDNN post-op, and the four-direction Numba
+kernel (:func:`models.scan.four_direction_scan_numba`) that reads the feature map and the
+x-projection output in place and applies the output LayerNorm and SiLU(z) gate; no
+permuted, stacked or flipped copies.
 """
 
 from __future__ import annotations
@@ -34,11 +38,58 @@ import torch.nn.functional as F
 from monai.networks.layers import DropPath, trunc_normal_
 from torch import nn
 
-from models.scan import choose_backend, four_direction_scan_numba, log_backend, selective_scan
+from models.scan import OutputGate, choose_backend, four_direction_scan_numba, log_backend, selective_scan
 
 __all__ = ["SS2D", "VMUNet", "VSSBlock"]
 
 NUM_SCAN_DIRECTIONS = 4
+_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def _onednn_inference(features: torch.Tensor) -> bool:
+    """Whether oneDNN's fused CPU operators serve ``features``: float32 on the CPU, no autograd.
+
+    oneDNN's matmuls run the AVX-512 kernels on AMD as on Intel CPUs (MKL's ``sgemm``
+    behind ``F.linear`` does not: about half the speed on the AMD EPYC this was measured on).
+    """
+    return _ONEDNN and features.device.type == "cpu" and features.dtype == torch.float32 and not torch.is_grad_enabled()
+
+
+def _observed(*modules: nn.Module) -> bool:
+    """Whether forward hooks watch one of ``modules`` (thop's MAC counters, feature
+    extractors): the fused inference code then calls them as modules, so the hooks see them."""
+    return any(module._forward_hooks or module._forward_pre_hooks for module in modules)
+
+
+def _matmul(features: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``features @ weight.T`` (plus ``residual``): oneDNN for CPU inference, else ``F.linear``."""
+    if _onednn_inference(features):
+        if residual is None:
+            return torch.ops.mkldnn._linear_pointwise(features, weight, None, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(features, residual, weight, None, "add")
+    out = F.linear(features, weight)
+    return out if residual is None else residual + out
+
+
+def _linear(features: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``layer(features)`` for a bias-free linear layer, through :func:`_matmul` unless observed."""
+    return layer(features) if _observed(layer) else _matmul(features, layer.weight)
+
+
+def _depthwise_conv_silu(conv: nn.Conv2d, features: torch.Tensor) -> torch.Tensor:
+    """``SiLU(conv(x))`` of channel-last features [B, H, W, C] -> [B, H, W, C] (contiguous).
+
+    The permuted view is a channels-last NCHW tensor, so no copy is made; for CPU
+    inference oneDNN applies the SiLU as a post-op of the convolution.
+    """
+    images = features.permute(0, 3, 1, 2)
+    if _onednn_inference(features):
+        out = torch.ops.mkldnn._convolution_pointwise(
+            images, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups, "swish", [], ""
+        )
+    else:
+        out = F.silu(conv(images))
+    return out.permute(0, 2, 3, 1).contiguous()
 
 
 class PatchEmbed2D(nn.Module):
@@ -71,7 +122,7 @@ class PatchMerging2D(nn.Module):
             [features[:, 0::2, 0::2], features[:, 1::2, 0::2], features[:, 0::2, 1::2], features[:, 1::2, 1::2]],
             dim=-1,
         )
-        return self.reduction(self.norm(merged))
+        return _linear(self.norm(merged), self.reduction)
 
 
 def _pixel_shuffle_last(features: torch.Tensor, scale: int) -> torch.Tensor:
@@ -98,7 +149,7 @@ class PatchExpand2D(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """[B, H, W, C] -> [B, s*H, s*W, C/s]."""
-        return self.norm(_pixel_shuffle_last(self.expand(features), self.scale))
+        return self.norm(_pixel_shuffle_last(_linear(features, self.expand), self.scale))
 
 
 class SS2D(nn.Module):
@@ -200,48 +251,49 @@ class SS2D(nn.Module):
         column_sum = column_sum.view(batch, channels, width, height).transpose(2, 3).reshape(batch, channels, length)
         return row_sum + column_sum
 
-    def _scan_four_directions_fused(self, features: torch.Tensor) -> torch.Tensor:
-        """CPU inference path of :meth:`_scan_four_directions` (same result, no autograd).
+    def _forward_cpu_inference(self, tokens: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """CPU inference path of :meth:`forward` (same result, no autograd), channel-last throughout.
 
-        The projections are computed once per position (a projection commutes with the
-        reordering of the positions), the low-rank dt projection is applied inside the
-        kernel, and the kernel walks the feature map in the four orders itself, adding
-        the four outputs: no stacked, transposed or flipped copies. Returns [B, H, W, D]
-        (channel-last).
+        The in-projection runs as two matmuls (x and z halves) so that both come out
+        contiguous, the depth-wise convolution carries the SiLU as a oneDNN post-op, the
+        x-projection is computed once per position (a projection commutes with the
+        reordering of the positions) and read by the Numba kernel where it lies, the
+        kernel walks the four scan orders itself (no stacked, transposed or flipped copies),
+        applies the low-rank dt projection, and gates the sum (``LayerNorm * SiLU(z)``) in
+        one pass; the out-projection adds the residual as a oneDNN post-op.
         """
-        batch, channels, height, width = features.shape
-        length = height * width
-        directions = NUM_SCAN_DIRECTIONS
-        features_last = features.permute(0, 2, 3, 1).reshape(batch * length, channels)
-        projected = (features_last @ self.x_proj_weight.reshape(-1, channels).t()).view(batch, length, directions, -1)
-        projected = projected.permute(2, 0, 1, 3)  # [4, B, L, R + 2N]
-        state_start = self.dt_rank + self.d_state
-        return four_direction_scan_numba(
-            features_last.view(batch, height, width, channels),
-            projected[..., : self.dt_rank],
-            self.dt_projs_weight,
-            -torch.exp(self.A_logs.float()).view(directions, channels, self.d_state),
-            projected[..., self.dt_rank : state_start],
-            projected[..., state_start:],
-            self.Ds.view(directions, channels),
-            self.dt_projs_bias,
-            delta_softplus=True,
-        )
+        directions, channels = NUM_SCAN_DIRECTIONS, self.d_inner
+        branch = _matmul(tokens, self.in_proj.weight[:channels])
+        gate = _matmul(tokens, self.in_proj.weight[channels:])
+        branch = _depthwise_conv_silu(self.conv2d, branch)
+        projections = _matmul(branch, self.x_proj_weight.view(-1, channels))
+        with torch.profiler.record_function("selective_scan_numba"):
+            gated = four_direction_scan_numba(
+                branch,
+                projections,
+                self.dt_projs_weight,
+                -torch.exp(self.A_logs).view(directions, channels, self.d_state),
+                self.Ds.view(directions, channels),
+                self.dt_projs_bias,
+                delta_softplus=True,
+                gate=OutputGate(gate, self.out_norm.weight, self.out_norm.bias, self.out_norm.eps),
+            )
+        return _matmul(gated, self.out_proj.weight, residual=residual)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, H, W, d_model] -> [B, H, W, d_model]."""
+    def forward(self, tokens: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, H, W, d_model] -> [B, H, W, d_model], plus ``residual`` when given."""
         batch, height, width, _ = tokens.shape
+        needs_grad = torch.is_grad_enabled() and (tokens.requires_grad or self.A_logs.requires_grad)
+        backend = choose_backend(tokens.device, needs_grad)
+        if backend == "numba" and not _observed(self.in_proj, self.conv2d, self.act, self.out_norm, self.out_proj):
+            log_backend(backend, tokens.device)
+            return self._forward_cpu_inference(tokens, residual)
         branch, gate = self.in_proj(tokens).chunk(2, dim=-1)
         branch = self.act(self.conv2d(branch.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)))
-        needs_grad = torch.is_grad_enabled() and (tokens.requires_grad or self.A_logs.requires_grad)
-        backend = choose_backend(branch.device, needs_grad)
-        if backend == "numba":
-            log_backend(backend, branch.device)
-            scanned = self._scan_four_directions_fused(branch)
-        else:
-            scanned = self._scan_four_directions(branch)  # [B, D, L]
-            scanned = scanned.transpose(1, 2).reshape(batch, height, width, self.d_inner)
-        return self.out_proj(self.out_norm(scanned) * F.silu(gate))
+        scanned = self._scan_four_directions(branch)  # [B, D, L]
+        scanned = scanned.transpose(1, 2).reshape(batch, height, width, self.d_inner)
+        out = self.out_proj(self.out_norm(scanned) * F.silu(gate))
+        return out if residual is None else residual + out
 
 
 class VSSBlock(nn.Module):
@@ -261,7 +313,10 @@ class VSSBlock(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, H, W, C] -> [B, H, W, C]."""
-        return tokens + self.drop_path(self.self_attention(self.ln_1(tokens)))
+        normed = self.ln_1(tokens)
+        if self.training:
+            return tokens + self.drop_path(self.self_attention(normed))
+        return self.self_attention(normed, residual=tokens)  # DropPath is the identity in eval mode
 
 
 class EncoderStage(nn.Module):

@@ -8,7 +8,10 @@ a test that needs it skips with the reason only when the registry cannot be reac
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_node.config import NodeConfig
+from dicom_node.config import CHECKOUT, NodeConfig
 from tooling import sample_data
 from tooling.orthanc_harness import OrthancProcess, free_port, scratch_node_configuration
 
@@ -29,6 +32,9 @@ CROPS_WITHOUT_NECK = {"SeriesRules": {"RequireNeckCoverage": False}}
 """Most end-to-end tests send small crops of real CT (64 x 64 pixels, 12 slices) that show no whole
 neck; the nodes they start segment them anyway (lesions only where neck soft tissue is).
 ``tests/e2e/test_neck_rules.py`` runs the default (a series without a neck is skipped)."""
+VIEWER_DIR = CHECKOUT / "viewer"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+BROWSER_DRIVER_TIMEOUT_S = 240
 TINY_VMUNET_CONFIG = {"dims": 16, "depths": [1, 1], "depths_decoder": [1, 1], "d_state": 4, "drop_path_rate": 0.0}
 """The smallest VM-UNet the tests train and run (the real code path, tiny numbers)."""
 
@@ -101,6 +107,19 @@ def weights_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_weights_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded tiny VM-UNet checkpoint (64-pixel input): the real code path where the network's
+    quality does not matter and its speed would dominate (thousands of slices)."""
+    from models import VMUNet
+    from models.weights import make_meta, save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-weights") / "tiny.pt"
+    save_checkpoint(path, VMUNet(**TINY_VMUNET_CONFIG), make_meta("vmunet-tiny-test", "0", demo=True, input_size=64))
+    return path
+
+
+@pytest.fixture(scope="session")
 def forward_scp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """dcmtk's storescp: the modality every SEG is forwarded to (AE FORWARD_SCP)."""
     directory = tmp_path_factory.mktemp("forwarded")
@@ -148,3 +167,40 @@ def node(tmp_path_factory: pytest.TempPathFactory, weights_path: Path, forward_s
     process = OrthancProcess(config, directory).start()
     yield process
     process.stop()
+
+
+@pytest.fixture(scope="session")
+def browser_driver() -> Callable[[str, dict[str, Any], Path], dict[str, Any]]:
+    """``browser_driver(script, job, workdir)``: run a headless-Chromium driver of ``viewer/``
+    (``check_overlay.mjs``, ``check_ui.mjs``) on a job; its JSON result. The driver's whole process
+    group is ended whatever happens; a driver that failed fails the test with its log. Fails at once
+    when the viewer (``make viewer``) or Chromium is missing."""
+    for needed, hint in ((VIEWER_DIR / "www" / "viewer", "run `make viewer`"),
+                         (VIEWER_DIR / "node_modules" / "playwright-core", "run `make viewer`"),
+                         (Path(CHROMIUM), "apt-get install chromium")):
+        if not needed.exists():
+            pytest.fail(f"{needed} is missing: {hint}")
+
+    def run(script: str, job: dict[str, Any], workdir: Path) -> dict[str, Any]:
+        job_path = workdir / f"{Path(script).stem}-job.json"
+        job_path.write_text(json.dumps(job))
+        process = subprocess.Popen(["node", str(VIEWER_DIR / script), str(job_path)], cwd=VIEWER_DIR,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            stdout, stderr = process.communicate(timeout=BROWSER_DRIVER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"the browser driver ran over {BROWSER_DRIVER_TIMEOUT_S} s:\n{stderr[-3000:]}")
+        finally:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # a Chromium left behind by a crashed driver
+            except ProcessLookupError:
+                pass
+        lines = [line for line in stdout.splitlines() if line.startswith("{")]
+        assert lines, f"no result from the browser driver (exit {process.returncode}):\n{stderr[-3000:]}"
+        result = json.loads(lines[-1])
+        assert "error" not in result, f"{result['error']}\n{stderr[-3000:]}\nHTTP errors: {result.get('httpErrors')}"
+        return result
+
+    return run

@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     convert = commands.add_parser("convert", help="NIfTI CT -> DICOM CT series")
     convert.add_argument("nifti", type=Path)
     convert.add_argument("out", type=Path)
+    commands.add_parser("config-table", help="print the README's configuration table (generated from dicom_node.config)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "fetch-data":
@@ -35,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         from tooling import demo as demo_module
 
         return demo_module.stop() if args.stop else demo_module.run()
+    elif args.command == "config-table":
+        from tooling.readme import config_table
+
+        print(config_table())
     elif args.command == "convert":
         from tooling.convert import nifti_to_ct_series, write_series
 

@@ -22,22 +22,27 @@ import highdicom as hd
 import numpy as np
 import requests
 
-from tooling.convert import StudyInfo, nifti_to_ct_series, read_nifti, write_series
-from tooling.orthanc_harness import OrthancProcess
-from tooling.preview import overlay_png
 from dicom_node.config import CHECKOUT
-from tooling.sample_data import fetch
+from dicom_node.http_security import PASSWORD_VARIABLE
+from dicom_node.private_files import read_private_file
 from dicom_node.series import read_geometry, read_hu
+from tooling.convert import StudyInfo, nifti_to_ct_series, read_nifti, write_series
+from tooling.orthanc_harness import ADMIN, OrthancProcess
+from tooling.preview import overlay_png
+from tooling.sample_data import fetch
 
 DEMO_UID_SEED = "abscess-node-demo-ct_head"
 DEMO_LESION_SEED = 11
 RUNTIME = CHECKOUT / "runtime"
 PID_FILE = RUNTIME / "orthanc.pid"
+PASSWORD_FILE = RUNTIME / "secrets" / "admin-password"
 DEMO_DIR = RUNTIME / "demo"
 
 
-def demo_study() -> tuple[list, dict]:
+def demo_study(uid_seed: str = DEMO_UID_SEED) -> tuple[list, dict]:
     """The demo study: the real head-and-neck CT with one inserted synthetic abscess.
+
+    ``uid_seed`` derives its UIDs (another seed: the same images as a new study).
 
     Returns:
         ``(datasets, lesion)``: the CT series and the inserted lesion's ground truth
@@ -56,15 +61,28 @@ def demo_study() -> tuple[list, dict]:
     cz, cy, cx = lesion["center_zyx"]
     lesion["center_zyx"] = (int(cz), int(cy) - y0, int(cx) - x0)
     info = StudyInfo(study_description="CT NECK WITH CONTRAST (real CT, synthetic abscess inserted)")
-    return nifti_to_ct_series(fetch("ct_head"), info, uid_seed=DEMO_UID_SEED, volume_hu=volume), lesion
+    return nifti_to_ct_series(fetch("ct_head"), info, uid_seed=uid_seed, volume_hu=volume), lesion
+
+
+def _node(config: dict) -> OrthancProcess:
+    """The node of the shipped orthanc.json, with the admin password `make install` created."""
+    if not PASSWORD_FILE.exists():
+        raise SystemExit(f"{PASSWORD_FILE} is missing: run `make install` (it creates the admin's password)")
+    password = read_private_file(PASSWORD_FILE)
+    return OrthancProcess(config, RUNTIME / "logs", config_path=CHECKOUT / "orthanc.json",
+                          environment={PASSWORD_VARIABLE: password}, credentials=(ADMIN, password))
 
 
 def _running_node(config: dict) -> OrthancProcess | None:
-    node = OrthancProcess(config, RUNTIME / "logs", config_path=CHECKOUT / "orthanc.json")
+    node = _node(config)
     try:
-        system = requests.get(node.url + "/system", timeout=2).json()
-    except (requests.RequestException, ValueError):
+        answer = node.http.get(node.url + "/system", timeout=2)
+    except requests.RequestException:
         return None
+    if answer.status_code == 401:
+        raise SystemExit(f"an Orthanc on port {config.get('HttpPort')} refuses the admin password of {PASSWORD_FILE}; "
+                         "stop it first")
+    system = answer.json()
     if system.get("DicomAet") != config.get("DicomAet"):
         raise SystemExit(f"port {config.get('HttpPort')} is used by another Orthanc ({system.get('Name')}); stop it first")
     return node
@@ -97,7 +115,7 @@ def run() -> int:
     config = json.loads((CHECKOUT / "orthanc.json").read_text())
     node = _running_node(config)
     if node is None:
-        node = OrthancProcess(config, RUNTIME / "logs", config_path=CHECKOUT / "orthanc.json")
+        node = _node(config)
         node.start(detach=True)
         PID_FILE.write_text(str(node.process.pid))
         print(f"node started: Orthanc {node.url} (DICOM AE {node.aet} on port {node.dicom_port}), pid {node.process.pid}")
@@ -126,7 +144,7 @@ def run() -> int:
     if not seg_info:
         return 1
     seg_url = f"{node.url}/instances/{seg_info['orthanc_id']}"
-    seg_bytes = requests.get(seg_url + "/file", timeout=60).content
+    seg_bytes = node.http.get(seg_url + "/file", timeout=60).content
     seg = hd.seg.segread(io.BytesIO(seg_bytes))
     geometry = read_geometry(sorted(series_dir.glob("*.dcm")))
     mask = np.stack([seg.get_pixels_by_source_instance([h.SOPInstanceUID], combine_segments=True,
@@ -152,5 +170,6 @@ def run() -> int:
     if (CHECKOUT / "viewer" / "www" / "viewer").exists():
         print(f"viewer (OHIF): {node.url}/ohif/viewer?StudyInstanceUIDs={study_uid}")
     print(f"jobs: {node.url}/abscess-node/jobs   Orthanc Explorer: {node.url}/app/explorer.html")
+    print(f"HTTP login: user {ADMIN}, password in {PASSWORD_FILE} (readable by you only)")
     print("The node keeps running. Stop it with: make stop")
     return 0

@@ -7,6 +7,8 @@ This only starts and stops the ``Orthanc`` executable and sends studies with dcm
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -20,6 +22,8 @@ import requests
 from dicom_node.config import CHECKOUT
 
 PLUGIN_DIRECTORY = Path("/usr/share/orthanc/plugins")
+ADMIN = "admin"
+"""The HTTP user of the shipped orthanc.json (its password comes from ABSCESS_NODE_ADMIN_PASSWORD)."""
 
 
 def free_port() -> int:
@@ -49,29 +53,43 @@ def scratch_node_configuration(directory: Path, abscess: dict[str, Any] | None =
     """
     directory = Path(directory)
     section = {"JobsDatabase": str(directory / "jobs.sqlite"), "IndexDirectory": str(directory / "index"),
-               "WorkDirectory": str(directory / "work"), "LogDirectory": str(directory / "logs"), **(abscess or {})}
+               "WorkDirectory": str(directory / "work"), "LogDirectory": str(directory / "logs"),
+               "PseudonymSecretPath": str(directory / "secrets" / "pseudonym.key"), **(abscess or {})}
     settings = {"HttpPort": free_port(), "DicomPort": free_port(), "StableAge": 1,
-                "StorageDirectory": str(directory / "db"), "IndexDirectory": str(directory / "db"), **overrides}
+                "StorageDirectory": str(directory / "db"), "IndexDirectory": str(directory / "db"),
+                "RegisteredUsers": {ADMIN: secrets.token_urlsafe(18)}, **overrides}
     return node_configuration(AbscessNode=section, **settings)
 
 
 class OrthancProcess:
-    """One Orthanc server process.
+    """One Orthanc server process, and an HTTP session logged in as its admin.
 
     Args:
         config: the full Orthanc configuration (JSON-ready dict).
         directory: where the configuration file and the log are written.
+        config_path: start Orthanc with this file instead of writing ``config`` into ``directory``.
+        environment: extra environment variables of the Orthanc process (the shipped
+            orthanc.json takes the admin's password from ABSCESS_NODE_ADMIN_PASSWORD).
+        credentials: (user, password) of :attr:`http`; by default the admin of ``config``.
     """
 
-    def __init__(self, config: dict[str, Any], directory: Path, config_path: Path | None = None) -> None:
+    def __init__(self, config: dict[str, Any], directory: Path, config_path: Path | None = None,
+                 environment: dict[str, str] | None = None, credentials: tuple[str, str] | None = None) -> None:
         self.config = config
         self.config_path = config_path
         self.directory = Path(directory)
+        self.environment = dict(environment or {})
         self.process: subprocess.Popen | None = None
         self.url = f"http://127.0.0.1:{config.get('HttpPort', 8042)}"
         self.dicom_port = int(config.get("DicomPort", 4242))
         self.aet = config.get("DicomAet", "ORTHANC")
         self.log_path = self.directory / "orthanc.log"
+        if credentials is None and ADMIN in (config.get("RegisteredUsers") or {}):
+            credentials = (ADMIN, config["RegisteredUsers"][ADMIN])
+        self.credentials = credentials
+        self.http = requests.Session()
+        """Requests to this Orthanc, logged in as its admin."""
+        self.http.auth = credentials
 
     def start(self, timeout: float = 60.0, detach: bool = False) -> "OrthancProcess":
         """Start Orthanc and wait until its REST API answers.
@@ -91,14 +109,14 @@ class OrthancProcess:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(["Orthanc", str(config_path)], cwd=str(CHECKOUT), stdout=log,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=detach)
+                                        start_new_session=detach, env={**os.environ, **self.environment})
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"Orthanc exited with code {self.process.returncode}:\n{self.log_tail()}")
             try:
-                if requests.get(self.url + "/system", timeout=2).ok:
+                if self.http.get(self.url + "/system", timeout=2).ok:
                     return self
             except requests.RequestException:
                 pass
@@ -142,7 +160,7 @@ class OrthancProcess:
 
     def get(self, path: str, **params: Any) -> Any:
         """GET a JSON resource of this Orthanc."""
-        response = requests.get(self.url + path, params=params or None, timeout=60)
+        response = self.http.get(self.url + path, params=params or None, timeout=60)
         response.raise_for_status()
         return response.json()
 

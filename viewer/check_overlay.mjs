@@ -3,33 +3,28 @@
 //
 //   node check_overlay.mjs job.json
 //
-// job.json: {url, segDescription, outDir, slices: [{name, sopInstanceUid, points: {key: [x, y, z]}}]}
+// job.json: {url, credentials: {username, password}, segDescription, outDir,
+//            slices: [{name, sopInstanceUid, points: {key: [x, y, z]}}]}
 // (points in patient coordinates, mm). Prints one JSON object on stdout: what the page listed,
 // the segmentations OHIF holds, and per slice the screenshots and the page coordinates of the
 // points. The pixel checks are the test's (Python); this script only drives the browser.
 // Uses Debian's /usr/bin/chromium (CHROMIUM overrides it); never downloads a browser.
 
-import fs from 'node:fs';
 import path from 'node:path';
-import { chromium } from 'playwright-core';
+import { launchChromium, logger, readJob, runSteps } from './driver.mjs';
 
-const job = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
+const job = readJob();
 const STEP_TIMEOUT = Number(job.stepTimeoutMs || 90000);
-const log = (...parts) => console.error(`[check_overlay ${new Date().toISOString().slice(11, 19)}]`, ...parts);
-
-fs.mkdirSync(job.outDir, { recursive: true });
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  headless: true,
-  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-         '--disable-component-update', '--disable-sync'],  // playwright gives it a fresh profile
-});
+const log = logger('check_overlay');
+const browser = await launchChromium();
 
 const consoleErrors = [];
 const httpErrors = [];
 const result = { consoleErrors, httpErrors };
-try {
-  const page = await browser.newPage({ viewport: { width: 1400, height: 900 }, deviceScaleFactor: 1 });
+await runSteps(browser, result, async () => {
+  // the node answers HTTP only to authenticated users: log in as a radiologist's browser would
+  const page = await browser.newPage({ viewport: { width: 1400, height: 900 }, deviceScaleFactor: 1,
+                                       httpCredentials: job.credentials });
   page.setDefaultTimeout(STEP_TIMEOUT);
   page.on('console', (message) => { if (message.type() === 'error') consoleErrors.push(message.text().slice(0, 500)); });
   page.on('response', (response) => { if (response.status() >= 400) httpErrors.push(`${response.status()} ${response.url()}`); });
@@ -141,10 +136,4 @@ try {
     result.slices.push({ name: slice.name, ...placed, screenshots: shots,
                          overlayText: await page.locator('body').innerText() });
   }
-} catch (error) {
-  result.error = String(error?.stack || error);
-} finally {
-  await browser.close();
-}
-process.stdout.write(JSON.stringify(result) + '\n');
-process.exit(result.error ? 1 : 0);
+});

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import ssl
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -32,6 +33,8 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from dicom_node.similar.erasure import run_erasures
+from dicom_node.similar.gallery import Gallery
 from dicom_node.similar.relay import FindResponse, RelayServer
 from dicom_node.similar.request import (
     IDENTIFIER_DOES_NOT_MATCH,
@@ -135,22 +138,41 @@ def find_responses(service: SimilarCaseService, tags: Sequence[Sequence[Any]], c
             for status, answer in responses]
 
 
+def tls_context(certificate: Path, private_key: Path | None, trusted: Path | None) -> ssl.SSLContext:
+    """The server side of DICOM TLS (PS3.15 B.1): this AE's certificate, and, when ``trusted`` is
+    given, client certificates required and checked against it."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile=str(certificate), keyfile=str(private_key) if private_key else None)
+    if trusted is not None:
+        context.load_verify_locations(cafile=str(trusted))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 def serve(service: SimilarCaseService, ae_title: str, port: int, relay: tuple[Path, str] | None = None,
-          host: str = "127.0.0.1") -> None:
-    """Run the DICOM AE (when ``port``) and the relay (when ``relay`` = (address file, token)) until killed."""
+          host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:
+    """Run the DICOM AE (when ``port``; over TLS with ``tls``) and the relay (when ``relay`` =
+    (address file, token)) until killed."""
     listening = []
-    if relay is not None:
+    if relay is not None:  # started by the plugin: this process also erases what Orthanc deletes
+        stop = threading.Event()
+        exists = service.client.study_exists if service.client is not None else (lambda orthanc_id: True)
+        threading.Thread(target=run_erasures, args=(service.config, service.audit, exists, stop),
+                         name="erasures", daemon=True).start()
         address_file, token = relay
+        gallery = Gallery(service)
         server = RelayServer(
             address_file, token, lambda tags, calling: find_responses(service, tags, calling),
-            lambda study_uid, params, user: rest_query(service, study_uid, params, calling=user))
+            lambda study_uid, params, user, store: rest_query(service, study_uid, params, user, store_report=store),
+            gallery.answer, gallery.thumbnail)
         threading.Thread(target=server.serve_forever, name="similar-relay", daemon=True).start()
         listening.append(f"relay on 127.0.0.1:{server.port}")
     if port:
         ae, handlers = build_ae(service, ae_title)
-        log.warning("similar-cases AE %s listening on %s:%d%s", ae_title, host, port,
+        log.warning("similar-cases AE %s listening on %s:%d%s%s", ae_title, host, port, " over TLS" if tls else "",
                     f" (+ {listening[0]})" if listening else "")
-        ae.start_server((host, port), block=True, evt_handlers=handlers)
+        ae.start_server((host, port), block=True, evt_handlers=handlers, ssl_context=tls)
     elif listening:
         log.warning("similar-cases service: %s", listening[0])
         threading.Event().wait()

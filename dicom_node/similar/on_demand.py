@@ -1,10 +1,13 @@
-"""The similar-cases SR a C-FIND answer points at: the pipeline's, or one written on demand.
+"""The similar-cases SR an answer points at: the pipeline's, or one written on explicit request.
 
-Every similar-case answer carries the SOP Instance UID of an SR listing the same answers. For
-the query the pipeline already answered after processing (STUDY level, default K and mode, no
-filters) that is the pipeline's "Similar cases" SR, as long as it lists the same ranked
-studies. Any other query gets an SR written into the query study, with UIDs derived from the
-query parameters and the answers, so that repeating a query stores nothing new.
+Reads never write. The query the pipeline already answered after processing (STUDY level,
+default K and mode, no filters) points at the pipeline's "Similar cases" SR, as long as it
+lists the same ranked studies. Any other query gets an SR only when the caller asks for one
+(C-FIND private element Store Similar Cases Report = YES, or ``POST .../similar-report``); it
+is written into the query study with UIDs derived from the query parameters and the answers,
+so that asking again stores nothing new. An SR stored in a study may be read by anyone who
+reads that study: it names other patients only by keyed pseudonyms unless
+``SimilarCasesReport`` is ``identified``.
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ from dicom_node.identity import (
 )
 from dicom_node.jobs import JobStore
 from dicom_node.orthanc_client import OrthancClient
+from dicom_node.pseudonyms import Pseudonymizer
 from dicom_node.reports.similar_cases import ReportedQuery, build_similar_cases_report
-from dicom_node.similar.query import SimilarCase, SimilarQuery, open_index
+from dicom_node.similar.query import SimilarCase, SimilarQuery, query_index
 from dicom_node.similar.request import ParsedRequest
 from models.weights import AlgorithmInfo
 
 log = logging.getLogger("abscess_node.similar_find")
-audit = logging.getLogger("abscess_node.audit")
+
 
 UNKNOWN_ALGORITHM = AlgorithmInfo(name="abscess-node", version="unknown", demo=True,
                                   description="algorithm of the indexing run unknown")
@@ -45,19 +49,27 @@ class SimilarCasesReports:
     """Finds or writes the SR that holds a similar-case answer.
 
     Args:
-        config: the node configuration (job store, default K).
+        config: the node configuration (job store, default K, SimilarCasesReport).
         client: Orthanc REST client; without it no SR is looked up or written.
+        pseudonymizer: the node's keyed pseudonyms (for SRs stored into a study).
     """
 
-    def __init__(self, config: NodeConfig, client: OrthancClient | None) -> None:
+    def __init__(self, config: NodeConfig, client: OrthancClient | None, pseudonymizer: Pseudonymizer) -> None:
         self.config = config
         self.client = client
+        self.pseudonymizer = pseudonymizer
 
     def report_for(self, request: ParsedRequest, query: SimilarQuery, cases: Sequence[SimilarCase],
-                   calling_aet: str) -> tuple[str, str, str] | None:
+                   requested_by: str, *, write: bool) -> tuple[str, str, str] | None:
         """(SR series UID, SR SOP Instance UID, query study UID) of the SR holding these answers.
 
-        Returns None when no Orthanc is reachable or the SR cannot be written (logged).
+        Args:
+            cases: the answers as indexed (identified).
+            requested_by: calling AE title or user (written into an on-demand SR).
+            write: store an on-demand SR when no existing one holds these answers.
+
+        Returns None when there is no such SR (and none was asked for), when no Orthanc is
+        reachable, or when the SR cannot be written (logged).
         """
         if self.client is None:
             return None
@@ -69,7 +81,9 @@ class SimilarCasesReports:
                 reused = self._pipeline_report(store, query.study_uid, job_result, cases)
                 if reused:
                     return (*reused, query.study_uid)
-            return (*self._write_report(request, query, cases, calling_aet, job_result), query.study_uid)
+            if not write:
+                return None
+            return (*self._write_report(request, query, cases, requested_by, job_result), query.study_uid)
         except Exception:  # the answers are still useful without the SR
             log.exception("similar-cases SR for study %s could not be written", query.study_uid)
             return None
@@ -93,8 +107,9 @@ class SimilarCasesReports:
         return None
 
     def _write_report(self, request: ParsedRequest, query: SimilarQuery, cases: Sequence[SimilarCase],
-                      calling_aet: str, job_result: Mapping[str, Any]) -> tuple[str, str]:
-        signature = json.dumps([request.parameters(), query.study_uid, self.config.pseudonymize_similar_cases,
+                      requested_by: str, job_result: Mapping[str, Any]) -> tuple[str, str]:
+        identified = self.config.similar_cases_report == "identified"
+        signature = json.dumps([request.parameters(), query.study_uid, identified,
                                 [(case.study_uid, round(case.score, 6)) for case in cases]], sort_keys=True)
         series_uid = derived_uid("abscess-node on-demand similar cases", query.study_uid)
         sop_uid = derived_uid("abscess-node on-demand similar cases SR", signature)
@@ -108,18 +123,19 @@ class SimilarCasesReports:
             ("slice_range", "-".join(map(str, query.slice_range or ()))), ("StudyDate", "-".join(request.date_range or ())),
             ("StudyDescription", request.description_pattern or ""), ("PatientSex", request.patient_sex or "")) if v)])
         reported = ReportedQuery(mode=query.mode, k=request.k, filters=described[:1024] or None,
-                                 requested_by=calling_aet[:16] or None)
+                                 requested_by=requested_by[:16] or None)
+        stored_cases = list(cases) if identified else [self.pseudonymizer.case(case) for case in cases]
         report = build_similar_cases_report(
-            images, cases, reported, algorithm, series_number=SIMILAR_CASES_SERIES_NUMBER, instance_number=1,
+            images, stored_cases, reported, algorithm, series_number=SIMILAR_CASES_SERIES_NUMBER, instance_number=1,
             manufacturer=NODE_NAME, device_name=DEVICE_NAME, series_instance_uid=series_uid,
             sop_instance_uid=sop_uid, series_description="Similar cases on demand (abscess-node)")
         self.client.store(dataset_bytes(report))
-        audit.info("on-demand similar-cases SR %s stored in study %s", sop_uid, query.study_uid)
+        log.info("on-demand similar-cases SR %s stored in study %s", sop_uid, query.study_uid)
         return series_uid, sop_uid
 
     def _query_images(self, study_uid: str) -> list[Dataset]:
         """Headers of the indexed query series, in index slice order (the SR's query images)."""
-        with open_index(self.config.index_directory) as index:
+        with query_index(self.config.index_directory) as index:
             record = index.get_study(study_uid)
             by_index = index.slice_instance_uids(study_uid)
         instances = self.client.get_json(f"/series/{record.orthanc_series_id}/instances")

@@ -1,10 +1,11 @@
 """Similar-case retrieval as the node offers it: the query, its typed answers, the index lock.
 
 Wraps :class:`index.store.CaseIndex`: one writer at a time per index directory (a file lock,
-since several worker processes may finish studies together), and results turned into
+since several worker processes may finish studies together); queries read one long-lived
+read-only index per process that never takes that lock; and results turned into
 :class:`SimilarCase` objects that the similar-cases SR, the REST answer and the C-FIND
-identifiers all read. Other patients' identities are replaced by stable pseudonyms when
-``PseudonymizeSimilarCases`` is set.
+identifiers all read (as indexed: :mod:`dicom_node.pseudonyms` replaces other patients'
+identities where the policy asks for it).
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
+import logging
 import math
-from collections.abc import Iterator
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,8 @@ from dicom_node.identity import is_uid
 from index.lesions import Lesion
 from index.records import StudyRecord
 from index.store import CaseIndex
+
+log = logging.getLogger("abscess_node.index")
 
 MODES = {
     "study": {"space": "slice", "rerank": True},
@@ -99,7 +105,7 @@ class SimilarCase:
         rank: 1-based rank.
         score: similarity score of the ranking (higher is more similar).
         mode: retrieval mode that produced it (``study``, ``study-count``, ``roi``).
-        study: the similar study as indexed (identity pseudonymised when the policy says so).
+        study: the similar study (as indexed, or pseudonymised by :mod:`dicom_node.pseudonyms`).
         best_slices: best-matching slice pairs, best first.
         lesions: the similar study's lesions.
         sop_class_uid: SOP Class of the matched slices (CT Image Storage).
@@ -152,18 +158,91 @@ class SimilarCase:
         }
 
 
+class IndexBusy(RuntimeError):
+    """The case index stayed locked by another process longer than the allowed wait."""
+
+
 @contextlib.contextmanager
-def open_index(directory: Path) -> Iterator[CaseIndex]:
-    """Open the case index under an exclusive lock (one writer across worker processes)."""
+def open_index(directory: Path, lock_timeout_seconds: float = 120.0, on_rebuild: Callable[[], None] | None = None,
+               vector_encoding: str | None = None) -> Iterator[CaseIndex]:
+    """Open the case index to write, under an exclusive lock (one writer across worker processes).
+
+    ``vector_encoding`` (``IndexVectorEncoding``: flat or sq8) converts the index when it differs
+    from the stored one; None keeps the index's own. A database that SQLite cannot read (corrupt,
+    or not a database at all) is moved aside to ``<directory>.corrupt-<time>`` with a loud error, a
+    fresh index is opened, and ``on_rebuild`` is called (the worker queues every processed study
+    again so that it is re-indexed).
+
+    Raises:
+        IndexBusy: the lock was not free within ``lock_timeout_seconds``.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        index = CaseIndex.open(directory)
+        deadline = time.monotonic() + lock_timeout_seconds
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise IndexBusy(f"the case index {directory} stayed locked for more than {lock_timeout_seconds:.0f} s "
+                                    "(IndexLockTimeoutSeconds); another process holds it") from None
+                time.sleep(0.05)
         try:
-            yield index
+            try:
+                index = CaseIndex.open(directory, vector_encoding=vector_encoding)
+            except sqlite3.DatabaseError as error:
+                quarantine = directory.with_name(f"{directory.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+                log.error("case index %s is unreadable (%s): moved to %s, starting an empty index", directory, error,
+                          quarantine)
+                quarantine.mkdir(parents=True, exist_ok=True)
+                for path in directory.iterdir():
+                    if path.name != ".lock":
+                        path.rename(quarantine / path.name)
+                index = CaseIndex.open(directory, vector_encoding=vector_encoding)
+                if on_rebuild is not None:
+                    on_rebuild()
+            try:
+                yield index
+            finally:
+                index.close()
         finally:
-            index.close()
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+_query_indexes: dict[Path, CaseIndex] = {}
+_query_indexes_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def query_index(directory: Path) -> Iterator[CaseIndex]:
+    """The process's read-only case index for similar-case queries, kept open between queries.
+
+    The first call opens it (loads the graphs and checks them); later calls hand out the same
+    object, which catches up with the workers' commits incrementally before each search. It
+    takes no lock a writer holds, so a query never waits for a study being indexed.
+    """
+    directory = Path(directory)
+    with _query_indexes_lock:
+        index, identity = _query_indexes.get(directory, (None, None))
+        current = _file_identity(directory / "index.sqlite")
+        if index is not None and identity != current:  # the index was moved aside and rebuilt: reopen
+            index.close()
+            index = None
+        if index is None:
+            directory.mkdir(parents=True, exist_ok=True)
+            index = CaseIndex.open(directory, read_only=True)
+            _query_indexes[directory] = (index, _file_identity(directory / "index.sqlite"))
+    yield index
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a file, None when it does not exist."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino
 
 
 def study_record(study: dict[str, Any], series_uid: str, orthanc_series_id: str, fingerprint: str) -> StudyRecord:
@@ -179,22 +258,9 @@ def study_record(study: dict[str, Any], series_uid: str, orthanc_series_id: str,
         content_fingerprint=fingerprint)
 
 
-def pseudonym(value: str, kind: str) -> str:
-    """A stable pseudonym (same input, same output) that reveals nothing of ``value``."""
-    if not value:
-        return ""
-    return f"{kind}-{hashlib.sha256(f'{kind}:{value}'.encode()).hexdigest()[:12].upper()}"
-
-
-def pseudonymised(study: StudyRecord) -> StudyRecord:
-    """The record with patient name, patient ID and accession number replaced by pseudonyms."""
-    return dataclasses.replace(study, patient_id=pseudonym(study.patient_id, "PID"),
-                               patient_name=pseudonym(study.patient_name, "NAME"),
-                               accession_number=pseudonym(study.accession_number, "ACC"))
-
-
-def find_similar(index: CaseIndex, query: SimilarQuery, pseudonymize: bool) -> list[SimilarCase]:
-    """Ranked similar studies, best first.
+def find_similar(index: CaseIndex, query: SimilarQuery) -> list[SimilarCase]:
+    """Ranked similar studies, best first, as indexed (pseudonymise before showing them to a caller
+    the policy says so for: :class:`dicom_node.pseudonyms.Pseudonymizer`).
 
     Raises:
         index.store.StudyNotIndexed: the query study has not been processed yet.
@@ -211,7 +277,7 @@ def find_similar(index: CaseIndex, query: SimilarQuery, pseudonymize: bool) -> l
         slice_uids = index.slice_instance_uids(hit.study_uid)
         cases.append(SimilarCase(
             rank=hit.rank, score=hit.score, mode=query.mode,
-            study=pseudonymised(study) if pseudonymize else study,
+            study=study,
             best_slices=tuple(SlicePair(q, s, slice_uids.get(int(s), ""), similarity)
                               for q, s, similarity in hit.best_slices),
             lesions=tuple(hit.lesions)))

@@ -7,7 +7,11 @@ through this relay. The protocol is defined here once, for both ends (standard l
 * ``POST /find`` with ``{"tags": [[group, element, value], ...], "calling_aet": str}`` (the
   C-FIND query as Orthanc hands it to the plugin) answers ``{"responses": [...]}``, one
   :class:`FindResponse` per DIMSE response (the identifier as DICOM, base64).
-* ``GET /similar?study_uid=...&user=...&<REST parameters>`` answers the REST twin's status and body.
+* ``GET /similar?study_uid=...&user=...&<REST parameters>`` answers the REST twin's status and
+  body; ``POST /similar-report?...`` (same parameters) also stores the on-demand SR.
+* ``GET /gallery?study_uid=...&user=...&<REST parameters>`` answers the similar-case gallery
+  (:mod:`dicom_node.similar.gallery`): status and JSON body;
+  ``GET /thumbnail?token=...&user=...`` one of its thumbnails as ``{"png": base64}``.
 * ``GET /health`` answers ``{"ok": true}``.
 
 Every request carries ``Authorization: Bearer <token>``; the token is a secret the supervisor
@@ -37,6 +41,9 @@ log = logging.getLogger("abscess_node.relay")
 
 FIND_PATH = "/find"
 SIMILAR_PATH = "/similar"
+REPORT_PATH = "/similar-report"
+GALLERY_PATH = "/gallery"
+THUMBNAIL_PATH = "/thumbnail"
 HEALTH_PATH = "/health"
 MAX_REQUEST_BYTES = 1 << 20
 
@@ -86,10 +93,23 @@ class RelayClient:
             raise RelayUnavailable(f"similar-cases service answered HTTP {status}")
         return [FindResponse.from_json(response) for response in body["responses"]]
 
-    def similar(self, study_uid: str, params: dict[str, str], user: str, wait_seconds: float = 20.0) -> tuple[int, Any]:
-        """Relay one REST similar-case query: (HTTP status, JSON body)."""
+    def similar(self, study_uid: str, params: dict[str, str], user: str, store_report: bool = False,
+                wait_seconds: float = 20.0) -> tuple[int, Any]:
+        """Relay one REST similar-case query (``store_report``: and store its SR): (HTTP status, JSON body)."""
         query = urllib.parse.urlencode({**params, "study_uid": study_uid, "user": user})
+        if store_report:
+            return self._request("POST", f"{REPORT_PATH}?{query}", {}, wait_seconds)
         return self._request("GET", f"{SIMILAR_PATH}?{query}", None, wait_seconds)
+
+    def gallery(self, study_uid: str, params: dict[str, str], user: str, wait_seconds: float = 20.0) -> tuple[int, Any]:
+        """Relay one gallery request: (HTTP status, JSON body)."""
+        query = urllib.parse.urlencode({**params, "study_uid": study_uid, "user": user})
+        return self._request("GET", f"{GALLERY_PATH}?{query}", None, wait_seconds)
+
+    def thumbnail(self, token: str, user: str, wait_seconds: float = 20.0) -> tuple[int, Any]:
+        """Relay one thumbnail request: (HTTP status, ``{"png": base64}`` or ``{"error": ...}``)."""
+        query = urllib.parse.urlencode({"token": token, "user": user})
+        return self._request("GET", f"{THUMBNAIL_PATH}?{query}", None, wait_seconds)
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None, wait_seconds: float) -> tuple[int, Any]:
         """One request; retried while the service is (re)starting, up to ``wait_seconds``."""
@@ -113,7 +133,9 @@ class RelayClient:
 
 
 FindHandler = Callable[[list[list[Any]], str], list[FindResponse]]
-SimilarHandler = Callable[[str, dict[str, str], str], tuple[int, Any]]
+SimilarHandler = Callable[[str, dict[str, str], str, bool], tuple[int, Any]]
+GalleryHandler = Callable[[str, dict[str, str], str], tuple[int, Any]]
+ThumbnailHandler = Callable[[str, str], tuple[int, Any]]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -138,7 +160,11 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorised():
             self._send(401, {"error": "missing or wrong token"})
             return
-        if urllib.parse.urlsplit(self.path).path != FIND_PATH:
+        url = urllib.parse.urlsplit(self.path)
+        if url.path == REPORT_PATH:
+            self._similar(url.query, store_report=True)
+            return
+        if url.path != FIND_PATH:
             self._send(404, {"error": "unknown path"})
             return
         try:
@@ -160,19 +186,28 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(401, {"error": "missing or wrong token"})
             return
         url = urllib.parse.urlsplit(self.path)
+        params = {name: values[-1] for name, values in urllib.parse.parse_qs(url.query).items()}
         if url.path == HEALTH_PATH:
             self._send(200, {"ok": True})
-            return
-        if url.path != SIMILAR_PATH:
+        elif url.path == SIMILAR_PATH:
+            self._similar(url.query, store_report=False)
+        elif url.path == GALLERY_PATH and self.server.gallery is not None:
+            study_uid, user = params.pop("study_uid", ""), params.pop("user", "")
+            self._send(*(self.server.gallery(study_uid, params, user) if study_uid
+                         else (400, {"error": "study_uid is required"})))
+        elif url.path == THUMBNAIL_PATH and self.server.thumbnail is not None:
+            self._send(*self.server.thumbnail(params.get("token", ""), params.get("user", "")))
+        else:
             self._send(404, {"error": "unknown path"})
-            return
-        params = {name: values[-1] for name, values in urllib.parse.parse_qs(url.query).items()}
+
+    def _similar(self, query: str, store_report: bool) -> None:
+        params = {name: values[-1] for name, values in urllib.parse.parse_qs(query).items()}
         study_uid = params.pop("study_uid", "")
-        user = params.pop("user", "REST")
+        user = params.pop("user", "")
         if not study_uid:
             self._send(400, {"error": "study_uid is required"})
             return
-        status, body = self.server.similar(study_uid, params, user)
+        status, body = self.server.similar(study_uid, params, user, store_report)
         self._send(status, body)
 
 
@@ -184,16 +219,21 @@ class RelayServer(ThreadingHTTPServer):
         token: the bearer token every request must carry.
         find: answers a relayed C-FIND.
         similar: answers a relayed REST query.
+        gallery: answers a relayed gallery request (None: not served).
+        thumbnail: answers a relayed thumbnail request (None: not served).
     """
 
     daemon_threads = True
 
-    def __init__(self, address_file: Path, token: str, find: FindHandler, similar: SimilarHandler) -> None:
+    def __init__(self, address_file: Path, token: str, find: FindHandler, similar: SimilarHandler,
+                 gallery: GalleryHandler | None = None, thumbnail: ThumbnailHandler | None = None) -> None:
         if not token:
             raise ValueError("the relay needs a token")
         super().__init__(("127.0.0.1", 0), _Handler)
         self.token = token
         self.find = find
         self.similar = similar
+        self.gallery = gallery
+        self.thumbnail = thumbnail
         self.port = self.server_address[1]
         write_private_file(Path(address_file), str(self.port))

@@ -64,14 +64,22 @@ REQUESTED_K = PrivateElement(0x20, "IS", "1", "Requested Number of Similar Cases
 FILTERS = PrivateElement(0x21, "LO", "1-n", "Lesion Descriptor Filters")
 SLICE_RANGE = PrivateElement(0x22, "IS", "2", "Query Slice Range")
 USE_DESCRIPTORS = PrivateElement(0x23, "CS", "1", "Mix Lesion Descriptors")
+STORE_REPORT = PrivateElement(0x24, "CS", "1", "Store Similar Cases Report")
 PRIVATE_ELEMENTS = (RANK, SCORE, MODE, SR_SOP_INSTANCE_UID, SR_SERIES_INSTANCE_UID, QUERY_STUDY_UID,
-                    REQUESTED_K, FILTERS, SLICE_RANGE, USE_DESCRIPTORS)
+                    REQUESTED_K, FILTERS, SLICE_RANGE, USE_DESCRIPTORS, STORE_REPORT)
 
 add_private_dict_entries(PRIVATE_CREATOR, {
     (PRIVATE_GROUP << 16) | 0x1000 | e.offset: (e.vr, e.vm, e.name, "") for e in PRIVATE_ELEMENTS})
 """pydicom decodes our block with the right VRs, even from implicit VR transfers."""
 
 STANDARD_FILTER_KEYWORDS = ("StudyDate", "StudyDescription", "PatientSex")
+MAX_IDENTIFIER_ELEMENTS = 64
+"""An identifier with more elements is refused (a C-FIND names a few dozen keys at most)."""
+MAX_FILTERS = 8
+"""At most this many lesion-descriptor filters, each at most :data:`MAX_TEXT_LENGTH` characters."""
+MAX_TEXT_LENGTH = 64
+"""Longest filter, StudyDescription pattern or other text value accepted (the LO limit)."""
+MAX_SLICE_INDEX = 100_000
 LEVEL_UNIQUE_KEY = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
 _DATE = re.compile(r"^\d{8}$")
 
@@ -103,6 +111,7 @@ class ParsedRequest:
         patient_sex: PatientSex filter, or None.
         study_uid_hint: StudyInstanceUID given with a SERIES/IMAGE query (speeds up the look-up).
         return_keywords: every keyword of the identifier (the answer carries each of them).
+        store_report: the caller asked for a similar-cases SR of these answers to be stored.
     """
 
     level: str
@@ -117,6 +126,7 @@ class ParsedRequest:
     patient_sex: str | None
     study_uid_hint: str | None
     return_keywords: tuple[str, ...]
+    store_report: bool = False
 
     @property
     def has_result_filters(self) -> bool:
@@ -187,6 +197,8 @@ def parse_request(identifier: Dataset, default_k: int) -> ParsedRequest:
     Raises:
         QueryError: status 0xA900 naming the missing or invalid attribute.
     """
+    if len(identifier) > MAX_IDENTIFIER_ELEMENTS:
+        raise QueryError(IDENTIFIER_DOES_NOT_MATCH, f"identifier has more than {MAX_IDENTIFIER_ELEMENTS} elements")
     level = _text(identifier, "QueryRetrieveLevel").upper()
     if level not in LEVEL_UNIQUE_KEY:
         raise QueryError(IDENTIFIER_DOES_NOT_MATCH, f"QueryRetrieveLevel {level or '(empty)'} not STUDY/SERIES/IMAGE",
@@ -213,6 +225,9 @@ def parse_request(identifier: Dataset, default_k: int) -> ParsedRequest:
             raise QueryError(IDENTIFIER_DOES_NOT_MATCH, f"mode {mode[:20]} not one of {','.join(MODES)}",
                              [private_tag(MODE)])
     filters = tuple(_as_strings(private.get(FILTERS.offset, "")))
+    if len(filters) > MAX_FILTERS or any(len(f) > MAX_TEXT_LENGTH for f in filters):
+        raise QueryError(IDENTIFIER_DOES_NOT_MATCH, f"at most {MAX_FILTERS} filters of {MAX_TEXT_LENGTH} characters",
+                         [private_tag(FILTERS)])
     slice_range = None
     if SLICE_RANGE.offset in private:
         try:
@@ -220,16 +235,16 @@ def parse_request(identifier: Dataset, default_k: int) -> ParsedRequest:
         except ValueError:
             raise QueryError(IDENTIFIER_DOES_NOT_MATCH, "slice range (0041,xx22) must be 2 integers",
                              [private_tag(SLICE_RANGE)]) from None
-        if first < 0 or last < first:
+        if first < 0 or last < first or last > MAX_SLICE_INDEX:
             raise QueryError(IDENTIFIER_DOES_NOT_MATCH, "slice range (0041,xx22) must be 0<=first<=last",
                              [private_tag(SLICE_RANGE)])
         slice_range = (first, last)
-    use_descriptors = False
-    if USE_DESCRIPTORS.offset in private:
-        flag = (_as_strings(private[USE_DESCRIPTORS.offset]) or [""])[0].upper()
-        if flag not in ("YES", "NO"):
-            raise QueryError(IDENTIFIER_DOES_NOT_MATCH, "(0041,xx23) must be YES or NO", [private_tag(USE_DESCRIPTORS)])
-        use_descriptors = flag == "YES"
+    use_descriptors = _yes_no(private, USE_DESCRIPTORS)
+    store_report = _yes_no(private, STORE_REPORT)
+    description = _text(identifier, "StudyDescription")
+    sex = _text(identifier, "PatientSex")
+    if len(description) > MAX_TEXT_LENGTH or len(sex) > 16:
+        raise QueryError(IDENTIFIER_DOES_NOT_MATCH, "StudyDescription or PatientSex is longer than its VR allows")
     date_range = None
     date = _text(identifier, "StudyDate")
     if date:
@@ -244,15 +259,58 @@ def parse_request(identifier: Dataset, default_k: int) -> ParsedRequest:
     return ParsedRequest(
         level=level, unique_uid=uid, k=k, mode=mode, filters=filters, slice_range=slice_range,
         use_descriptors=use_descriptors, date_range=date_range,
-        description_pattern=_text(identifier, "StudyDescription") or None,
-        patient_sex=_text(identifier, "PatientSex").upper() or None, study_uid_hint=study_hint,
-        return_keywords=keywords)
+        description_pattern=description or None, patient_sex=sex.upper() or None, study_uid_hint=study_hint,
+        return_keywords=keywords, store_report=store_report)
 
 
-def _wildcard_match(pattern: str, value: str) -> bool:
-    """DICOM single-value matching with ``*`` and ``?`` (no character classes)."""
-    translated = "".join({"*": ".*", "?": "."}.get(c, re.escape(c)) for c in pattern)
-    return re.fullmatch(translated, value, flags=re.DOTALL) is not None
+def _yes_no(private: dict[int, Any], element: PrivateElement) -> bool:
+    """A YES/NO flag of our private block (absent: NO)."""
+    if element.offset not in private:
+        return False
+    flag = (_as_strings(private[element.offset]) or [""])[0].upper()
+    if flag not in ("YES", "NO"):
+        raise QueryError(IDENTIFIER_DOES_NOT_MATCH, f"(0041,xx{element.offset:02X}) must be YES or NO",
+                         [private_tag(element)])
+    return flag == "YES"
+
+
+def wildcard_match(pattern: str, value: str) -> bool:
+    """DICOM single-value matching with ``*`` (any run) and ``?`` (one character), no regex.
+
+    The pattern is split at its ``*``: the first piece must match the start of the value, the
+    last piece its end, and the pieces between are found left to right at their earliest
+    place. Greedy earliest placement is optimal for such patterns, so there is no backtracking:
+    the cost is at most len(value) x len(pattern) character comparisons (both are bounded by
+    the identifier limits), never exponential.
+    """
+    pieces = pattern.split("*")
+    if len(pieces) == 1:
+        return len(value) == len(pattern) and _piece_at(pattern, value, 0)
+    first, *middle, last = pieces
+    if len(first) + len(last) > len(value) or not _piece_at(first, value, 0):
+        return False
+    if not _piece_at(last, value, len(value) - len(last)):
+        return False
+    position, end = len(first), len(value) - len(last)
+    for piece in middle:
+        found = _find_piece(piece, value, position, end)
+        if found < 0:
+            return False
+        position = found + len(piece)
+    return True
+
+
+def _piece_at(piece: str, value: str, start: int) -> bool:
+    """Whether ``piece`` (with ``?``) matches ``value`` at ``start``."""
+    return all(p == "?" or p == value[start + i] for i, p in enumerate(piece))
+
+
+def _find_piece(piece: str, value: str, start: int, end: int) -> int:
+    """Earliest position >= start where ``piece`` matches inside ``value[:end]``, or -1."""
+    for position in range(start, end - len(piece) + 1):
+        if _piece_at(piece, value, position):
+            return position
+    return -1
 
 
 def passes_standard_keys(study: StudyRecord, request: ParsedRequest) -> bool:
@@ -262,6 +320,6 @@ def passes_standard_keys(study: StudyRecord, request: ParsedRequest) -> bool:
         date = study.study_date
         if not date or (first and date < first) or (last and date > last):
             return False
-    if request.description_pattern and not _wildcard_match(request.description_pattern, study.study_description):
+    if request.description_pattern and not wildcard_match(request.description_pattern, study.study_description):
         return False
-    return not (request.patient_sex and not _wildcard_match(request.patient_sex, study.patient_sex))
+    return not (request.patient_sex and not wildcard_match(request.patient_sex, study.patient_sex))

@@ -1,7 +1,12 @@
-"""The REST twin of the similar-case C-FIND: ``GET /abscess-node/studies/{id}/similar``.
+"""The REST twin of the similar-case C-FIND.
 
-The query parameters are turned into the same identifier a C-FIND would carry, so both routes
-share the parsing, the search and the report of :class:`~dicom_node.similar.service.SimilarCaseService`.
+* ``GET /abscess-node/studies/{id}/similar`` answers (a read: it writes nothing);
+* ``POST /abscess-node/studies/{id}/similar-report`` answers and stores the on-demand SR of
+  those answers in the study (idempotent: the same query and answers give the same SR).
+
+The query parameters are turned into the same identifier a C-FIND would carry, so every route
+shares the parsing, the policy, the search and the audit of
+:class:`~dicom_node.similar.service.SimilarCaseService`.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from dicom_node.similar.policy import Caller
 from dicom_node.similar.request import (
     FILTERS,
     IDENTIFIER_DOES_NOT_MATCH,
@@ -20,19 +26,21 @@ from dicom_node.similar.request import (
     PRIVATE_CREATOR,
     PRIVATE_GROUP,
     QUERY_OBJECT_NOT_INDEXED,
+    REFUSED_NOT_AUTHORISED,
     REQUESTED_K,
     SLICE_RANGE,
     STANDARD_FILTER_KEYWORDS,
     USE_DESCRIPTORS,
+    ParsedRequest,
     QueryError,
     parse_request,
 )
-from dicom_node.similar.service import SimilarCaseService
+from dicom_node.similar.service import Answer, SimilarCaseService
 
 log = logging.getLogger("abscess_node.similar_find")
-audit = logging.getLogger("abscess_node.audit")
 
-HTTP_STATUS = {QUERY_OBJECT_NOT_INDEXED: 404, IDENTIFIER_DOES_NOT_MATCH: 400, OUT_OF_RESOURCES: 503}
+HTTP_STATUS = {REFUSED_NOT_AUTHORISED: 403, QUERY_OBJECT_NOT_INDEXED: 404, IDENTIFIER_DOES_NOT_MATCH: 400,
+               OUT_OF_RESOURCES: 503}
 """HTTP status of each failure status (any other: 500)."""
 
 
@@ -55,32 +63,49 @@ def identifier_from_params(study_uid: str, params: Mapping[str, str]) -> Dataset
     return identifier
 
 
-def rest_query(service: SimilarCaseService, study_uid: str, params: Mapping[str, str],
-               calling: str = "REST") -> tuple[int, Any]:
-    """JSON answer of ``GET /abscess-node/studies/{id}/similar``.
+def answer_params(service: SimilarCaseService, study_uid: str, params: Mapping[str, str], user: str,
+                  store_report: bool = False) -> tuple[ParsedRequest, Answer]:
+    """The REST parameters parsed and answered through :meth:`SimilarCaseService.answer` (policy,
+    search, report, pseudonymisation, audit), as the REST user ``user``.
+
+    Raises:
+        QueryError: refused, not indexed, bad parameter, index unusable (see :func:`error_answer`).
+    """
+    request = parse_request(identifier_from_params(study_uid, params), service.config.similar_cases_top_k)
+    return request, service.answer(request, Caller("rest", user), store_report=store_report)
+
+
+def error_answer(error: Exception) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and JSON body of a failed REST query (the details of an unexpected error are logged)."""
+    if isinstance(error, QueryError):
+        return HTTP_STATUS.get(error.status, 500), {"error": error.comment, "dicom_status": f"0x{error.status:04X}"}
+    log.error("REST similar-cases query failed", exc_info=error)
+    return 500, {"error": "internal error; see the similar-cases service log"}
+
+
+def rest_query(service: SimilarCaseService, study_uid: str, params: Mapping[str, str], user: str,
+               store_report: bool = False) -> tuple[int, Any]:
+    """JSON answer of ``GET .../similar`` (or, with ``store_report``, of ``POST .../similar-report``).
 
     Args:
         service: the similar-case service.
         study_uid: StudyInstanceUID of the query study.
         params: ``k``, ``mode``, ``filters`` (comma-separated), ``slices`` (``first-last``),
             ``descriptors`` (``yes``/``no``), ``StudyDate``, ``StudyDescription``, ``PatientSex``.
-        calling: who asks (written into an on-demand SR).
+        user: the HTTP user Orthanc authenticated ("" when anonymous).
+        store_report: store the on-demand SR of the answers in the query study.
 
     Returns:
         (HTTP status, JSON-ready body): 200 with the ranked results, 400 for a bad parameter,
-        404 for a study that is not indexed, 503 when the index is unusable.
+        403 for a caller the policy refuses, 404 for a study that is not indexed, 503 when the
+        index is unusable.
     """
     try:
-        request = parse_request(identifier_from_params(study_uid, params), service.config.similar_cases_top_k)
-        query, cases = service.search(request)
-        report = service.reports.report_for(request, query, cases, calling)
-    except QueryError as error:
-        return HTTP_STATUS.get(error.status, 500), {"error": error.comment, "dicom_status": f"0x{error.status:04X}"}
-    except Exception:
-        log.exception("REST similar-cases query for %s failed", study_uid)
-        return 500, {"error": "internal error; see the similar-cases service log"}
-    audit.info("similar-cases REST query: study %s -> %d result(s)", study_uid, len(cases))
+        request, answer = answer_params(service, study_uid, params, user, store_report)
+    except Exception as error:  # noqa: BLE001 - every failure becomes an HTTP answer
+        return error_answer(error)
+    query, report = answer.query, answer.report
     return 200, {"query": {"study_uid": study_uid, "k": request.k, "mode": query.mode, "filters": list(query.filters),
                            "slice_range": list(query.slice_range) if query.slice_range else None},
                  "similar_cases_sr": ({"series_uid": report[0], "sop_instance_uid": report[1]} if report else None),
-                 "results": [case.as_dict() for case in cases]}
+                 "results": [case.as_dict() for case in answer.cases]}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sqlite3
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,9 +21,12 @@ from pydicom.dataset import Dataset
 
 from dicom_node.config import NodeConfig
 from dicom_node.jobs import JobStore
+from dicom_node.metrics import SIMILAR_QUERY_SECONDS, MetricsStore
 from dicom_node.orthanc_client import OrthancClient, OrthancError
+from dicom_node.pseudonyms import Pseudonymizer
 from dicom_node.similar.on_demand import SimilarCasesReports
-from dicom_node.similar.query import SimilarCase, SimilarQuery, find_similar, open_index
+from dicom_node.similar.policy import AccessPolicy, AuditLog, Caller
+from dicom_node.similar.query import SimilarCase, SimilarQuery, find_similar, open_index, query_index
 from dicom_node.similar.request import (
     IDENTIFIER_DOES_NOT_MATCH,
     MODE,
@@ -47,7 +51,20 @@ from dicom_node.similar.request import (
 )
 
 log = logging.getLogger("abscess_node.similar_find")
-audit = logging.getLogger("abscess_node.audit")
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """The answer to one similar-case query: the index query, the cases as shown, the SR holding them.
+
+    ``indexed_cases`` are the same cases as indexed (real UIDs, in the same order): for the
+    service's own look-ups (the gallery's thumbnails), never for the caller.
+    """
+
+    query: SimilarQuery
+    cases: list[SimilarCase]
+    report: tuple[str, str, str] | None
+    indexed_cases: list[SimilarCase] = dataclasses.field(default_factory=list, repr=False)
 
 
 class SimilarCaseService:
@@ -64,7 +81,46 @@ class SimilarCaseService:
         self.config = config
         self.client = client
         self.retrieve_aet = retrieve_aet
-        self.reports = SimilarCasesReports(config, client)
+        self.pseudonymizer = Pseudonymizer.from_file(config.pseudonym_secret_path)
+        self.reports = SimilarCasesReports(config, client, self.pseudonymizer)
+        self.policy = AccessPolicy(config)
+        self.audit = AuditLog(config.log_directory)
+        self.metrics = MetricsStore(JobStore(config.jobs_database))
+
+    def answer(self, request: ParsedRequest, caller: Caller, *, store_report: bool = False) -> Answer:
+        """The one way to similar cases: access policy, search, report, pseudonymisation, audit.
+
+        Args:
+            request: the parsed query.
+            caller: who asks (refused unless the policy allows them; audited either way).
+            store_report: write an on-demand SR of the answers into the query study (an explicit
+                request; the default query reuses the pipeline's report, and nothing else writes).
+
+        Raises:
+            QueryError: refused (0x0124), not indexed (0xC001), bad query (0xA900), index
+                unusable (0xA700), Orthanc look-up failed (0xC000).
+        """
+        started = time.perf_counter()
+        try:
+            if not self.policy.allows(caller):
+                raise QueryError(REFUSED_NOT_AUTHORISED, self.policy.refusal(caller))
+            query, cases = self.search(request)
+            report = self.reports.report_for(request, query, cases, caller.name, write=store_report)
+        except QueryError as error:
+            self.audit.record(caller, request.unique_uid, [], "refused" if error.status == REFUSED_NOT_AUTHORISED
+                              else f"failed 0x{error.status:04X}", error.comment)
+            raise
+        self.audit.record(caller, query.study_uid, [case.study_uid for case in cases], "answered",
+                          f"{request.level} k={request.k} mode={query.mode}" + (" report" if report else ""))
+        self._record_latency(caller, time.perf_counter() - started)
+        shown = [self.pseudonymizer.case(case) for case in cases] if self.config.pseudonymize_similar_cases else cases
+        return Answer(query, shown, report, indexed_cases=cases)
+
+    def _record_latency(self, caller: Caller, seconds: float) -> None:
+        try:
+            self.metrics.observe(SIMILAR_QUERY_SECONDS, seconds, route=caller.route)
+        except Exception:  # noqa: BLE001 - a busy job store loses one observation, not the answer
+            log.warning("similar-case query latency not recorded", exc_info=True)
 
     # -- the C-FIND handler ---------------------------------------------------------------------
     def find(self, identifier: Dataset, calling_aet: str) -> Iterator[tuple[Dataset, Dataset | None]]:
@@ -76,7 +132,7 @@ class SimilarCaseService:
         try:
             answers = self._answers(identifier, calling_aet)
         except QueryError as error:
-            audit.warning("similar-cases C-FIND from %s: status 0x%04X (%s)", calling_aet, error.status, error.comment)
+            log.warning("similar-cases C-FIND from %s: status 0x%04X (%s)", calling_aet[:16], error.status, error.comment)
             yield status_dataset(error.status, error.comment, error.offending), None
             return
         except Exception:  # the network layer must never see an exception
@@ -87,21 +143,16 @@ class SimilarCaseService:
             yield status_dataset(PENDING), answer
         yield status_dataset(SUCCESS), None
 
-    def check_access(self, calling_aet: str) -> None:
-        """Raise a refusal (0x0124) unless the calling AE title is allowed."""
-        if calling_aet not in self.config.allowed_similar_cases_aets:
-            raise QueryError(REFUSED_NOT_AUTHORISED, f"calling AE {calling_aet[:16]} is not allowed similar cases")
-
     def _answers(self, identifier: Dataset, calling_aet: str) -> list[Dataset]:
-        self.check_access(calling_aet)
+        caller = Caller("c-find", calling_aet)
+        if not self.policy.allows(caller):  # refused before the identifier is even read
+            self.audit.record(caller, "", [], "refused", self.policy.refusal(caller))
+            raise QueryError(REFUSED_NOT_AUTHORISED, self.policy.refusal(caller))
         if not isinstance(identifier, Dataset):
             raise QueryError(IDENTIFIER_DOES_NOT_MATCH, "no identifier")
         request = parse_request(identifier, self.config.similar_cases_top_k)
-        query, results = self.search(request)
-        report = self.reports.report_for(request, query, results, calling_aet)
-        audit.info("similar-cases C-FIND from %s: %s %s -> %d answer(s)%s", calling_aet, request.level,
-                   request.unique_uid, len(results), f", SR {report[1]}" if report else "")
-        return [self.identifier_for(result, request, report) for result in results]
+        answer = self.answer(request, caller, store_report=request.store_report)
+        return [self.identifier_for(case, request, answer.report) for case in answer.cases]
 
     # -- resolution and search ----------------------------------------------------------------------
     def resolve(self, request: ParsedRequest, index: Any) -> SimilarQuery:
@@ -191,10 +242,10 @@ class SimilarCaseService:
             QueryError: 0xC001 (not indexed), 0xA900 (bad filter), 0xA700 (index unusable).
         """
         try:
-            with open_index(self.config.index_directory) as index:
+            with query_index(self.config.index_directory) as index:
                 query = self.resolve(request, index)
                 try:
-                    results = find_similar(index, query, self.config.pseudonymize_similar_cases)
+                    results = find_similar(index, query)
                 except ValueError as error:  # bad filter / range
                     raise QueryError(IDENTIFIER_DOES_NOT_MATCH, str(error)) from None
         except QueryError:
@@ -202,6 +253,12 @@ class SimilarCaseService:
         except OrthancError as error:
             log.warning("Orthanc look-up failed: %s", error)
             raise QueryError(UNABLE_TO_PROCESS, "Orthanc look-up failed; see the similar-cases service log") from None
+        except sqlite3.DatabaseError as error:
+            log.error("case index %s unreadable (%s): rebuilding it", self.config.index_directory, error)
+            with open_index(self.config.index_directory, self.config.index_lock_timeout_seconds,
+                            on_rebuild=JobStore(self.config.jobs_database).requeue_for_reindex):
+                pass  # moved aside, reopened empty, processed studies queued for re-indexing
+            raise QueryError(OUT_OF_RESOURCES, "case index was unreadable and is being rebuilt; retry later") from None
         except (OSError, RuntimeError, sqlite3.Error) as error:
             log.exception("case index %s unusable", self.config.index_directory)
             raise QueryError(OUT_OF_RESOURCES, f"case index unavailable: {type(error).__name__}") from None

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pydicom
-import requests
 
 from tooling.convert import StudyInfo, volume_to_ct_series, write_series
 
@@ -112,7 +111,7 @@ def test_undecodable_pixel_data_fails_naming_the_instance(node, tmp_path, sample
 
 def test_garbage_upload_is_refused_and_node_keeps_working(node, tmp_path, ct_crop):
     before = instance_count(node)
-    answer = requests.post(node.url + "/instances", data=b"this is not DICOM" * 100, timeout=30)
+    answer = node.http.post(node.url + "/instances", data=b"this is not DICOM" * 100, timeout=30)
     assert answer.status_code == 400
     datasets = volume_to_ct_series(ct_crop(12), (2.5, 1.0, 1.0), uid_seed="after-garbage")
     job = node.wait_for_job(send(node, datasets, tmp_path))
@@ -133,8 +132,10 @@ def test_real_scanner_series_rider_lung(node, tmp_path, sample):
     assert job["result"]["frames"] == len(files)
 
 
-def test_study_of_2000_slices_is_processed_in_chunks(node, tmp_path, ct_crop):
-    """2,000 slices (real CT rows, small matrix to keep CI short): decoded and segmented chunk by chunk."""
+def test_study_of_2000_slices_is_processed_in_chunks(start_node, tiny_weights_path, tmp_path, ct_crop):
+    """2,000 slices (real CT rows, small matrix and a tiny network to keep CI short): decoded and
+    segmented chunk by chunk, the worker's memory bounded."""
+    node = start_node("long-series", {"WeightsPath": str(tiny_weights_path), "ChunkSlices": 32})
     block = ct_crop(2000, size=32)
     datasets = volume_to_ct_series(block, (0.5, 1.0, 1.0), uid_seed="long-2000", info=StudyInfo(patient_id="LONG-2000"))
     job = node.wait_for_job(send(node, datasets, tmp_path), timeout=900)

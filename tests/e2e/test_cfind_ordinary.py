@@ -17,7 +17,7 @@ import pydicom
 import pytest
 
 from tooling.convert import StudyInfo, volume_to_ct_series, write_series
-from tooling.orthanc_harness import OrthancProcess, free_port, node_configuration
+from tooling.orthanc_harness import OrthancProcess, free_port, scratch_node_configuration
 
 CALLING = "EQUIV"
 
@@ -39,12 +39,7 @@ def two_orthancs(tmp_path_factory):
     """(plain Orthanc, our node), same AET, same modalities, same instances."""
     directory = tmp_path_factory.mktemp("equivalence")
     common = {"DicomAet": "ABSCESS_NODE", "StableAge": 1, "DicomModalities": {"eq": [CALLING, "127.0.0.1", 1]}}
-    ours_config = node_configuration(
-        HttpPort=free_port(), DicomPort=free_port(), StorageDirectory=str(directory / "ours-db"),
-        IndexDirectory=str(directory / "ours-db"), **common,
-        AbscessNode={"Enabled": False, "JobsDatabase": str(directory / "jobs.sqlite"), "WorkerCount": 0,
-                     "IndexDirectory": str(directory / "index"), "WorkDirectory": str(directory / "work"),
-                     "LogDirectory": str(directory / "logs")})
+    ours_config = scratch_node_configuration(directory / "ours", {"Enabled": False, "WorkerCount": 0}, **common)
     plain_config = {key: value for key, value in ours_config.items() if key not in ("PythonScript", "AbscessNode")}
     plain_config.update(HttpPort=free_port(), DicomPort=free_port(), Plugins=[],
                         StorageDirectory=str(directory / "plain-db"), IndexDirectory=str(directory / "plain-db"))

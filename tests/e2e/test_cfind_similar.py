@@ -6,6 +6,7 @@ queries use dcmtk's findscu/movescu/dsrdump and pynetdicom SCUs, as a viewer or 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 
 from dicom_node.config import CHECKOUT
+from dicom_node.private_files import write_private_file
 from dicom_node.similar.request import PRIVATE_CREATOR, PRIVATE_GROUP
 from tooling.convert import StudyInfo, volume_to_ct_series, write_series
 from tooling.dciodvfy import assert_valid
@@ -27,14 +29,15 @@ from tooling.orthanc_harness import OrthancProcess, free_port, scratch_node_conf
 SIMILAR_AET = "ABSCESS_SIMILAR"
 VIEWER = "VIEWER"
 STRANGER = "STRANGER"  # known to Orthanc (may C-FIND), not allowed similar cases
+CLERK = "clerk"  # an HTTP user Orthanc knows, not in AllowedSimilarCasesUsers
 
 
 STUDIES = [
-    ("sim-a", 0, StudyInfo(patient_name="Doe^Alice", patient_id="SIM-A", study_date="20200105", accession_number="ACC-A",
+    ("sim-a", 0, StudyInfo(patient_name="Doe^Alice", patient_id="SIM-A", study_date="20200105", accession_number="ACCN-A",
                            study_description="CT NECK A", patient_sex="F")),
-    ("sim-b", 4, StudyInfo(patient_name="Doe^Bob", patient_id="SIM-B", study_date="20210610", accession_number="ACC-B",
+    ("sim-b", 4, StudyInfo(patient_name="Doe^Bob", patient_id="SIM-B", study_date="20210610", accession_number="ACCN-B",
                            study_description="CT NECK B", patient_sex="M")),
-    ("sim-c", 40, StudyInfo(patient_name="Roe^Carol", patient_id="SIM-C", study_date="20220301", accession_number="ACC-C",
+    ("sim-c", 40, StudyInfo(patient_name="Roe^Carol", patient_id="SIM-C", study_date="20220301", accession_number="ACCN-C",
                             study_description="ct neck c", patient_sex="F")),
 ]
 
@@ -50,6 +53,7 @@ def similar_node(tmp_path_factory, weights_path, ct_crop):
                     "SeriesRules": {"RequireNeckCoverage": False}},  # the studies are 64 x 64 crops
         DicomAet="ABSCESS_NODE",
         DicomModalities={"viewer": [VIEWER, "127.0.0.1", viewer_port], "stranger": [STRANGER, "127.0.0.1", 1]})
+    config["RegisteredUsers"][CLERK] = "clerk-password-not-on-the-list"  # authenticated, not allowed similar cases
     node = OrthancProcess(config, directory).start()
     studies = {}
     try:
@@ -59,7 +63,7 @@ def similar_node(tmp_path_factory, weights_path, ct_crop):
             studies[seed] = datasets
         mr = volume_to_ct_series(ct_crop(3), (2.5, 1.0, 1.0), uid_seed="sim-mr",
                                  info=StudyInfo(patient_name="DOE^DAN", patient_id="SIM-D", study_date="20190101",
-                                                study_description="MR HEAD", accession_number="ACC-D"))
+                                                study_description="MR HEAD", accession_number="ACCN-D"))
         for ds in mr:
             ds.Modality = "MR"
         write_series(mr, directory / "sim-mr")
@@ -93,15 +97,18 @@ def c_find(port: int, identifier: Dataset, called: str = SIMILAR_AET, calling: s
         assoc.release()
 
 
-def study_query(study_uid: str, k: int | None = None, mode: str | None = None, filters: list[str] | None = None) -> Dataset:
+def study_query(study_uid: str, k: int | None = None, mode: str | None = None, filters: list[str] | None = None,
+                store_report: bool = False) -> Dataset:
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "STUDY"
     identifier.StudyInstanceUID = study_uid
     for keyword in ("PatientName", "PatientID", "StudyDate", "StudyDescription", "AccessionNumber", "ModalitiesInStudy",
                     "RetrieveAETitle"):
         setattr(identifier, keyword, "")
-    if k or mode or filters:
+    if k or mode or filters or store_report:
         block = identifier.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+        if store_report:
+            block.add_new(0x24, "CS", "YES")
         if k:
             block.add_new(0x20, "IS", str(k))
         if mode:
@@ -120,8 +127,21 @@ def findscu(node, *keys: str, calling: str = VIEWER, called: str = SIMILAR_AET, 
     return done, [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
 
 
-def test_findscu_study_query_gives_ranked_answers_with_sr(similar_node, tmp_path):
+def private_or_none(dataset: Dataset, offset: int):
+    """Value of our private element, or None when the answer does not carry it."""
+    try:
+        return private(dataset, offset)
+    except KeyError:
+        return None
+
+
+def instance_count(node) -> int:
+    return int(node.get("/statistics")["CountInstances"])
+
+
+def test_findscu_study_query_gives_ranked_answers(similar_node, tmp_path):
     query_uid = similar_node.studies["sim-a"][0].StudyInstanceUID
+    before = instance_count(similar_node)
     done, answers = findscu(
         similar_node, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={query_uid}", "PatientName", "PatientID",
         "StudyDate", "StudyDescription", "AccessionNumber", "ModalitiesInStudy", "RetrieveAETitle",
@@ -144,8 +164,9 @@ def test_findscu_study_query_gives_ranked_answers_with_sr(similar_node, tmp_path
         assert "CT" in answer.ModalitiesInStudy and "SEG" in answer.ModalitiesInStudy
         assert answer.RetrieveAETitle == "ABSCESS_NODE" and answer.QueryRetrieveLevel == "STUDY"
         assert private(answer, 0x12) == "study"
-    assert len({private(a, 0x13) for a in answers}) == 1  # one SR for the whole answer
+    assert len({private_or_none(a, 0x13) for a in answers}) == 1  # the pipeline's SR for all, or none
     assert "Received Final Find Response (Success)" in done.stderr
+    assert instance_count(similar_node) == before  # a query is a read: nothing stored
 
 
 def test_default_study_query_reuses_the_pipeline_report(similar_node):
@@ -176,9 +197,11 @@ def retrieve_sr(node, sr_uid: str, study_uid: str, directory: Path) -> Path:
     return files[0]
 
 
-def test_sr_of_the_answers_is_retrieved_with_movescu_and_valid(similar_node, tmp_path):
+def test_asked_for_sr_is_retrieved_with_movescu_valid_and_pseudonymised(similar_node, tmp_path):
+    """Store Similar Cases Report = YES: an SR of the answers in the query study, naming the other
+    patients only by keyed pseudonyms (SimilarCasesReport "pseudonymized", the default)."""
     query_uid = similar_node.studies["sim-a"][0].StudyInstanceUID
-    responses = c_find(similar_node.dicom_port, study_query(query_uid))
+    responses = c_find(similar_node.dicom_port, study_query(query_uid, store_report=True))
     answers = [ident for status, ident in responses if status.Status == 0xFF00]
     sr_uid = private(answers[0], 0x13)
     path = retrieve_sr(similar_node, sr_uid, query_uid, tmp_path / "moved")
@@ -188,25 +211,31 @@ def test_sr_of_the_answers_is_retrieved_with_movescu_and_valid(similar_node, tmp
     assert sr.ConceptNameCodeSequence[0].CodeMeaning == "Similar cases"
     dump = subprocess.run(["dsrdump", str(path)], check=False, capture_output=True, text=True, timeout=60)
     assert dump.returncode == 0, dump.stderr
-    for answer in answers:
-        assert answer.StudyInstanceUID in dump.stdout
+    assert dump.stdout.count('CONTAINER:(,,"Similar case")') == len(answers)
+    written = path.read_bytes()
+    for answer in answers:  # the C-FIND caller is allowed to see them; the stored SR does not name them
+        for value in (answer.StudyInstanceUID, answer.PatientID, str(answer.PatientName), answer.AccessionNumber):
+            assert value.encode() not in written
+    assert b"PID-" in written
 
 
-def test_on_demand_query_writes_its_own_sr(similar_node, tmp_path):
+def test_on_demand_sr_only_when_asked_and_idempotent(similar_node, tmp_path):
     query_uid = similar_node.studies["sim-a"][0].StudyInstanceUID
-    default = [i for s, i in c_find(similar_node.dicom_port, study_query(query_uid)) if s.Status == 0xFF00]
-    responses = c_find(similar_node.dicom_port, study_query(query_uid, k=1, mode="study-count"))
-    assert [hex(s.Status) for s, _ in responses] == ["0xff00", "0x0"]
+    before = instance_count(similar_node)
+    plain = c_find(similar_node.dicom_port, study_query(query_uid, k=1, mode="study-count"))
+    assert [hex(s.Status) for s, _ in plain] == ["0xff00", "0x0"]
+    assert private_or_none(plain[0][1], 0x13) is None and instance_count(similar_node) == before
+    responses = c_find(similar_node.dicom_port, study_query(query_uid, k=1, mode="study-count", store_report=True))
     answer = responses[0][1]
     assert int(private(answer, 0x10)) == 1 and private(answer, 0x12) == "study-count"
     sr_uid = private(answer, 0x13)
-    assert sr_uid != private(default[0], 0x13)
-    again = c_find(similar_node.dicom_port, study_query(query_uid, k=1, mode="study-count"))
-    assert private(again[0][1], 0x13) == sr_uid  # same query, same SR: nothing new stored
+    assert instance_count(similar_node) == before + 1
+    again = c_find(similar_node.dicom_port, study_query(query_uid, k=1, mode="study-count", store_report=True))
+    assert private(again[0][1], 0x13) == sr_uid and instance_count(similar_node) == before + 1  # same query, same SR
     path = retrieve_sr(similar_node, sr_uid, query_uid, tmp_path / "moved")
     assert_valid(path)
     dump = subprocess.run(["dsrdump", str(path)], check=False, capture_output=True, text=True, timeout=60)
-    assert dump.returncode == 0 and "study-count" in dump.stdout and answer.StudyInstanceUID in dump.stdout
+    assert dump.returncode == 0 and "study-count" in dump.stdout and answer.StudyInstanceUID not in dump.stdout
 
 
 def test_image_and_seg_series_queries(similar_node):
@@ -222,7 +251,7 @@ def test_image_and_seg_series_queries(similar_node):
     assert answers and all(a.QueryRetrieveLevel == "IMAGE" and a.SOPInstanceUID for a in answers)
     assert ct[0].StudyInstanceUID not in {a.StudyInstanceUID for a in answers}
 
-    seg_series = requests.post(similar_node.url + "/tools/find", json={
+    seg_series = similar_node.http.post(similar_node.url + "/tools/find", json={
         "Level": "Series", "Query": {"StudyInstanceUID": ct[0].StudyInstanceUID, "Modality": "SEG"}, "Expand": True},
         timeout=30).json()[0]["MainDicomTags"]["SeriesInstanceUID"]
     identifier = Dataset()
@@ -245,36 +274,107 @@ def test_refusal_and_failures_through_orthanc(similar_node):
     assert [s.Status for s, _ in unknown] == [0xC000]
     log = (similar_node.directory / "logs" / "similar-service.log").read_text()
     assert f"similar-cases C-FIND from {STRANGER}: status 0x0124" in log
-    assert "Doe" not in log and "SIM-" not in log  # audit lines: UIDs and AE titles only
+    assert "Doe" not in log and "SIM-" not in log  # log lines: UIDs and AE titles only
+    audit = [json.loads(line) for line in (similar_node.directory / "logs" / "audit.jsonl").read_text().splitlines()]
+    assert {"route": "c-find", "caller": STRANGER, "outcome": "refused"}.items() <= audit_line(audit, STRANGER).items()
+    answered = [line for line in audit if line["caller"] == VIEWER and line["outcome"] == "answered"]
+    assert answered and all(line["count"] == len(line["result_study_uids"]) for line in answered)
+    assert not any(value in json.dumps(audit) for value in ("Doe", "SIM-A", "ACCN-B"))  # no names, no IDs
 
 
-def test_rest_twin_matches_c_find(similar_node):
+def audit_line(lines: list[dict], caller: str) -> dict:
+    """The last audit line of a caller."""
+    return [line for line in lines if line["caller"] == caller][-1]
+
+
+def similar_url(node, study_uid: str, report: bool = False) -> str:
+    orthanc_id = node.http.post(node.url + "/tools/lookup", data=study_uid, timeout=30).json()[0]["ID"]
+    return f"{node.url}/abscess-node/studies/{orthanc_id}/similar" + ("-report" if report else "")
+
+
+def test_rest_twin_matches_c_find_and_never_writes(similar_node):
     query_uid = similar_node.studies["sim-a"][0].StudyInstanceUID
-    orthanc_id = requests.post(similar_node.url + "/tools/lookup", data=query_uid, timeout=30).json()[0]["ID"]
-    rest = requests.get(f"{similar_node.url}/abscess-node/studies/{orthanc_id}/similar", params={"k": 2}, timeout=120)
+    url = similar_url(similar_node, query_uid)
+    before = instance_count(similar_node)
+    rest = similar_node.http.get(url, params={"k": 2}, timeout=120)
     assert rest.status_code == 200, rest.text
     answers = [i for s, i in c_find(similar_node.dicom_port, study_query(query_uid)) if s.Status == 0xFF00]
     body = rest.json()
     assert [r["study_uid"] for r in body["results"]] == [a.StudyInstanceUID for a in answers]
     assert [r["rank"] for r in body["results"]] == list(range(1, len(answers) + 1))
-    assert body["similar_cases_sr"]["sop_instance_uid"] == private(answers[0], 0x13)
+    assert (body["similar_cases_sr"] or {}).get("sop_instance_uid") == private_or_none(answers[0], 0x13)
     assert body["results"][0]["best_slices"] and "lesions" in body["results"][0]
-    bad = requests.get(f"{similar_node.url}/abscess-node/studies/{orthanc_id}/similar", params={"k": 0}, timeout=60)
+    assert similar_node.http.get(url, params={"k": 2}, timeout=120).json() == body
+    assert instance_count(similar_node) == before  # two GETs, nothing stored
+    bad = similar_node.http.get(url, params={"k": 0}, timeout=60)
     assert bad.status_code == 400 and "0xA900" in bad.text
-    filtered = requests.get(f"{similar_node.url}/abscess-node/studies/{orthanc_id}/similar",
-                            params={"StudyDate": "20210101-20211231"}, timeout=60).json()
+    filtered = similar_node.http.get(url, params={"StudyDate": "20210101-20211231"}, timeout=60).json()
     sim_b = similar_node.studies["sim-b"][0].StudyInstanceUID
     hit = [r["study_uid"] for r in body["results"]]
     assert [r["study_uid"] for r in filtered["results"]] == [uid for uid in hit if uid == sim_b]
+    by_lesion = similar_node.http.get(url, params={"filters": "loculi>=1,volume_ml>0"}, timeout=60)  # URL-encoded >=
+    assert by_lesion.status_code == 200 and by_lesion.json()["query"]["filters"] == ["loculi>=1", "volume_ml>0"]
+
+
+def test_rest_answers_only_listed_users(similar_node):
+    url = similar_url(similar_node, similar_node.studies["sim-b"][0].StudyInstanceUID)
+    assert requests.get(url, timeout=30).status_code == 401  # Orthanc: no credentials, no answer
+    assert requests.get(url, auth=("admin", "wrong password!"), timeout=30).status_code == 401
+    clerk = requests.get(url, auth=(CLERK, similar_node.config["RegisteredUsers"][CLERK]), timeout=60)
+    assert clerk.status_code == 403 and "not allowed" in clerk.json()["error"]
+    assert requests.get(similar_node.url + "/abscess-node/jobs", timeout=30).status_code == 401
+    audit = [json.loads(line) for line in (similar_node.directory / "logs" / "audit.jsonl").read_text().splitlines()]
+    assert audit_line(audit, CLERK)["outcome"] == "refused" and audit_line(audit, "admin")["outcome"] == "answered"
+
+
+def test_post_stores_the_report_once(similar_node):
+    url = similar_url(similar_node, similar_node.studies["sim-b"][0].StudyInstanceUID, report=True)
+    before = instance_count(similar_node)
+    first = similar_node.http.post(url, params={"k": 1, "mode": "study-count"}, timeout=120)
+    assert first.status_code == 200, first.text
+    sr = first.json()["similar_cases_sr"]
+    assert sr and instance_count(similar_node) == before + 1
+    again = similar_node.http.post(url, params={"k": 1, "mode": "study-count"}, timeout=120).json()
+    assert again["similar_cases_sr"] == sr and instance_count(similar_node) == before + 1
+    assert similar_node.http.get(url, timeout=30).status_code == 405  # the report route takes POST only
+
+
+def test_hostile_wildcard_answers_at_once(similar_node):
+    url = similar_url(similar_node, similar_node.studies["sim-a"][0].StudyInstanceUID)
+    started = time.monotonic()
+    answer = similar_node.http.get(url, params={"StudyDescription": "*?" * 17}, timeout=60)
+    elapsed = time.monotonic() - started
+    assert answer.status_code == 200, answer.text
+    assert elapsed < 10, f"{elapsed:.1f} s"  # Python's re took hours for this pattern on a long description
+    print(f"hostile 34-character wildcard query answered in {elapsed:.3f} s")
+
+
+def test_the_automatic_report_names_no_other_patient(similar_node):
+    """Each processed study's similar-cases SR holds no other patient's ID, name, accession, UIDs."""
+    ct_studies = {seed: datasets for seed, datasets in similar_node.studies.items() if seed != "sim-mr"}
+    for seed, datasets in ct_studies.items():
+        job = similar_node.wait_for_job(datasets[0].StudyInstanceUID)
+        written = similar_node.http.get(f"{similar_node.url}{job['result']['similar_cases']['url']}/file", timeout=60).content
+        for other_seed, others in ct_studies.items():
+            if other_seed == seed:
+                continue
+            header = others[0]
+            for value in (header.PatientID, str(header.PatientName), header.AccessionNumber, header.StudyInstanceUID,
+                          header.SeriesInstanceUID):
+                assert value.encode() not in written, (seed, value)
+        listed = job["result"]["similar_studies"]
+        assert written.count(b"PID-") >= len(listed)
 
 
 @pytest.fixture(scope="module")
 def standalone(similar_node):
     """``python -m dicom_node serve`` on the node's orthanc.json (the same index and job store)."""
     port = free_port()
+    password_file = similar_node.directory / "admin-password"
+    write_private_file(password_file, similar_node.credentials[1])
     process = subprocess.Popen(
         [sys.executable, "-m", "dicom_node", "serve", "--config", str(similar_node.directory / "orthanc.json"), "--port", str(port),
-         "--aet", "SIMILAR_SA"], cwd=str(CHECKOUT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+         "--aet", "SIMILAR_SA", "--orthanc-password-file", str(password_file)], cwd=str(CHECKOUT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     ae = AE(ae_title=VIEWER)
     ae.add_requested_context(Verification)
     deadline = time.monotonic() + 60
@@ -301,6 +401,7 @@ def test_standalone_ae_gives_the_same_answers_and_precise_statuses(similar_node,
     assert pending >= 1 and [s.Status for s, _ in direct] == [0xFF00] * pending + [0x0000]
     assert [i.StudyInstanceUID for _, i in direct[:pending]] == [a.StudyInstanceUID for a in via_orthanc]
     assert [private(i, 0x11) for _, i in direct[:pending]] == [private(a, 0x11) for a in via_orthanc]
+    assert all("SEG" in i.ModalitiesInStudy for _, i in direct[:pending])  # looked up in Orthanc, authenticated
 
     refused = c_find(standalone, study_query(query_uid), called="SIMILAR_SA", calling=STRANGER)
     assert refused[0][0].Status == 0x0124 and "not allowed" in refused[0][0].ErrorComment
@@ -317,3 +418,24 @@ def test_standalone_ae_gives_the_same_answers_and_precise_statuses(similar_node,
     assert bad_k.Status == 0xA900 and "K" in bad_k.ErrorComment
     bad_filter = c_find(standalone, study_query(query_uid, filters=["nonsense>>"]), called="SIMILAR_SA")[0][0]
     assert bad_filter.Status == 0xA900
+
+
+def test_deleting_a_study_erases_it_from_the_index(similar_node):
+    """Runs last in this module: it removes sim-c from the node."""
+    deleted_uid = similar_node.studies["sim-c"][0].StudyInstanceUID
+    query = similar_url(similar_node, similar_node.studies["sim-a"][0].StudyInstanceUID)
+    assert deleted_uid in {r["study_uid"] for r in similar_node.http.get(query, timeout=60).json()["results"]}
+    orthanc_id = similar_node.http.post(similar_node.url + "/tools/lookup", data=deleted_uid, timeout=30).json()[0]["ID"]
+    assert similar_node.http.delete(f"{similar_node.url}/studies/{orthanc_id}", timeout=60).ok
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        found = {r["study_uid"] for r in similar_node.http.get(query, timeout=60).json()["results"]}
+        if deleted_uid not in found:
+            break
+        time.sleep(0.5)
+    assert deleted_uid not in found, "the deleted study is still returned"
+    answers = [i for s, i in c_find(similar_node.dicom_port, study_query(similar_node.studies["sim-b"][0].StudyInstanceUID))
+               if s.Status == 0xFF00]
+    assert deleted_uid not in {a.StudyInstanceUID for a in answers}
+    audit = [json.loads(line) for line in (similar_node.directory / "logs" / "audit.jsonl").read_text().splitlines()]
+    assert any(line["outcome"] == "erased" and line["query_study_uid"] == deleted_uid for line in audit)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-import requests
 
 from tooling.convert import StudyInfo, nifti_to_ct_series, write_series
 from tooling.dciodvfy import assert_valid
@@ -19,7 +19,7 @@ from dicom_node.series import read_geometry, read_hu
 
 def seg_instances(node, study_uid: str) -> list[str]:
     """Orthanc ids of the SEG instances of a study."""
-    found = requests.post(node.url + "/tools/find", json={
+    found = node.http.post(node.url + "/tools/find", json={
         "Level": "Instance", "Query": {"StudyInstanceUID": study_uid, "Modality": "SEG"}}, timeout=30).json()
     return found
 
@@ -52,7 +52,8 @@ def test_study_comes_back_as_seg_then_growth_replaces_it(node, head_ct, forward_
     # The study grows: the rest of the slices arrive later. The SEG is replaced, never duplicated.
     sent = node.storescu(files[60:])
     assert sent.returncode == 0, sent.stderr
-    second = node.wait_for_job(study_uid, after_id=first["id"], accept=lambda job: job["state"] != "skipped")
+    second = node.wait_for_job(study_uid, after_id=first["id"], accept=lambda job: job["state"] != "skipped"
+                               and bool(job["forwards"]) and job["forwards"][0]["state"] == "sent")
     assert second["state"] == "done", second
     assert second["result"]["frames"] == len(files)
     assert sorted(second["result"]["replaced"]) == sorted(first["result"]["orthanc_ids"])  # SEG + both SRs
@@ -60,7 +61,7 @@ def test_study_comes_back_as_seg_then_growth_replaces_it(node, head_ct, forward_
     assert seg_instances(node, study_uid) == [seg_id]
 
     # The SEG as any client gets it from Orthanc.
-    seg_bytes = requests.get(f"{node.url}/instances/{seg_id}/file", timeout=60).content
+    seg_bytes = node.http.get(f"{node.url}/instances/{seg_id}/file", timeout=60).content
     seg_path = tmp_path / "seg.dcm"
     seg_path.write_bytes(seg_bytes)
     assert_valid(seg_path)
@@ -117,7 +118,7 @@ def test_study_comes_back_as_seg_then_growth_replaces_it(node, head_ct, forward_
 
     # The measurement SR and the similar-cases SR sit in the same study, valid, with the demo wording.
     for name, title in (("measurements", "Imaging Measurement Report"), ("similar_cases", "Similar cases")):
-        sr_bytes = requests.get(f"{node.url}{second['result'][name]['url']}/file", timeout=60).content
+        sr_bytes = node.http.get(f"{node.url}{second['result'][name]['url']}/file", timeout=60).content
         sr_path = tmp_path / f"{name}.dcm"
         sr_path.write_bytes(sr_bytes)
         assert_valid(sr_path)
@@ -128,30 +129,50 @@ def test_study_comes_back_as_seg_then_growth_replaces_it(node, head_ct, forward_
     measurement_sr = pydicom.dcmread(tmp_path / "measurements.dcm")
     assert seg.SOPInstanceUID in str(measurement_sr.CurrentRequestedProcedureEvidenceSequence) or not second["result"]["lesions"]
 
-    # Forwarded to the configured modality with a real C-STORE.
-    forwarded = [pydicom.dcmread(p, stop_before_pixels=True) for p in Path(forward_scp["directory"]).rglob("*")
-                 if p.is_file()]
-    assert {seg.SOPInstanceUID, second["result"]["measurements"]["sop_instance_uid"],
-            second["result"]["similar_cases"]["sop_instance_uid"]} <= {ds.SOPInstanceUID for ds in forwarded}
-    assert second["result"]["forwarded"][0]["state"] == "Success"
+    # SEG and measurement SR forwarded to the configured modality with a real C-STORE; the
+    # similar-cases SR (other patients, even pseudonymised) stays here (ForwardSimilarCasesReport false).
+    forwarded = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
+                 for p in Path(forward_scp["directory"]).rglob("*") if p.is_file()}
+    assert {seg.SOPInstanceUID, second["result"]["measurements"]["sop_instance_uid"]} <= forwarded
+    assert second["result"]["similar_cases"]["sop_instance_uid"] not in forwarded
+    assert [(f["destination"], f["state"], f["attempts"]) for f in second["forwards"]] == [("forward", "sent", 1)]
 
 
 def test_same_content_again_does_nothing(node, head_ct):
     datasets, directory = head_ct
     study_uid = datasets[0].StudyInstanceUID
     before = node.wait_for_job(study_uid)
-    orthanc_study = requests.post(node.url + "/tools/lookup", data=study_uid, timeout=30).json()[0]["ID"]
-    answer = requests.post(f"{node.url}/abscess-node/studies/{orthanc_study}/process",
+    orthanc_study = node.http.post(node.url + "/tools/lookup", data=study_uid, timeout=30).json()[0]["ID"]
+    answer = node.http.post(f"{node.url}/abscess-node/studies/{orthanc_study}/process",
                            data=json.dumps({"Force": False}), timeout=30)
     assert answer.status_code == 200 and answer.json()["state"] in ("queued", "running", "skipped")
     again = node.wait_for_job(study_uid, after_id=before["id"])
     assert again["state"] == "skipped" and again["result"]["unchanged"] is True
+    assert "download" not in again["timings"]  # recognised from Orthanc's index: no pixel data fetched
+    assert len(seg_instances(node, study_uid)) == 1
+    # our own SEG/SRs made the study stable again after the first run: those jobs downloaded nothing either
+    ours = [job for job in node.get("/abscess-node/jobs", study=study_uid) if (job.get("result") or {}).get("unchanged")]
+    assert ours and all("download" not in job["timings"] for job in ours)
+
+
+def test_a_crash_between_storing_and_recording_is_adopted_not_duplicated(node, head_ct):
+    """The outputs record is lost (a crash right after the store): the forced re-run stores the very
+    same SEG/SRs (UIDs derived from the content), which Orthanc already holds: adopted, not duplicated."""
+    datasets, _ = head_ct
+    study_uid = datasets[0].StudyInstanceUID
+    before = node.wait_for_job(study_uid)
+    with sqlite3.connect(node.directory / "jobs.sqlite") as jobs:
+        jobs.execute("delete from outputs where study_uid = ?", [study_uid])
+    orthanc_study = node.http.post(node.url + "/tools/lookup", data=study_uid, timeout=30).json()[0]["ID"]
+    assert node.http.post(f"{node.url}/abscess-node/studies/{orthanc_study}/process", timeout=30).status_code == 200
+    again = node.wait_for_job(study_uid, after_id=before["id"], accept=lambda job: job["state"] != "skipped")
+    assert again["state"] == "done" and sorted(again["result"]["adopted"]) == ["measurements", "seg", "similar_cases"]
     assert len(seg_instances(node, study_uid)) == 1
 
 
 def test_jobs_rest_routes(node):
-    assert requests.get(node.url + "/abscess-node/jobs/999999", timeout=10).status_code == 404
-    assert requests.get(node.url + "/abscess-node/jobs?state=bogus", timeout=10).status_code == 400
-    assert requests.post(node.url + "/abscess-node/studies/0000-unknown/process", timeout=10).status_code == 404
-    jobs = requests.get(node.url + "/abscess-node/jobs", timeout=10).json()
+    assert node.http.get(node.url + "/abscess-node/jobs/999999", timeout=10).status_code == 404
+    assert node.http.get(node.url + "/abscess-node/jobs?state=bogus", timeout=10).status_code == 400
+    assert node.http.post(node.url + "/abscess-node/studies/0000-unknown/process", timeout=10).status_code == 404
+    jobs = node.http.get(node.url + "/abscess-node/jobs", timeout=10).json()
     assert isinstance(jobs, list)

@@ -9,6 +9,7 @@ import pytest
 
 from dicom_node.config import CHECKOUT, KEYS, ConfigError, NodeConfig, SeriesRules, WorkerSettings
 from dicom_node.private_files import read_private_file, write_private_file
+from tooling.readme import config_table
 
 
 def test_repository_orthanc_json_is_valid_and_documented():
@@ -18,6 +19,7 @@ def test_repository_orthanc_json_is_valid_and_documented():
     readme = (CHECKOUT / "README.md").read_text()
     for key in KEYS:
         assert f"`{key}`" in readme, f"README does not document AbscessNode.{key}"
+    assert config_table() in readme, "the README's configuration table is stale: python -m tooling config-table"
 
 
 def test_defaults():
@@ -42,6 +44,7 @@ def test_defaults():
     ({"SeriesRules": {"MinSlices": 50, "MaxSlices": 10}}, "MinSlices (50) is larger than MaxSlices (10)"),
     ({"SeriesRules": {"Prefer": "newest"}}, "AbscessNode.SeriesRules.Prefer"),
     ({"Threshold": 1.5}, "AbscessNode.Threshold: 1.5 is outside"),
+    ({"IndexVectorEncoding": "pq"}, "AbscessNode.IndexVectorEncoding: expected one of flat, sq8"),
 ])
 def test_bad_values_name_the_key(section, message):
     with pytest.raises(ConfigError) as raised:

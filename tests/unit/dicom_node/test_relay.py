@@ -23,8 +23,8 @@ def relay(tmp_path: Path):
         asked.append(("find", tags, calling_aet))
         return [FindResponse(0xFF00, None, b"DICM\x00\x01"), FindResponse(0x0000)]
 
-    def similar(study_uid, params, user):
-        asked.append(("similar", study_uid, params, user))
+    def similar(study_uid, params, user, store_report):
+        asked.append(("similar", study_uid, params, user, store_report))
         return 404, {"error": "study not indexed"}
 
     address = tmp_path / "service.address"
@@ -43,7 +43,9 @@ def test_find_and_similar_round_trip(relay):
     assert asked[0] == ("find", [[8, 82, "STUDY"]], "VIEWER")
     status, body = client.similar("1.2.3", {"k": "3"}, user="alice")
     assert status == 404 and body == {"error": "study not indexed"}
-    assert asked[1] == ("similar", "1.2.3", {"k": "3"}, "alice")
+    assert asked[1] == ("similar", "1.2.3", {"k": "3"}, "alice", False)
+    client.similar("1.2.3", {}, user="", store_report=True)
+    assert asked[2] == ("similar", "1.2.3", {}, "", True)
 
 
 def test_the_server_chooses_its_port_and_writes_it_owner_only(relay):
@@ -85,3 +87,34 @@ def test_private_files_never_follow_a_symlink(tmp_path: Path):
     os.symlink(victim, tmp_path / "other")
     with pytest.raises(OSError):
         read_private_file(tmp_path / "other")
+
+
+def test_gallery_and_thumbnail_round_trip(tmp_path: Path):
+    asked: list[tuple] = []
+
+    def gallery(study_uid, params, user):
+        asked.append(("gallery", study_uid, params, user))
+        return 200, {"cases": []}
+
+    def thumbnail(token, user):
+        asked.append(("thumbnail", token, user))
+        return (200, {"png": "iVBORw0KGgo="}) if token == "known" else (404, {"error": "unknown or expired thumbnail"})
+
+    address = tmp_path / "service.address"
+    server = RelayServer(address, "s3cret", lambda tags, aet: [], lambda *a: (404, {}), gallery, thumbnail)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = RelayClient(address, "s3cret", timeout=10)
+        assert client.gallery("1.2.3", {"mode": "roi", "pairs": "2"}, "alice") == (200, {"cases": []})
+        assert client.thumbnail("known", "alice") == (200, {"png": "iVBORw0KGgo="})
+        assert client.thumbnail("other", "bob")[0] == 404
+        assert asked == [("gallery", "1.2.3", {"mode": "roi", "pairs": "2"}, "alice"), ("thumbnail", "known", "alice"),
+                         ("thumbnail", "other", "bob")]
+        without = RelayServer(tmp_path / "plain.address", "s3cret", lambda tags, aet: [], lambda *a: (404, {}))
+        threading.Thread(target=without.serve_forever, daemon=True).start()
+        assert RelayClient(tmp_path / "plain.address", "s3cret", timeout=10).gallery("1.2.3", {}, "alice")[0] == 404
+        without.shutdown()
+        without.server_close()
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -410,3 +410,142 @@ def test_lesion_side_is_stored_filterable_and_old_indexes_gain_the_column(tmp_pa
     reopened = CaseIndex.open(tmp_path)
     assert reopened.lesions("8.1")[0].side == "left"
     reopened.close()
+
+
+def file_stamps(directory: Path) -> dict[str, tuple[int, int]]:
+    """(mtime, size) of the FAISS files, the database and its write-ahead log."""
+    paths = [*directory.glob("*.faiss"), directory / "index.sqlite", directory / "index.sqlite-wal"]
+    return {path.name: (path.stat().st_mtime_ns, path.stat().st_size) for path in paths}
+
+
+def test_a_read_only_index_catches_up_incrementally_and_writes_nothing(tmp_path):
+    writer = CaseIndex.open(tmp_path, compact_fraction=1.0)
+    vectors = {number: add_study(writer, number) for number in range(3)}
+    reader = CaseIndex.open(tmp_path, read_only=True)
+    new = add_study(writer, 3)
+    replaced = add_study(writer, 1, seed=91)
+    writer.delete_study("1.2.826.0.1.2")
+    stamps = file_stamps(tmp_path)
+    # the reader keeps its graph and holds the 2 new studies' vectors in its exact tier
+    (hit,) = reader.search_slices(new[4], k=1)[0]
+    assert (hit.study_uid, hit.slice_index, round(hit.similarity, 4)) == ("1.2.826.0.1.3", 4, 1.0)
+    assert reader.pending_vectors("slice") == 2 * SLICES and reader.pending_vectors("roi") == 2 * 3
+    assert reader.tombstone_count() == 2 * SLICES  # study 1's old and study 2's vectors
+    hits = reader.search_slices(vectors[1], k=4 * SLICES)
+    assert all(h.similarity < 0.999 for row in hits for h in row if h.study_uid == "1.2.826.0.1.1")
+    assert "1.2.826.0.1.2" not in {h.study_uid for row in hits for h in row}
+    assert reader.search_slices(replaced[2], k=1)[0][0].study_uid == "1.2.826.0.1.1"
+    assert [h.study_uid for h in reader.similar_studies("1.2.826.0.1.3", top=5)] == [
+        h.study_uid for h in writer.similar_studies("1.2.826.0.1.3", top=5)]
+    stored = reader.embeddings_of_studies(["1.2.826.0.1.0", "1.2.826.0.1.3", "1.2.826.0.1.9"])  # graph, tier, none
+    assert sorted(stored) == ["1.2.826.0.1.0", "1.2.826.0.1.3"]
+    for uid, (positions, matrix) in stored.items():
+        expected_positions, expected = writer.study_embeddings(uid)
+        assert positions.tolist() == expected_positions.tolist()
+        np.testing.assert_array_equal(matrix, expected)
+    roi_hits = reader.similar_studies("1.2.826.0.1.1", space="roi", top=5, k=10)  # both tiers reached
+    assert {h.study_uid for h in roi_hits} == {"1.2.826.0.1.0", "1.2.826.0.1.3"}
+    assert all(report.ok for report in reader.check_consistency())
+
+    with pytest.raises(PermissionError, match="read-only"):
+        add_study(reader, 7)
+    with pytest.raises(PermissionError, match="read-only"):
+        reader.compact()
+    assert file_stamps(tmp_path) == stamps
+    reader.close()
+    writer.close()
+
+
+def test_a_read_only_index_swaps_in_fresh_graphs_in_the_background(tmp_path):
+    writer = CaseIndex.open(tmp_path, compact_fraction=0.3)
+    for number in range(2):
+        add_study(writer, number)
+    reader = CaseIndex.open(tmp_path, read_only=True, refresh_vectors=2 * SLICES)
+    add_study(writer, 2)
+    assert reader.search_slices(study_vectors(2)[0][0], k=1)[0][0].study_uid == "1.2.826.0.1.2"
+    assert reader.pending_vectors() == SLICES
+    latest = add_study(writer, 3)
+    reader.search_slices(latest[0], k=1)  # the tier reaches refresh_vectors: a reload starts
+    reader.wait_for_refresh()
+    assert reader.pending_vectors() == 0 and reader.vector_count(live_only=False) == 4 * SLICES
+    assert reader.search_slices(latest[0], k=1)[0][0].study_uid == "1.2.826.0.1.3"
+
+    replaced = add_study(writer, 0, seed=300)
+    add_study(writer, 1, seed=301)  # 24 of 72 dead -> the writer compacts and deletes the dead rows
+    assert writer.tombstone_count() == 0
+    (hit,) = reader.search_slices(replaced[5], k=1)[0]  # answered at once from the old graph + tier
+    assert (hit.study_uid, hit.slice_index) == ("1.2.826.0.1.0", 5)
+    reader.wait_for_refresh()  # ... and the compacted files are loaded behind it
+    assert reader.tombstone_count() == 0 and reader.vector_count(live_only=False) == 4 * SLICES
+    assert all(report.ok for report in reader.check_consistency())
+    reader.close()
+    writer.close()
+
+
+def test_a_read_only_index_searches_while_a_writer_holds_the_database(tmp_path):
+    writer = CaseIndex.open(tmp_path)
+    vectors = add_study(writer, 0)
+    add_study(writer, 1)
+    reader = CaseIndex.open(tmp_path, read_only=True)
+    with writer._transaction():  # a write transaction left open: SQLite's write lock is taken
+        writer._db.execute("UPDATE slices SET live = 0 WHERE study_uid = '1.2.826.0.1.1'")
+        (hit,) = reader.search_slices(vectors[7], k=1)[0]
+        assert (hit.study_uid, hit.slice_index) == ("1.2.826.0.1.0", 7)
+        assert {h.study_uid for h in reader.similar_studies("1.2.826.0.1.0", top=2)} == {"1.2.826.0.1.1"}
+        writer._db.execute("ROLLBACK")
+        writer._db.execute("BEGIN")  # the context manager commits
+    reader.close()
+    writer.close()
+
+
+def test_sq8_vectors_search_with_high_recall_and_an_encoding_change_converts(tmp_path):
+    from index.vectors import encoding_of
+
+    distribution = ClusteredEmbeddings(32, np.random.default_rng(5), clusters=40, noise=0.8)
+    vectors = distribution.sample(3000)
+    index = CaseIndex.open(tmp_path, vector_encoding="sq8", hnsw_m=16, ef_construction=100, ef_search=64)
+    for number in range(30):
+        rows = vectors[number * 100 : (number + 1) * 100]
+        index.replace_study(StudyRecord(f"6.{number}"), [SliceRecord(i) for i in range(100)], rows)
+    index.close()
+    assert encoding_of(faiss.read_index(str(tmp_path / "slices.faiss"))) == "sq8"
+
+    reader = CaseIndex.open(tmp_path, read_only=True)
+    queries = distribution.sample(200)
+    exact = faiss.IndexFlatIP(32)
+    exact.add(vectors)
+    _, exact_rows = exact.search(queries, 10)
+    found = reader.search_slices(queries, k=10)
+    found_rows = np.array([[int(h.study_uid.split(".")[1]) * 100 + h.slice_index for h in row] for row in found])
+    assert reader.vector_encoding == "sq8" and knn_recall(found_rows, exact_rows, 10) >= 0.9
+
+    converted = CaseIndex.open(tmp_path, vector_encoding="flat")
+    assert encoding_of(faiss.read_index(str(tmp_path / "slices.faiss"))) == "flat"
+    assert CaseIndex.open(tmp_path).vector_encoding == "flat"  # the index remembers its encoding
+    reader.search_slices(queries[:1], k=1)  # the reader sees the conversion and reloads
+    reader.wait_for_refresh()
+    assert reader.vector_encoding == "flat" and reader.search_slices(vectors[42], k=1)[0][0].study_uid == "6.0"
+    reader.close()
+    converted.close()
+
+
+def test_an_index_written_before_tombstone_generations_is_migrated(tmp_path):
+    index = CaseIndex.open(tmp_path)
+    for number in range(3):
+        add_study(index, number)
+    add_study(index, 0, seed=40)
+    for table in ("slices", "rois"):  # the layout of earlier releases: no retired column
+        index._db.execute(f"DROP INDEX {table}_retired")
+        index._db.execute(f"ALTER TABLE {table} DROP COLUMN retired")
+    index.close()
+
+    reader = CaseIndex.open(tmp_path, read_only=True)
+    assert "retired" in {row[1] for row in reader._db.execute("PRAGMA table_info(slices)")}
+    assert reader.tombstone_count() == SLICES and all(report.ok for report in reader.last_check)
+    writer = CaseIndex.open(tmp_path, compact_fraction=1.0)
+    add_study(writer, 1, seed=41)
+    assert reader.tombstone_count() == SLICES
+    reader.search_slices(study_vectors(41)[0][0], k=1)
+    assert reader.tombstone_count() == 2 * SLICES
+    reader.close()
+    writer.close()

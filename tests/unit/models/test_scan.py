@@ -10,6 +10,7 @@ import torch
 
 from models import scan
 from models.scan import (
+    OutputGate,
     choose_backend,
     four_direction_positions,
     four_direction_scan_numba,
@@ -189,40 +190,93 @@ def test_numba_without_softplus_or_optional_inputs() -> None:
     assert max_abs_diff(actual, expected) < 1e-4
 
 
-def test_four_direction_kernel_matches_four_reference_scans() -> None:
-    """SS2D's fused kernel equals scanning the stacked/transposed/flipped copies and adding back."""
-    generator = torch.Generator().manual_seed(3)
-    batch, height, width, channels, rank, state_size = 2, 5, 7, 20, 3, 6
-    length = height * width
-    features = torch.randn(batch, height, width, channels, generator=generator)
-    dt_low_rank = torch.randn(4, batch, length, rank, generator=generator)
-    dt_weight = 0.5 * torch.randn(4, channels, rank, generator=generator)
-    A = -torch.exp(torch.randn(4, channels, state_size, generator=generator))
-    B_rows = torch.randn(4, batch, length, state_size, generator=generator)
-    C_rows = torch.randn(4, batch, length, state_size, generator=generator)
-    D = torch.randn(4, channels, generator=generator)
-    delta_bias = torch.randn(4, channels, generator=generator) - 1.0
+def four_direction_inputs(
+    batch: int, height: int, width: int, channels: int, rank: int, state_size: int, seed: int = 3
+) -> dict[str, torch.Tensor]:
+    """Inputs of :func:`four_direction_scan_numba` (x-projections in the kernel's layout)."""
+    generator = torch.Generator().manual_seed(seed)
 
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator)
+
+    return {
+        "x": randn(batch, height, width, channels),
+        "projections": randn(batch, height, width, 4 * (rank + 2 * state_size)),
+        "dt_weight": 0.5 * randn(4, channels, rank),
+        "A": -torch.exp(randn(4, channels, state_size)),
+        "D": randn(4, channels),
+        "delta_bias": randn(4, channels) - 1.0,
+    }
+
+
+def four_reference_scans(x, projections, dt_weight, A, D, delta_bias) -> torch.Tensor:
+    """SS2D as the reference writes it: scan the reordered copies one direction at a time with
+    the sequential reference, put each output back in row-major order and add them."""
+    batch, height, width, channels = x.shape
+    length, rank, state_size = height * width, dt_weight.shape[2], A.shape[2]
     positions = torch.from_numpy(four_direction_positions(height, width))
-    row_major = features.reshape(batch, length, channels)
+    rows = x.reshape(batch, length, channels)
+    per_direction = projections.reshape(batch, length, 4, rank + 2 * state_size)
     expected = torch.zeros(batch, length, channels)
     for direction in range(4):
         order = positions[direction]
-        delta = torch.einsum("blr,dr->bdl", dt_low_rank[direction][:, order], dt_weight[direction])
+        projected = per_direction[:, order, direction]  # [b, L, R + 2n] in scan order
         scanned = selective_scan_reference(
-            row_major[:, order].transpose(1, 2),
-            delta,
+            rows[:, order].transpose(1, 2),
+            torch.einsum("blr,dr->bdl", projected[..., :rank], dt_weight[direction]),
             A[direction],
-            B_rows[direction][:, order].transpose(1, 2),
-            C_rows[direction][:, order].transpose(1, 2),
+            projected[..., rank : rank + state_size].transpose(1, 2),
+            projected[..., rank + state_size :].transpose(1, 2),
             D[direction],
             delta_bias[direction],
         )
         expected[:, order] += scanned.transpose(1, 2)
-    actual = four_direction_scan_numba(features, dt_low_rank, dt_weight, A, B_rows, C_rows, D, delta_bias)
-    print(f"four-direction numba vs reference: {max_abs_diff(actual.reshape(batch, length, channels), expected):.2e}")
-    assert actual.shape == (batch, height, width, channels)
-    assert max_abs_diff(actual.reshape(batch, length, channels), expected) < 1e-4
+    return expected.view(batch, height, width, channels)
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        {"batch": 2, "height": 5, "width": 7, "channels": 20, "rank": 3, "state_size": 6},
+        {"batch": 3, "height": 9, "width": 4, "channels": 100, "rank": 2, "state_size": 5},  # 2 blocks, padded
+        {"batch": 1, "height": 1, "width": 13, "channels": 7, "rank": 1, "state_size": 16},
+        {"batch": 2, "height": 11, "width": 3, "channels": 193, "rank": 5, "state_size": 4},  # 3 blocks
+    ],
+)
+def test_four_direction_kernel_matches_four_reference_scans(sizes: dict) -> None:
+    """SS2D's fused kernel equals scanning the stacked/transposed/flipped copies and adding back
+    (odd and non-square maps, batch > 1, channel counts that leave a partial block)."""
+    inputs = four_direction_inputs(**sizes)
+    expected = four_reference_scans(**inputs)
+    actual = four_direction_scan_numba(**inputs)
+    print(f"four-direction numba vs reference {sizes}: {max_abs_diff(actual, expected):.2e}")
+    assert actual.shape == expected.shape
+    assert max_abs_diff(actual, expected) < 1e-4
+
+
+def test_four_direction_kernel_output_gate_matches_layer_norm_and_silu() -> None:
+    inputs = four_direction_inputs(batch=2, height=6, width=5, channels=37, rank=2, state_size=4)
+    generator = torch.Generator().manual_seed(5)
+    z = 3.0 * torch.randn(2, 6, 5, 37, generator=generator)  # both signs, saturated sigmoids
+    weight, bias = torch.randn(37, generator=generator), torch.randn(37, generator=generator)
+    summed = four_reference_scans(**inputs)
+    expected = torch.nn.functional.layer_norm(summed, (37,), weight, bias, 1e-5) * torch.nn.functional.silu(z)
+    actual = four_direction_scan_numba(**inputs, gate=OutputGate(z, weight, bias, 1e-5))
+    print(f"gated four-direction numba vs reference: {max_abs_diff(actual, expected):.2e}")
+    assert max_abs_diff(actual, expected) < 1e-4
+
+
+def test_kernels_give_the_same_result_on_a_python_thread_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without PyTorch's OpenMP runtime the entries run on a thread pool: same jobs, same result."""
+    inputs = four_direction_inputs(batch=3, height=8, width=6, channels=150, rank=2, state_size=4)
+    torch.set_num_threads(2)
+    try:
+        on_openmp = four_direction_scan_numba(**inputs)
+        monkeypatch.setattr(scan, "_openmp_parallel", lambda: None)
+        on_pool = four_direction_scan_numba(**inputs)
+    finally:
+        torch.set_num_threads(1)
+    torch.testing.assert_close(on_pool, on_openmp, rtol=0, atol=0)
 
 
 def test_positions_follow_vmunet_scan_order() -> None:
