@@ -9,7 +9,6 @@ import io
 import highdicom as hd
 import numpy as np
 import pydicom
-import requests
 
 from tooling.convert import StudyInfo, nifti_to_ct_series, write_series
 from tooling.dciodvfy import assert_valid
@@ -25,7 +24,7 @@ def test_chest_ct_is_skipped_and_neck_ct_reports_its_rejected_candidates(start_n
     assert job["state"] == "skipped", job
     assert "no neck in the series" in job["error"] and "RequireNeckCoverage" in job["error"]
     assert job["selection"]["neck"]["covers_neck"] is False
-    found = requests.post(node.url + "/tools/find", json={
+    found = node.http.post(node.url + "/tools/find", json={
         "Level": "Instance", "Query": {"StudyInstanceUID": chest_uid, "Modality": "SEG"}}, timeout=30).json()
     assert found == []
 
@@ -37,7 +36,7 @@ def test_chest_ct_is_skipped_and_neck_ct_reports_its_rejected_candidates(start_n
     neck = job["result"]["neck"]
     assert neck["covers_neck"] and neck["neck_band_mm"] >= 25
     plausibility = job["result"]["plausibility"]
-    seg_bytes = requests.get(f"{node.url}/instances/{job['result']['seg']['orthanc_id']}/file", timeout=60).content
+    seg_bytes = node.http.get(f"{node.url}/instances/{job['result']['seg']['orthanc_id']}/file", timeout=60).content
     (tmp_path / "seg.dcm").write_bytes(seg_bytes)
     assert_valid(tmp_path / "seg.dcm")
     seg = hd.seg.segread(io.BytesIO(seg_bytes))
@@ -49,7 +48,7 @@ def test_chest_ct_is_skipped_and_neck_ct_reports_its_rejected_candidates(start_n
     band = neck["neck_slices"]
     kept_slices = np.flatnonzero(frames[..., 0].any(axis=(1, 2)))
     assert all(band[0] <= z <= band[1] for z in kept_slices)  # lesions only in the neck band
-    sr_bytes = requests.get(f"{node.url}/instances/{job['result']['measurements']['orthanc_id']}/file",
+    sr_bytes = node.http.get(f"{node.url}/instances/{job['result']['measurements']['orthanc_id']}/file",
                             timeout=60).content
     (tmp_path / "sr.dcm").write_bytes(sr_bytes)
     assert_valid(tmp_path / "sr.dcm")
