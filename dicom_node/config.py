@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -259,14 +260,19 @@ def _webhook(where: str, raw: Any) -> Webhook:
     return Webhook(url, tuple(dict.fromkeys(on)))
 
 
-def _series_rules(where: str, raw: Any) -> SeriesRules:
+def _rule_entries(where: str, raw: Any, known: Mapping[str, str]) -> Iterator[tuple[str, str, Any]]:
+    """(JSON key, its name in messages, value) of a rules object, every key one of ``known``."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a JSON object, got {raw!r}")
-    values: dict[str, Any] = {}
     for json_key, value in raw.items():
-        if json_key not in SERIES_RULE_KEYS:
-            raise ConfigError(f"{where}.{json_key}: unknown key (known: {', '.join(SERIES_RULE_KEYS)})")
-        name = f"{where}.{json_key}"
+        if json_key not in known:
+            raise ConfigError(f"{where}.{json_key}: unknown key (known: {', '.join(known)})")
+        yield json_key, f"{where}.{json_key}", value
+
+
+def _series_rules(where: str, raw: Any) -> SeriesRules:
+    values: dict[str, Any] = {}
+    for json_key, name, value in _rule_entries(where, raw, SERIES_RULE_KEYS):
         if json_key in ("Modalities", "ExcludeDescriptions"):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
@@ -291,13 +297,8 @@ def _series_rules(where: str, raw: Any) -> SeriesRules:
 
 
 def _lesion_rules(where: str, raw: Any) -> PlausibilityRules:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a JSON object, got {raw!r}")
     values: dict[str, Any] = {}
-    for json_key, value in raw.items():
-        if json_key not in LESION_RULE_KEYS:
-            raise ConfigError(f"{where}.{json_key}: unknown key (known: {', '.join(LESION_RULE_KEYS)})")
-        name = f"{where}.{json_key}"
+    for json_key, name, value in _rule_entries(where, raw, LESION_RULE_KEYS):
         if json_key == "CoreHuRange":
             if (not isinstance(value, list) or len(value) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float))
                                                                      for v in value) or value[0] >= value[1]):

@@ -54,13 +54,7 @@ def test_chest_ct_is_skipped_and_neck_ct_reports_its_rejected_candidates(start_n
     assert_valid(tmp_path / "sr.dcm")
     sr = pydicom.dcmread(io.BytesIO(sr_bytes))
     counts = {item.ConceptNameCodeSequence[0].CodeMeaning: int(item.MeasuredValueSequence[0].NumericValue)
-              for item in _content(sr) if item.ConceptNameCodeSequence[0].CodeMeaning.startswith("Candidates removed")}
+              for element in sr.iterall() if element.keyword == "ContentSequence" for item in element.value
+              if item.ConceptNameCodeSequence[0].CodeMeaning.startswith("Candidates removed")}
     assert sum(counts.values()) == sum(plausibility["removed_by_rule"].values()) and len(counts) == 4
 
-
-def _content(item: pydicom.Dataset) -> list[pydicom.Dataset]:
-    found = []
-    for child in item.get("ContentSequence", []):
-        found.append(child)
-        found.extend(_content(child))
-    return found
