@@ -14,8 +14,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from models.lesion_rules import PlausibilityRules
 
 
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -43,6 +46,9 @@ class SeriesRules:
         prefer: ``"most-slices"`` or ``"thinnest"`` to rank the eligible series.
         max_pixels_per_slice: Rows x Columns above this -> the job fails before any pixel is
             decoded (a small compressed file must not make the worker allocate gigabytes).
+        require_neck_coverage: skip a series that shows no neck (models.anatomy: less than
+            25 mm between the skull base and the thoracic inlet); when false it is segmented,
+            with lesions only where neck soft tissue is.
     """
 
     modalities: tuple[str, ...] = ("CT",)
@@ -53,6 +59,7 @@ class SeriesRules:
     exclude_descriptions: tuple[str, ...] = ("scout", "localizer", "topogram", "dose")
     prefer: str = "most-slices"
     max_pixels_per_slice: int = 1024 * 1024
+    require_neck_coverage: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +86,16 @@ SERIES_RULE_KEYS = {
     "ExcludeDescriptions": "exclude_descriptions",
     "Prefer": "prefer",
     "MaxPixelsPerSlice": "max_pixels_per_slice",
+    "RequireNeckCoverage": "require_neck_coverage",
 }
+LESION_RULE_KEYS = {
+    "CoreHuRange": "core_hu_range",
+    "MinVolumeMl": "min_volume_ml",
+    "MinSoftTissueFraction": "min_soft_tissue_fraction",
+    "RimEnhancement": "rim_enhancement",
+    "MinRimEnhancementHu": "min_rim_enhancement_hu",
+}
+"""JSON names of :class:`models.plausibility.PlausibilityRules` (the ``LesionRules`` key)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +143,8 @@ class NodeConfig:
     notification_retries: int = 5
     notification_timeout_seconds: int = 10
     notification_backoff_seconds: int = 30
+    lesion_rules: PlausibilityRules = PlausibilityRules()
+    rejected_candidates_segment: bool = False
 
     @classmethod
     def from_section(cls, section: dict[str, Any] | None, base_directory: Path = CHECKOUT) -> "NodeConfig":
@@ -162,9 +180,8 @@ class NodeConfig:
             value = getattr(self, key.attribute)
             if isinstance(value, Path):
                 value = str(value)
-            elif isinstance(value, SeriesRules):
-                value = {name: (list(v) if isinstance(v, tuple) else v) for name, v in
-                         ((jk, getattr(value, attr)) for jk, attr in SERIES_RULE_KEYS.items())}
+            elif isinstance(value, (SeriesRules, PlausibilityRules)):
+                value = rules_section(value)
             elif isinstance(value, tuple):
                 value = [{"Url": v.url, "On": list(v.on)} if isinstance(v, Webhook) else v for v in value]
             section[json_key] = value
@@ -240,6 +257,8 @@ class Key:
             if not isinstance(raw, list):
                 raise ConfigError(f'{where}: expected a list like [{{"Url": "https://...", "On": ["failed"]}}], got {raw!r}')
             return tuple(_webhook(f"{where}[{i}]", item) for i, item in enumerate(raw))
+        if self.kind == "lesion-rules":
+            return _lesion_rules(where, raw)
         raise AssertionError(self.kind)
 
 
@@ -278,14 +297,19 @@ def _webhook(where: str, raw: Any) -> Webhook:
     return Webhook(url, tuple(dict.fromkeys(on)))
 
 
-def _series_rules(where: str, raw: Any) -> SeriesRules:
+def _rule_entries(where: str, raw: Any, known: Mapping[str, str]) -> Iterator[tuple[str, str, Any]]:
+    """(JSON key, its name in messages, value) of a rules object, every key one of ``known``."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a JSON object, got {raw!r}")
-    values: dict[str, Any] = {}
     for json_key, value in raw.items():
-        if json_key not in SERIES_RULE_KEYS:
-            raise ConfigError(f"{where}.{json_key}: unknown key (known: {', '.join(SERIES_RULE_KEYS)})")
-        name = f"{where}.{json_key}"
+        if json_key not in known:
+            raise ConfigError(f"{where}.{json_key}: unknown key (known: {', '.join(known)})")
+        yield json_key, f"{where}.{json_key}", value
+
+
+def _series_rules(where: str, raw: Any) -> SeriesRules:
+    values: dict[str, Any] = {}
+    for json_key, name, value in _rule_entries(where, raw, SERIES_RULE_KEYS):
         if json_key in ("Modalities", "ExcludeDescriptions"):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
@@ -293,7 +317,7 @@ def _series_rules(where: str, raw: Any) -> SeriesRules:
         elif json_key in ("MinSlices", "MaxSlices", "MaxPixelsPerSlice"):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}: expected a whole number >= 1, got {value!r}")
-        elif json_key == "RequireAxial":
+        elif json_key in ("RequireAxial", "RequireNeckCoverage"):
             if not isinstance(value, bool):
                 raise ConfigError(f"{name}: expected true or false, got {value!r}")
         elif json_key == "AxialToleranceDegrees":
@@ -307,6 +331,34 @@ def _series_rules(where: str, raw: Any) -> SeriesRules:
     if rules.min_slices > rules.max_slices:
         raise ConfigError(f"{where}: MinSlices ({rules.min_slices}) is larger than MaxSlices ({rules.max_slices})")
     return rules
+
+
+def _lesion_rules(where: str, raw: Any) -> PlausibilityRules:
+    values: dict[str, Any] = {}
+    for json_key, name, value in _rule_entries(where, raw, LESION_RULE_KEYS):
+        if json_key == "CoreHuRange":
+            if (not isinstance(value, list) or len(value) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                                                     for v in value) or value[0] >= value[1]):
+                raise ConfigError(f"{name}: expected [low, high] in HU with low < high, got {value!r}")
+            value = (float(value[0]), float(value[1]))
+        elif json_key == "RimEnhancement":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name}: expected true or false, got {value!r}")
+        else:
+            upper = 1.0 if json_key == "MinSoftTissueFraction" else 1000.0
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= upper:
+                raise ConfigError(f"{name}: expected a number in [0, {upper:g}], got {value!r}")
+            value = float(value)
+        values[LESION_RULE_KEYS[json_key]] = value
+    return PlausibilityRules(**values)
+
+
+def rules_section(rules: SeriesRules | PlausibilityRules) -> dict[str, Any]:
+    """``SeriesRules`` or ``LesionRules`` as their JSON object (tuples as lists), the inverse of
+    what :class:`NodeConfig` parses."""
+    names = SERIES_RULE_KEYS if isinstance(rules, SeriesRules) else LESION_RULE_KEYS
+    return {json_key: (list(value) if isinstance(value, tuple) else value)
+            for json_key, value in ((json_key, getattr(rules, attribute)) for json_key, attribute in names.items())}
 
 
 KEYS: dict[str, Key] = {
@@ -324,7 +376,9 @@ KEYS: dict[str, Key] = {
     "WorkDirectory": Key("work_directory", "path", "Scratch space of the workers (downloaded instances, memory-mapped volumes)."),
     "LogDirectory": Key("log_directory", "path", "Worker log files (UIDs only, no patient data)."),
     "WorkerPython": Key("worker_python", "path", "Python interpreter of the project venv that runs the workers."),
-    "SeriesRules": Key("series_rules", "series-rules", "Which series is segmented: Modalities, MinSlices, MaxSlices, RequireAxial, AxialToleranceDegrees, ExcludeDescriptions, Prefer, MaxPixelsPerSlice."),
+    "SeriesRules": Key("series_rules", "series-rules", "Which series is segmented: Modalities, MinSlices, MaxSlices, RequireAxial, AxialToleranceDegrees, ExcludeDescriptions, Prefer, MaxPixelsPerSlice. `RequireNeckCoverage`: a series with less than 25 mm of neck between the skull base and the lung apices (found from HU, `models.anatomy`) ends as skipped with that reason; when false it is segmented (SEG with a frame for every slice) and lesions are kept only in neck soft tissue."),
+    "LesionRules": Key("lesion_rules", "lesion-rules", "Plausibility rules every abscess candidate (a connected region of the network's mask) must pass, in this order; the first it fails rejects it, and the measurement SR and the job count the candidates each rule removed. `MinSoftTissueFraction`: at least this share of the candidate in the neck band's soft tissue (inside the body, 3 mm from the skin, not bone or air; the kept part is clipped to it). `MinVolumeMl`: smallest abscess (1 mL, a 12 mm sphere). `CoreHuRange`: mean HU of the core (2 mm inside its surface) must be fluid (AbscessHeNe: 0-45 HU, widened for noise and partial volume). `RimEnhancement`: on series with a Contrast/Bolus Agent, the 2 mm rim must be `MinRimEnhancementHu` brighter than the core."),
+    "RejectedCandidatesSegment": Key("rejected_candidates_segment", "bool", "Also write the rejected candidates into the SEG as a second segment \"Abscess candidate (rejected)\" (QA)."),
     "ForwardTo": Key("forward_to", "name-list", "Orthanc modality names (DicomModalities) that every SEG/SR is sent to."),
     "ForwardRetries": Key("forward_retries", "int", "Attempts per destination before forwarding gives up (the job then says so); between attempts the node waits ForwardBackoffSeconds, doubling each time.", minimum=1, maximum=20),
     "ForwardBackoffSeconds": Key("forward_backoff_seconds", "int", "Wait before the second attempt to forward to a destination (doubled after each failure).", minimum=1, maximum=3600),

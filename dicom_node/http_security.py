@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any
@@ -72,6 +73,37 @@ def is_json_request(headers: Mapping[str, str]) -> bool:
     """
     value = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
     return str(value).split(";")[0].strip().lower() == "application/json"
+
+
+def body_arguments(body: bytes | None, headers: Mapping[str, str]) -> dict[str, str]:
+    """The parameters of a POST that sends them as a JSON object (``{"k": 1, "mode": "study-count"}``).
+
+    Orthanc hands a plugin no query string on POST, so ``POST .../similar-report?k=1`` would
+    silently answer the default query: its parameters travel in a JSON body instead. Values
+    become the strings GET arguments would be (a list comma-separated); a body without the JSON
+    content type gives no parameters.
+
+    Raises:
+        ValueError: the body declares JSON but is not a JSON object (the caller answers 400).
+    """
+    if not body or not is_json_request(headers):
+        return {}
+    try:
+        parsed = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"the request body is not JSON ({error}); send the query as a JSON object") from None
+    if not isinstance(parsed, dict):
+        raise ValueError('send the query as a JSON object, e.g. {"k": 3, "mode": "study"}')
+    return {str(key): _argument_text(value) for key, value in parsed.items() if value is not None}
+
+
+def _argument_text(value: Any) -> str:
+    """A JSON value as the GET argument it stands for (a list is comma-separated, as ``filters=``)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return ",".join(_argument_text(item) for item in value)
+    return json.dumps(value)
 
 
 def query_arguments(get: Mapping[str, Any] | None) -> dict[str, str]:

@@ -46,6 +46,8 @@ from dicom_node.similar.query import SimilarQuery, find_similar, open_index, stu
 from dicom_node.source_headers import repair_source_headers
 from index.lesions import Lesion, measure_lesions
 from index.records import SliceRecord
+from models.anatomy import AxisDirections, NeckAnatomy, analyse_neck
+from models.plausibility import filter_candidates
 from models.weights import AlgorithmInfo
 
 log = logging.getLogger("abscess_node.pipeline")
@@ -57,8 +59,8 @@ class SegmenterLike(Protocol):
 
     info: AlgorithmInfo
 
-    def run(self, slices_hu: np.ndarray, batch_size: int = 8) -> Any:
-        """Probabilities and embeddings for [n, H, W] HU slices."""
+    def run(self, slices_hu: np.ndarray, batch_size: int = 8, pixel_spacing_mm: tuple[float, float] | None = None) -> Any:
+        """Probabilities and embeddings for [n, H, W] HU slices of the given pixel spacing."""
 
 
 class LeaseKeeper:
@@ -134,7 +136,26 @@ def content_fingerprint(instance_uids: list[str], algorithm: AlgorithmInfo, conf
     for uid in sorted(instance_uids):
         digest.update(uid.encode() + b"\n")
     digest.update(f"{algorithm.name}|{algorithm.version}|{config.segmentation_type}|{config.threshold}".encode())
+    digest.update(f"|{config.lesion_rules}|{config.rejected_candidates_segment}|"
+                  f"{config.series_rules.require_neck_coverage}".encode())
     return digest.hexdigest()
+
+
+def axis_directions(geometry: SeriesGeometry) -> AxisDirections:
+    """How the series' voxel axes lie in the patient (for :func:`models.anatomy.analyse_neck`).
+
+    Columns follow the first ImageOrientationPatient vector, rows the second, slices the normal
+    (the geometry sorts them along it, lowest first).
+    """
+    orientation = [float(v) for v in geometry.headers[0].ImageOrientationPatient]
+    row, column = np.asarray(orientation[:3]), np.asarray(orientation[3:])
+    normal = np.cross(row, column)
+    return AxisDirections(z_superior=bool(normal[2] > 0), y_posterior=bool(column[1] > 0), x_left=bool(row[0] > 0))
+
+
+def is_contrast_enhanced(geometry: SeriesGeometry) -> bool:
+    """Whether the series says a contrast agent was given (Contrast/Bolus Agent, 0018,0010)."""
+    return bool(str(geometry.headers[0].get("ContrastBolusAgent", "") or "").strip())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,20 +289,35 @@ def _process(job: dict[str, Any], study: dict[str, Any], context: WorkerContext,
                  "warnings": [*geometry.warnings, *(f"source header: {finding}" for finding in repaired.findings)]}
     keeper.update(series_uid=chosen.series_uid, selection=selection)
 
+    with watch.stage("load"):
+        volume_hu = _load_volume(geometry, config, work_dir / "volume_hu.f32")
+    with watch.stage("anatomy"):
+        anatomy = analyse_neck(volume_hu, geometry.spacing_mm, axis_directions(geometry))
+    selection["neck"] = anatomy.summary()
+    keeper.update(selection=selection)
+    if not anatomy.covers_neck and config.series_rules.require_neck_coverage:
+        return "skipped", (f"series {chosen.series_uid}: {anatomy.reason}; not segmented "
+                           "(SeriesRules.RequireNeckCoverage)"), {"neck": anatomy.summary()}
     with watch.stage("segment"):
-        segmented = _segment(geometry, segmenter, config, work_dir / "volume_hu.f32")
+        segmented = _segment(geometry, volume_hu, segmenter, config)
+    with watch.stage("plausibility"):
+        plausible = filter_candidates(segmented.mask, volume_hu, geometry.spacing_mm, anatomy, config.lesion_rules,
+                                      contrast=is_contrast_enhanced(geometry))
     with watch.stage("measure"):
-        measured = _measure(segmented.mask, segmented.volume_hu, geometry.spacing_mm)
+        measured = _measure(plausible.kept, volume_hu, geometry.spacing_mm, anatomy)
         # a report of hundreds of specks helps nobody: the largest MAX_REPORTED_LESIONS are reported
         lesions = sorted(measured, key=lambda lesion: -lesion.volume_ml)[:MAX_REPORTED_LESIONS]
     with watch.stage("seg"):
-        seg_values = segmented.probabilities if config.segmentation_type == "FRACTIONAL" else segmented.mask
-        seg = build_segmentation(geometry.headers, seg_values, segmenter.info, config.segmentation_type,
+        kept_values = (np.where(plausible.kept, segmented.probabilities, 0.0) if config.segmentation_type == "FRACTIONAL"
+                       else plausible.kept)
+        seg = build_segmentation(geometry.headers, kept_values, segmenter.info, config.segmentation_type,
+                                 rejected=plausible.rejected if config.rejected_candidates_segment else None,
                                  uid_seed=fingerprint)
     with watch.stage("sr"):
         measurements = build_measurement_report(
             geometry.headers, seg if lesions else None, lesions, segmenter.info, series_number=MEASUREMENT_SERIES_NUMBER,
             instance_number=1, manufacturer=NODE_NAME, device_name=DEVICE_NAME,
+            candidates_removed=plausible.removed_by_rule(),
             series_instance_uid=derived_uid(fingerprint, "measurements-series"),
             sop_instance_uid=derived_uid(fingerprint, "measurements"))
     with watch.stage("index"):
@@ -292,7 +328,7 @@ def _process(job: dict[str, Any], study: dict[str, Any], context: WorkerContext,
             index.replace_study(
                 study_record(study, chosen.series_uid, chosen.orthanc_id, fingerprint),
                 [SliceRecord(i, str(h.SOPInstanceUID), float(z)) for i, (h, z) in enumerate(zip(geometry.headers, geometry.positions))],
-                segmented.slice_embeddings, segmented.roi_embeddings, lesions)
+                segmented.slice_embeddings, _kept_roi_embeddings(segmented.roi_embeddings, plausible.kept), lesions)
             similar = find_similar(index, SimilarQuery(study_uid, k=config.similar_cases_top_k))
             index_size = {"studies": len(index.study_uids()), "slice": index.vector_count("slice"),
                           "roi": index.vector_count("roi")}
@@ -327,10 +363,11 @@ def _process(job: dict[str, Any], study: dict[str, Any], context: WorkerContext,
                       if name != "similar_cases" or config.forward_similar_cases_report]
         if config.forward_to:
             store.add_forwards(keeper.lease, study_uid, to_forward, list(config.forward_to))
-    mask = segmented.mask
+    mask = plausible.kept
     result = {**objects, "replaced": replaced, "adopted": adopted, "frames": int(mask.shape[0]),
               "lesion_voxels": int(mask.sum()), "slices_with_lesion": int(mask.any(axis=(1, 2)).sum()),
               "lesions": [lesion.as_dict() for lesion in lesions], "lesions_found": len(measured),
+              "plausibility": plausible.summary(), "neck": anatomy.summary(),
               "similar_studies": [{"rank": case.rank, "study_uid": case.study_uid, "score": round(case.score, 6)}
                                   for case in similar],
               "algorithm": segmenter.info.as_dict(), "source_repairs": repaired.findings,
@@ -353,8 +390,12 @@ def peak_rss_mb() -> float | None:
     return None
 
 
-def _measure(mask: np.ndarray, volume_hu: np.ndarray, spacing_mm: tuple[float, float, float]) -> list[Lesion]:
-    """Lesion descriptors, computed on the mask's bounding box only (memory stays bounded on long series)."""
+def _measure(mask: np.ndarray, volume_hu: np.ndarray, spacing_mm: tuple[float, float, float],
+             anatomy: NeckAnatomy) -> list[Lesion]:
+    """Lesion descriptors with each lesion's deep neck space and side.
+
+    Measured on the mask's bounding box only (memory stays bounded on long series).
+    """
     if not mask.any():
         return []
     box = []
@@ -362,8 +403,12 @@ def _measure(mask: np.ndarray, volume_hu: np.ndarray, spacing_mm: tuple[float, f
         present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
         box.append((max(0, int(present[0]) - 2), min(mask.shape[axis], int(present[-1]) + 3)))
     (z0, z1), (y0, y1), (x0, x1) = box
-    return [lesion.shifted(z0, y0, x0)
-            for lesion in measure_lesions(mask[z0:z1, y0:y1, x0:x1], np.asarray(volume_hu[z0:z1, y0:y1, x0:x1]), spacing_mm)]
+    lesions = []
+    for lesion in measure_lesions(mask[z0:z1, y0:y1, x0:x1], np.asarray(volume_hu[z0:z1, y0:y1, x0:x1]), spacing_mm):
+        placed = lesion.shifted(z0, y0, x0)
+        location = anatomy.locate(placed.centroid_zyx)
+        lesions.append(placed.located(location.space, location.side))
+    return lesions
 
 
 @dataclasses.dataclass
@@ -372,34 +417,46 @@ class Segmented:
 
     mask: np.ndarray
     probabilities: np.ndarray
-    volume_hu: np.ndarray
     slice_embeddings: np.ndarray
     roi_embeddings: np.ndarray
 
 
-def _segment(geometry: SeriesGeometry, segmenter: SegmenterLike, config: NodeConfig, volume_path: Path) -> Segmented:
-    """Run the network chunk by chunk; only one chunk of decoded HU is held in memory.
+def _kept_roi_embeddings(roi_embeddings: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """ROI embeddings of the slices that hold a kept lesion; zero rows (no ROI) where only rejected
+    candidates were (a region query must not match a rejected speck in the petrous bone)."""
+    return np.where(kept.any(axis=(1, 2))[:, None], roi_embeddings, 0.0).astype(np.float32)
 
-    The HU volume is written to a memory-mapped file (``volume_path``) for the lesion
-    measurements, so a 2,000-slice series does not need its float volume in RAM.
+
+def _load_volume(geometry: SeriesGeometry, config: NodeConfig, volume_path: Path) -> np.ndarray:
+    """Decode the series into a memory-mapped float32 HU volume, ``ChunkSlices`` slices at a time.
+
+    The anatomy, the network and the measurements read it from there, so a 2,000-slice series
+    does not need its float volume in RAM.
     """
-    n = geometry.shape[0]
     volume_path.parent.mkdir(parents=True, exist_ok=True)
     volume_hu = np.lib.format.open_memmap(volume_path, mode="w+", dtype=np.float32, shape=geometry.shape)
+    for start in range(0, geometry.shape[0], config.chunk_slices):
+        stop = min(geometry.shape[0], start + config.chunk_slices)
+        volume_hu[start:stop] = read_hu(geometry, start, stop)
+    volume_hu.flush()
+    return volume_hu
+
+
+def _segment(geometry: SeriesGeometry, volume_hu: np.ndarray, segmenter: SegmenterLike, config: NodeConfig) -> Segmented:
+    """Run the network chunk by chunk on the memory-mapped volume (one chunk in memory at a time)."""
+    n = geometry.shape[0]
     mask = np.zeros(geometry.shape, dtype=bool)
     keep_probabilities = config.segmentation_type == "FRACTIONAL"
     probabilities_u8 = np.zeros(geometry.shape, dtype=np.uint8) if keep_probabilities else None
     slice_embeddings, roi_embeddings = [], []
     for start in range(0, n, config.chunk_slices):
         stop = min(n, start + config.chunk_slices)
-        slices_hu = read_hu(geometry, start, stop)
-        volume_hu[start:stop] = slices_hu
-        output = segmenter.run(slices_hu, batch_size=config.inference_batch_size)
+        output = segmenter.run(np.asarray(volume_hu[start:stop]), batch_size=config.inference_batch_size,
+                               pixel_spacing_mm=geometry.spacing_mm[1:])
         mask[start:stop] = output.probabilities > config.threshold
         if probabilities_u8 is not None:
             probabilities_u8[start:stop] = np.rint(output.probabilities * 255).astype(np.uint8)
         slice_embeddings.append(output.slice_embeddings)
         roi_embeddings.append(output.roi_embeddings)
-    volume_hu.flush()
     probabilities = (probabilities_u8.astype(np.float32) / 255.0) if probabilities_u8 is not None else np.empty(0, np.float32)
-    return Segmented(mask, probabilities, volume_hu, np.concatenate(slice_embeddings), np.concatenate(roi_embeddings))
+    return Segmented(mask, probabilities, np.concatenate(slice_embeddings), np.concatenate(roi_embeddings))

@@ -1,7 +1,9 @@
 """Write the abscess mask of one CT series as a DICOM Segmentation (highdicom).
 
 One segment "Abscess" (SNOMED CT 44132006, morphologic abnormality; category "Morphologically abnormal structure"
-49755003), a frame for every source slice (empty frames are kept: OHIF misplaces overlays when
+49755003): the candidates that passed the plausibility rules; optionally (``RejectedCandidatesSegment``) a
+second segment "Abscess candidate (rejected)" with the raw mask of the rejected candidates, for QA;
+a frame for every source slice (empty frames are kept: OHIF misplaces overlays when
 they are omitted), the source's Patient/Study modules and Frame of Reference, the algorithm
 (VM-UNet + weights name/version, and the demo wording when demo weights run) in the segment's
 AlgorithmIdentificationSequence, and this node as ContributingEquipment.
@@ -43,7 +45,7 @@ def contributing_equipment() -> hd.ContributingEquipment:
 
 def build_segmentation(source_images: Sequence[pydicom.Dataset], mask: np.ndarray,
                        algorithm: AlgorithmInfo, segmentation_type: str = "BINARY",
-                       uid_seed: str | None = None) -> hd.seg.Segmentation:
+                       uid_seed: str | None = None, rejected: np.ndarray | None = None) -> hd.seg.Segmentation:
     """Build the SEG for one series.
 
     Args:
@@ -52,6 +54,8 @@ def build_segmentation(source_images: Sequence[pydicom.Dataset], mask: np.ndarra
         algorithm: the network that produced the mask (``Segmenter.info``).
         segmentation_type: ``"BINARY"`` or ``"FRACTIONAL"``.
         uid_seed: derive the SEG's UIDs from it (same content -> same UIDs); random if None.
+        rejected: bool [n, rows, columns], the rejected candidates: written as segment 2
+            "Abscess candidate (rejected)" when given.
 
     Raises:
         ValueError: the mask does not match the source images.
@@ -59,24 +63,31 @@ def build_segmentation(source_images: Sequence[pydicom.Dataset], mask: np.ndarra
     n, rows, columns = len(source_images), int(source_images[0].Rows), int(source_images[0].Columns)
     if mask.shape != (n, rows, columns):
         raise ValueError(f"mask shape {mask.shape} does not match the {n} source slices of {rows}x{columns}")
+    if rejected is not None and rejected.shape != mask.shape:
+        raise ValueError(f"rejected mask shape {rejected.shape} differs from the mask's {mask.shape}")
     if segmentation_type == "FRACTIONAL":
         pixel_array = np.clip(mask.astype(np.float32), 0.0, 1.0)
     elif segmentation_type == "BINARY":
         pixel_array = mask.astype(bool)
     else:
         raise ValueError(f"segmentation_type must be BINARY or FRACTIONAL, not {segmentation_type!r}")
-    description = hd.seg.SegmentDescription(
-        segment_number=1, segment_label="Abscess",
+    segments = [("Abscess", "abscess", hd.color.CIELabColor(53.2, 80.1, 67.2))]  # red in every viewer
+    if rejected is not None:
+        pixel_array = np.stack([pixel_array, rejected.astype(pixel_array.dtype)], axis=-1)
+        segments.append(("Abscess candidate (rejected)", "rejected-candidate", hd.color.CIELabColor(60.0, -30.0, -40.0)))
+    descriptions = [hd.seg.SegmentDescription(
+        segment_number=number, segment_label=label,
         segmented_property_category=MORPHOLOGICALLY_ABNORMAL_STRUCTURE, segmented_property_type=ABSCESS,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm_identification(algorithm),
-        tracking_uid=derived_uid(uid_seed, "tracking") if uid_seed else new_uid(),
-        tracking_id="abscess",
-        display_color=hd.color.CIELabColor(53.2, 80.1, 67.2))  # red, so every viewer shows the same colour
+        tracking_uid=(derived_uid(uid_seed, "tracking" if number == 1 else f"tracking-{tracking}") if uid_seed
+                      else new_uid()),
+        tracking_id=tracking, display_color=colour)
+        for number, (label, tracking, colour) in enumerate(segments, start=1)]
     demo = algorithm.demo
     seg = hd.seg.Segmentation(
         source_images=list(source_images), pixel_array=pixel_array,
-        segmentation_type=segmentation_type, segment_descriptions=[description],
+        segmentation_type=segmentation_type, segment_descriptions=descriptions,
         series_instance_uid=derived_uid(uid_seed, "seg-series") if uid_seed else new_uid(),
         series_number=SEG_SERIES_NUMBER,
         sop_instance_uid=derived_uid(uid_seed, "seg-instance") if uid_seed else new_uid(),

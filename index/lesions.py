@@ -42,6 +42,8 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist
 
+SIDES = ("left", "right", "midline")
+"""The patient's side of a lesion."""
 MIN_VOLUME_ML = 0.1
 """Components below this volume (ml) are not reported as lesions."""
 CORE_SHELL_MM = 2.0
@@ -71,6 +73,8 @@ class Lesion:
         last_slice: Index of the last slice that contains the lesion (inclusive).
         centroid_zyx: Centroid in voxel index coordinates (z, y, x).
         space: Deep neck space (e.g. "parapharyngeal") when known, else None.
+        side: The patient's side the lesion lies on ("left", "right" or "midline") when known,
+            else None.
 
     Raises:
         ValueError: A value is missing, of the wrong kind or impossible (the message names it).
@@ -87,6 +91,7 @@ class Lesion:
     last_slice: int
     centroid_zyx: tuple[float, float, float] = (0.0, 0.0, 0.0)
     space: str | None = None
+    side: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("label", "voxel_count", "loculi", "first_slice", "last_slice"):
@@ -110,6 +115,8 @@ class Lesion:
         object.__setattr__(self, "centroid_zyx", tuple(float(v) for v in self.centroid_zyx))
         if self.space is not None and (not isinstance(self.space, str) or not self.space.strip()):
             raise ValueError(f"Lesion.space must be a non-empty string or None, got {self.space!r}")
+        if self.side is not None and self.side not in SIDES:
+            raise ValueError(f"Lesion.side must be one of {SIDES} or None, got {self.side!r}")
 
     def as_dict(self) -> dict[str, Any]:
         """The descriptors as a plain JSON-serialisable dict (inverse of :meth:`from_dict`)."""
@@ -121,6 +128,10 @@ class Lesion:
     def from_dict(cls, record: Mapping[str, Any]) -> Lesion:
         """Rebuild a lesion from :meth:`as_dict` (unknown keys are ignored)."""
         return cls(**{name: record[name] for name in _FIELDS if name in record})
+
+    def located(self, space: str, side: str) -> Lesion:
+        """The same lesion with its deep neck space and side."""
+        return replace(self, space=space, side=side)
 
     def shifted(self, dz: int, dy: int, dx: int) -> Lesion:
         """The same lesion in a volume whose origin is (dz, dy, dx) voxels before this one's."""

@@ -98,31 +98,40 @@ def knn_recall(approximate_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> fl
 
 
 def localization_ratio(
-    retrieved_slices: Sequence[int], region_slices: Collection[int], localization_l: int | None = None
+    retrieved_slices: Sequence[int],
+    region_slices: Collection[int],
+    localization_l: int | None = None,
+    *,
+    distinct_hits: bool = False,
 ) -> float:
     """Localization ratio of one retrieved volume (Khun Jush et al., eq. 2 and eq. 7).
 
-    - ``localization_l=None`` (eq. 2, count-based retrieval): the fraction of the distinct slices
-      hit in the retrieved volume that contain the region of interest.
+    - ``localization_l=None`` (eq. 2, count-based retrieval): the hits in the retrieved volume
+      whose slice contains the region of interest, divided by the hit count of that volume, as
+      in the paper's example (12 of the 48 hits -> 0.25). A database slice hit by two query
+      slices counts twice. ``distinct_hits=True`` divides by the distinct hit slices instead
+      (the node's earlier variant).
     - ``localization_l=L`` (eq. 7, after re-ranking): the number of the ``L`` most similar slices
       (``retrieved_slices`` best first, from eq. 6) that contain the region, divided by ``L``
-      (by the number of slices when the volume has fewer than ``L``).
+      (a volume with fewer than ``L`` slices cannot reach 1).
 
     Args:
-        retrieved_slices: Slice indices in the retrieved volume (best first for eq. 7).
+        retrieved_slices: Slice indices in the retrieved volume: every hit (eq. 2), or the
+            best-first slices of eq. 6 (eq. 7).
         region_slices: Slice indices of the retrieved volume that contain the region (ground truth).
         localization_l: L for eq. 7 (the paper uses 15), or None for eq. 2.
+        distinct_hits: eq. 2 over distinct hit slices (an option; the paper counts hits).
 
     Returns:
         The ratio in [0, 1] (0 when nothing was retrieved).
     """
     region = set(region_slices)
     if localization_l is None:
-        hit = list(dict.fromkeys(retrieved_slices))
-        return sum(s in region for s in hit) / len(hit) if hit else 0.0
+        hits = list(dict.fromkeys(retrieved_slices)) if distinct_hits else list(retrieved_slices)
+        return sum(s in region for s in hits) / len(hits) if hits else 0.0
     _check_k(localization_l)
-    top = list(retrieved_slices)[:localization_l]
-    return sum(s in region for s in top) / len(top) if top else 0.0
+    top = list(dict.fromkeys(retrieved_slices))[:localization_l]
+    return sum(s in region for s in top) / localization_l if top else 0.0
 
 
 def _check_k(k: int) -> None:

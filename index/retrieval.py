@@ -32,6 +32,9 @@ from index.records import StudyRecord
 
 LOCALIZATION_L = 15
 """Number of best-matching slices returned per study (L = 15 in Khun Jush et al., sec. 2.5.4)."""
+HIT_TABLE_K = 1
+"""Neighbours per query slice in the hit table: the most similar slice only (eq. 1, sec. 2.4.1);
+larger ``k`` stays an option."""
 DEFAULT_IMAGE_WEIGHT = 0.7
 """Weight w of the image similarity in the mixed score ``w * image + (1 - w) * descriptors``:
 the image evidence leads, the descriptors re-order studies whose images are about as similar."""
@@ -47,7 +50,7 @@ NUMERIC_DESCRIPTORS = (
     "last_slice",
 )
 """Lesion descriptors that filters compare as numbers."""
-TEXT_DESCRIPTORS = ("space",)
+TEXT_DESCRIPTORS = ("space", "side")
 """Lesion descriptors that filters compare as case-insensitive text (``=`` and ``!=`` only)."""
 
 # Descriptor similarity: size-like descriptors by relative difference, HU descriptors by the
@@ -324,7 +327,7 @@ def descriptor_similarity(query_descriptors: Mapping[str, Any], lesions: Sequenc
     - ``volume_ml``, ``longest_axial_diameter_mm``, ``loculi``: ``1 - |a - b| / max(|a|, |b|)``
       (relative difference; 1 when both are 0);
     - ``core_mean_hu`` / ``core_sd_hu``: ``1 - min(|a - b| / s, 1)`` with s = 100 / 50 HU;
-    - ``space``: 1 when equal (case-insensitive), else 0.
+    - ``space``, ``side``: 1 when equal (case-insensitive), else 0.
 
     The lesion's similarity is the mean over these descriptors; the study's is the maximum
     over its lesions (0 for a study without lesions).
@@ -387,7 +390,7 @@ def rank_studies(
     query_descriptors: Mapping[str, Any] | None = None,
     image_weight: float = DEFAULT_IMAGE_WEIGHT,
     localization_l: int = LOCALIZATION_L,
-    max_candidates: int = 100,
+    max_candidates: int | None = None,
 ) -> list[StudyHit]:
     """Rank the studies hit by a slice-wise kNN search (steps 2-4 of the module docstring).
 
@@ -407,7 +410,8 @@ def rank_studies(
         query_descriptors: Descriptors of the query lesion for the mixed score.
         image_weight: w of the mixed score.
         localization_l: L best-matching slices per result (eq. 6).
-        max_candidates: Re-rank at most this many candidates (the ones with most hits).
+        max_candidates: Re-rank at most this many candidates (the ones with most hits); None
+            re-ranks every study with a hit, as the paper does (sec. 2.5.1).
 
     Returns:
         Up to ``top`` hits, rank 1 first (``study`` not yet attached).

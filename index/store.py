@@ -66,6 +66,7 @@ from index.lesions import Lesion
 from index.records import SliceRecord, StudyRecord
 from index.retrieval import (
     DEFAULT_IMAGE_WEIGHT,
+    HIT_TABLE_K,
     LOCALIZATION_L,
     LesionFilter,
     SliceHit,
@@ -121,7 +122,7 @@ CREATE INDEX IF NOT EXISTS rois_study ON rois (study_uid, live);
 CREATE TABLE IF NOT EXISTS lesions (
     study_uid TEXT NOT NULL, label INTEGER NOT NULL,
     volume_ml REAL, longest_axial_diameter_mm REAL, core_mean_hu REAL, core_sd_hu REAL,
-    loculi INTEGER, first_slice INTEGER, last_slice INTEGER, space TEXT,
+    loculi INTEGER, first_slice INTEGER, last_slice INTEGER, space TEXT, side TEXT,
     descriptors TEXT NOT NULL,
     PRIMARY KEY (study_uid, label)
 );
@@ -139,6 +140,7 @@ _LESION_COLUMNS = (
     "first_slice",
     "last_slice",
     "space",
+    "side",
 )
 _STUDY_TEXT_FIELDS = tuple(name for name in StudyRecord.__dataclass_fields__ if name not in ("study_uid", "modalities", "extra"))
 
@@ -263,13 +265,17 @@ class CaseIndex:
         db = sqlite3.connect(self.directory / DB_FILE, check_same_thread=False, timeout=60, isolation_level=None)
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         columns = {row[1] for row in db.execute("PRAGMA table_info(slices)")}
-        current = {"meta", "studies", "slices", "rois", "lesions"} <= tables and "retired" in columns
+        lesion_columns = {row[1] for row in db.execute("PRAGMA table_info(lesions)")}
+        current = ({"meta", "studies", "slices", "rois", "lesions"} <= tables and "retired" in columns
+                   and "side" in lesion_columns)
         if not current or db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             db.execute("PRAGMA journal_mode = WAL")
             db.executescript(_TABLES)
             for table in ("slices", "rois"):  # indexes written before tombstones carried their generation
                 if "retired" not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
                     db.execute(f"ALTER TABLE {table} ADD COLUMN retired INTEGER")
+            if "side" not in {row[1] for row in db.execute("PRAGMA table_info(lesions)")}:
+                db.execute("ALTER TABLE lesions ADD COLUMN side TEXT")  # indexes written before lesions had a side
             db.executescript(_RETIRED_INDEXES)
         if not self.read_only:
             db.execute("PRAGMA synchronous = FULL")
@@ -626,14 +632,14 @@ class CaseIndex:
         query_slice_indices: Sequence[int] | None = None,
         slice_range: tuple[int, int] | None = None,
         exclude_study_uid: str | None = None,
-        k: int = 10,
+        k: int = HIT_TABLE_K,
         top: int = 10,
         rerank: bool = True,
         filters: Iterable[str | LesionFilter] = (),
         query_descriptors: Mapping[str, Any] | None = None,
         image_weight: float = DEFAULT_IMAGE_WEIGHT,
         localization_l: int = LOCALIZATION_L,
-        max_candidates: int = 100,
+        max_candidates: int | None = None,
     ) -> list[StudyHit]:
         """Rank studies for a query volume, sub-volume (region) or ROI set.
 
@@ -653,7 +659,7 @@ class CaseIndex:
             query_slice_indices: Slice index of each row (default 0..n-1).
             slice_range: (first, last) slice indices, inclusive: keep only those query rows.
             exclude_study_uid: The query's own study, never returned.
-            k: Neighbours retrieved per query slice for the hit table (``k=1`` is the paper's
+            k: Neighbours retrieved per query slice for the hit table (default 1, the paper's
                 setting: only the most similar slice of each query slice counts).
             top: Number of studies returned.
             rerank: Re-rank by late interaction (True) or keep the count-based order (False).
@@ -661,8 +667,8 @@ class CaseIndex:
             query_descriptors: Descriptors of the query lesion for the mixed score.
             image_weight: w of the mixed score.
             localization_l: L best-matching slices per result (eq. 6).
-            max_candidates: Re-rank at most this many candidates (the ones with most hits), to
-                bound the cost; the paper re-ranks all studies with a hit.
+            max_candidates: Re-rank at most this many candidates (the ones with most hits), an
+                option to bound the cost; default None re-ranks every study with a hit (the paper).
 
         Returns:
             Up to ``top`` hits, rank 1 first.

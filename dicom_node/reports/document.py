@@ -134,6 +134,13 @@ def check_positive_int(value: Any, argument: str) -> int:
     return value
 
 
+def check_count(value: Any, argument: str) -> int:
+    """A whole number >= 0, or :class:`SrInputError` naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SrInputError(f"{argument} must be a whole number >= 0, got {value!r}")
+    return int(value)
+
+
 def check_text(value: Any, argument: str, max_length: int = 64) -> str:
     """``value`` if it is a non-empty string of at most ``max_length`` characters."""
     if not isinstance(value, str) or not value.strip():

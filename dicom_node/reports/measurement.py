@@ -1,8 +1,11 @@
 """The measurement report: DICOM TID 1500 "Imaging Measurement Report" of the abscesses found.
 
 One TID 1411 volumetric measurement group per abscess, each referencing segment 1 of the node's
-DICOM SEG and the CT slices it lies on. A study without lesion still gets a report, with one
-TID 1501 group saying "Abscess: Absent", so the radiologist sees that the node ran.
+DICOM SEG and the CT slices it lies on, its finding site the lesion's deep neck space (coded,
+:data:`~dicom_node.reports.codes.DEEP_NECK_SPACE_SITES`) with the side as laterality. A study without
+lesion still gets a report, with one TID 1501 group saying "Abscess: Absent", so the radiologist
+sees that the node ran. When the plausibility rules ran, one more TID 1501 group counts the
+candidates each rule removed.
 """
 
 from __future__ import annotations
@@ -17,18 +20,23 @@ from pydicom.uid import SegmentationStorage, generate_uid
 from dicom_node.reports.codes import (
     ABSCESS,
     ABSENT,
+    CANDIDATES_REMOVED,
     COMMENT,
     CT_UNSPECIFIED_BODY_REGION,
     DEEP_NECK_SPACE,
     DEEP_NECK_SPACE_SITES,
+    LATERALITY,
     MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
     NECK,
+    RULE_CODES,
+    UNIT_CANDIDATES,
 )
 from dicom_node.reports.document import (
     Document,
     SrInputError,
     algorithm_comment,
     algorithm_identification,
+    check_count,
     check_positive_int,
     lesion_label,
     lesion_measurements,
@@ -40,9 +48,25 @@ from models.weights import AlgorithmInfo
 NO_LESION_TEXT = "No abscess detected by the algorithm."
 
 
-def _finding_site(space: str | None) -> hd.sr.FindingSite:
+def _finding_site(space: str | None, side: str | None) -> hd.sr.FindingSite:
     code = DEEP_NECK_SPACE_SITES.get(space.lower()) if space else None
-    return hd.sr.FindingSite(anatomic_location=code or NECK)
+    return hd.sr.FindingSite(anatomic_location=code or NECK, laterality=LATERALITY.get(side) if side else None)
+
+
+def _candidates_group(document_uid: str, removed: Mapping[str, int], algorithm_id: hd.sr.AlgorithmIdentification
+                      ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group: how many abscess candidates each plausibility rule removed."""
+    unknown = sorted(set(removed) - set(RULE_CODES))
+    if unknown:
+        raise SrInputError(f"candidates_removed names unknown rules {unknown}; known: {sorted(RULE_CODES)}")
+    measurements = []
+    for rule, code in RULE_CODES.items():
+        count = check_count(removed.get(rule, 0), f"candidates_removed[{rule!r}]")
+        measurements.append(hd.sr.Measurement(name=code, value=count, unit=UNIT_CANDIDATES, algorithm_id=algorithm_id))
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=generate_uid(entropy_srcs=[document_uid, "candidates removed"]), identifier="Candidates removed"),
+        finding_type=CANDIDATES_REMOVED, algorithm_id=algorithm_id, measurements=measurements)
 
 
 def _check_segmentation(
@@ -87,6 +111,7 @@ def build_measurement_report(
     series_description: str | None = None,
     institution_name: str | None = None,
     content_datetime: datetime.datetime | None = None,
+    candidates_removed: Mapping[str, int] | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """Build the TID 1500 measurement report of the abscesses found in one CT series.
 
@@ -120,6 +145,8 @@ def build_measurement_report(
             for demo weights.
         institution_name: Optional Institution Name.
         content_datetime: Content Date/Time; now when None.
+        candidates_removed: rule name (:data:`models.plausibility.RULES`) -> number of abscess
+            candidates it removed; written as one more group when given.
 
     Returns:
         The SR document (a pydicom Dataset), COMPLETE and UNVERIFIED, with the source images
@@ -185,12 +212,13 @@ def build_measurement_report(
                 ),
                 finding_type=ABSCESS,
                 finding_category=MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
-                finding_sites=[_finding_site(lesion.space)],
+                finding_sites=[_finding_site(lesion.space, lesion.side)],
                 algorithm_id=algorithm_id,
                 measurements=lesion_measurements(lesion, algorithm_id, source_images),
             )
             if lesion.space:
-                group[0].ContentSequence.append(text_item(DEEP_NECK_SPACE, lesion.space))
+                where = lesion.space if not lesion.side else f"{lesion.side} {lesion.space}"
+                group[0].ContentSequence.append(text_item(DEEP_NECK_SPACE, where))
             if comment:
                 group[0].ContentSequence.append(text_item(COMMENT, comment))
             groups.append(group)
@@ -209,6 +237,8 @@ def build_measurement_report(
             group[0].ContentSequence.append(text_item(COMMENT, comment))
         groups.append(group)
 
+    if candidates_removed is not None:
+        groups.append(_candidates_group(document.sop_instance_uid, candidates_removed, algorithm_id))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=document.device_observer()),
         procedure_reported=CT_UNSPECIFIED_BODY_REGION,

@@ -18,8 +18,10 @@ Images and masks are paired by file name: the same stem, or the mask stem with a
   as :class:`models.segmenter.Segmenter` does at inference.
 
 Masks of any bit depth are binarised at half their maximum (0/1 and 0/255 both work).
-Training samples are resized to a square ``input_size`` (bilinear image, nearest mask, as the
-paper's 256 x 256) and augmented by random horizontal/vertical flips and rotations (the
+Training samples are brought to the network's square input exactly as at inference
+(:func:`models.preprocessing.to_model_grid`: resampled to ``input_spacing_mm`` with the slice's
+pixel spacing from the CSV column ``pixel_spacing_mm`` or ``dataset.json``, then padded or
+cropped; without a known spacing the longer side fills the input, never stretched) and augmented by random horizontal/vertical flips and rotations (the
 paper's recipe, via MONAI transforms).
 """
 
@@ -34,15 +36,15 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.transforms import Compose, RandFlipd, RandRotated
 from monai.utils import convert_to_tensor
 from PIL import Image
 
-from models.preprocessing import resize_to_model, window_hu
+from models.preprocessing import to_model_grid, window_hu
 
 __all__ = ["SPLITS", "SliceRecord", "DatasetLayoutError", "read_split", "read_description",
-           "load_image", "load_mask", "image_to_channels", "pixel_spacing_mm", "AbscessSliceDataset"]
+           "load_image", "load_mask", "image_to_channels", "pixel_spacing_mm", "slice_to_model_grid",
+           "AbscessSliceDataset"]
 
 SPLITS = ("train", "test")
 _MASK_SUFFIXES = ("", "_mask", "_seg", "_label", "_gt")
@@ -186,6 +188,16 @@ def pixel_spacing_mm(root: Path | str, records: Sequence[SliceRecord]) -> float 
     return values[0] if len(set(values)) == 1 else values
 
 
+def slice_to_model_grid(values: np.ndarray, kind: str, mask: np.ndarray, spacing_mm: float | None, window: str,
+                        input_size: int, input_spacing_mm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One loaded slice and its mask on the network's input grid: ``[3, S, S]`` and ``[1, S, S]`` (0/1)."""
+    pixel_spacing = None if spacing_mm is None else (float(spacing_mm), float(spacing_mm))
+    image = to_model_grid(image_to_channels(values, kind, window)[None], pixel_spacing, input_size, input_spacing_mm)[0]
+    mask_tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
+    mask_on_grid = to_model_grid(mask_tensor, pixel_spacing, input_size, input_spacing_mm)[0] > 0.5
+    return image, mask_on_grid.float()
+
+
 class AbscessSliceDataset(torch.utils.data.Dataset):
     """Slices of one split as network-ready tensors.
 
@@ -196,6 +208,7 @@ class AbscessSliceDataset(torch.utils.data.Dataset):
         root: dataset root in the AbscessHeNe layout.
         split: ``"train"`` or ``"test"``.
         input_size: side ``S`` of the square network input.
+        input_spacing_mm: pixel spacing of the network input.
         window: window mode for HU (16-bit) images.
         augment: apply random flips (horizontal, vertical) and rotations.
         rotation_degrees: rotations are drawn from +-this many degrees.
@@ -204,7 +217,8 @@ class AbscessSliceDataset(torch.utils.data.Dataset):
         seed: seed of the augmentation random state (see :meth:`set_epoch`).
     """
 
-    def __init__(self, root: Path | str, split: str, input_size: int = 256, window: str = "soft_tissue",
+    def __init__(self, root: Path | str, split: str, input_size: int = 256, input_spacing_mm: float = 1.0,
+                 window: str = "soft_tissue",
                  augment: bool = False, rotation_degrees: float = 180.0,
                  case_ids: Sequence[str] | None = None, cache: bool = True, seed: int = 0) -> None:
         self.root = Path(root)
@@ -213,7 +227,10 @@ class AbscessSliceDataset(torch.utils.data.Dataset):
             wanted = set(case_ids)
             self.records = [record for record in self.records if record.case_id in wanted]
         self.input_size = int(input_size)
+        self.input_spacing_mm = float(input_spacing_mm)
         self.window = window
+        spacings = pixel_spacing_mm(self.root, self.records)
+        self.spacings = spacings if isinstance(spacings, list) else [spacings] * len(self.records)
         self.hu_offset = float(read_description(self.root).get("image_encoding", {}).get("hu_offset", 1024))
         self.cache = cache
         self._cached: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -253,9 +270,8 @@ class AbscessSliceDataset(torch.utils.data.Dataset):
             return image_u8.float() / 255.0, mask_u8.float()
         record = self.records[index]
         values, kind = load_image(record.image_path, self.hu_offset)
-        image = resize_to_model(image_to_channels(values, kind, self.window)[None], self.input_size)[0]
-        mask = torch.from_numpy(load_mask(record.mask_path).astype(np.float32))[None, None]
-        mask = F.interpolate(mask, size=(self.input_size, self.input_size), mode="nearest")[0]
+        image, mask = slice_to_model_grid(values, kind, load_mask(record.mask_path), self.spacings[index],
+                                          self.window, self.input_size, self.input_spacing_mm)
         if self.cache:
             image_u8 = (image.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
             self._cached[index] = (image_u8, mask.to(torch.uint8))

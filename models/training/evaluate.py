@@ -42,7 +42,7 @@ import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU, SurfaceDiceMetric, compute_dice
 
 from models.training.data import image_to_channels, load_image, load_mask, pixel_spacing_mm, read_description, read_split
-from models.preprocessing import resize_to_model, resize_to_source
+from models.preprocessing import input_spacing_of, normalise_input, to_model_grid, to_source_grid
 from models.vmunet import VMUNet
 from models.weights import load_checkpoint
 
@@ -140,18 +140,24 @@ def evaluate(checkpoint: Path | str, data_root: Path | str, split: str = "test",
     spacing = pixel_spacing_mm(data_root, records)
     hu_offset = float(read_description(data_root).get("image_encoding", {}).get("hu_offset", 1024))
     input_size, window = int(meta["input_size"]), meta["preprocessing"]["window"]
+    input_spacing = input_spacing_of(meta)
+    per_slice = spacing if isinstance(spacing, list) else [spacing] * len(records)
     predictions, targets = [], []
     with torch.inference_mode():
         for start in range(0, len(records), batch_size):
             batch = records[start:start + batch_size]
             masks = [load_mask(record.mask_path) for record in batch]
-            images = []
-            for record in batch:
+            images, pixel_spacings = [], []
+            for offset, record in enumerate(batch):
                 values, kind = load_image(record.image_path, hu_offset)
-                images.append(resize_to_model(image_to_channels(values, kind, window)[None], input_size)[0])
-            probabilities = torch.sigmoid(model(torch.stack(images)).float())
-            for probability, mask in zip(probabilities, masks):
-                on_grid = resize_to_source(probability[None], mask.shape)[0]
+                value = per_slice[start + offset]
+                pixel_spacings.append(None if value is None else (value, value))
+                images.append(to_model_grid(image_to_channels(values, kind, window)[None], pixel_spacings[-1],
+                                            input_size, input_spacing)[0])
+            normalisation = meta["preprocessing"].get("normalisation", "unit")
+            probabilities = torch.sigmoid(model(normalise_input(torch.stack(images), normalisation)).float())
+            for probability, mask, pixel_spacing in zip(probabilities, masks, pixel_spacings):
+                on_grid = to_source_grid(probability[None], mask.shape, pixel_spacing, input_spacing)[0]
                 predictions.append(on_grid > 0.5)
                 targets.append(torch.from_numpy(mask)[None])
     prediction_tensor, target_tensor = torch.stack(predictions), torch.stack(targets)

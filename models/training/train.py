@@ -1,13 +1,32 @@
 """Train VM-UNet on a dataset in the AbscessHeNe layout (real AbscessHeNe or phantoms).
 
-Recipe (AbscessHeNe paper, Sec. IV-A, and the VM-UNet reference settings): BCE + Dice loss
-(:class:`monai.losses.DiceLoss` with a sigmoid, pooled over the batch, plus
-:class:`torch.nn.BCEWithLogitsLoss`), AdamW (lr 1e-3, weight decay 1e-2), cosine annealing to
-1e-5 over the epochs, random horizontal/vertical flips and rotations, square 256 x 256 inputs,
-batch 16, 300 epochs (``--config paper``). The ``tiny`` and ``demo`` configurations are small
-networks and inputs that train on a CPU; they weight the abscess pixels of the BCE term 10x
-(``bce_pos_weight``) because on phantom slices the abscess is under 1 % of the pixels, and
-every fresh network starts with its output bias at the background prior (:data:`PRIOR_LOGIT`).
+Two recipes (``--recipe``):
+
+``reference`` -- the VM-UNet reference code's recipe, with which AbscessHeNe's Table I was made
+    (Dao et al., Sec. IV-A; JCruan519/VM-UNet ``configs/config_setting.py``, ``utils.py``):
+    BCE + Dice on the sigmoid output, the Dice per sample with smoothing 1 and averaged over the
+    batch (``BceDiceLoss(wb=1, wd=1)``); AdamW (lr 1e-3, weight decay 1e-2); cosine annealing
+    with ``T_max = 50`` epochs down to 1e-5, stepped once per epoch (so the rate rises again
+    after epoch 50, 150, 250); the reference's input normalisation (every image min-max scaled
+    to [0, 255] on its own, :func:`models.preprocessing.normalise_input`); no output-bias prior;
+    random horizontal/vertical flips and rotations. With ``--config paper`` (the 27.43 M network,
+    256 x 256 inputs, batch 16, 300 epochs) this is one command for Table I on a site's
+    AbscessHeNe copy and GPU::
+
+        python -m models.training.train --data AbscessHeNe --out RUN --config paper --recipe reference
+
+    Deviations, both for determinism: the rotation angle is drawn per sample (the reference
+    draws one angle when the transform is built) and seeds are fixed.
+``node`` (default) -- what the demo weights are trained with: the same BCE + Dice, but the Dice
+    pooled over the batch (smoothing 1) and the abscess pixels of the BCE weighted
+    ``bce_pos_weight``: phantom abscesses are under 1 % of a slice, and with the per-sample Dice
+    a 2 M-parameter VM-UNet collapsed to an empty output (validation Dice 0 for five epochs);
+    one cosine over all epochs, the windows' [0, 1]
+    scaling (``--window multi_window``: the HU-aware three-window input), and the output bias
+    started at the background prior (:data:`PRIOR_LOGIT`).
+
+Inputs reach the network by resampling to the configuration's ``input_spacing_mm`` and padding
+or cropping (:func:`models.preprocessing.to_model_grid`), as at inference.
 
 Outputs in ``--out``:
 
@@ -21,8 +40,8 @@ Outputs in ``--out``:
 
 CLI::
 
-    python -m models.training.train --data DIR --out DIR [--config tiny|demo|paper] [--epochs N]
-        [--input-size 256] [--resume]
+    python -m models.training.train --data DIR --out DIR [--config tiny|demo|demo2|paper]
+        [--recipe node|reference] [--epochs N] [--input-size 256] [--resume]
 """
 
 from __future__ import annotations
@@ -38,35 +57,48 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.losses import DiceLoss
 from monai.metrics import compute_dice
 from tqdm import tqdm
 
+from models.preprocessing import normalise_input
 from models.training.data import AbscessSliceDataset, read_description, read_split
 from models.vmunet import VMUNet
 from models.weights import DEMO_DESCRIPTION, load_checkpoint, make_meta, save_checkpoint
 
-__all__ = ["CONFIGS", "TrainSettings", "main", "settings_for", "train"]
+__all__ = ["CONFIGS", "RECIPES", "TrainSettings", "bce_dice_loss", "main", "settings_for", "train"]
 
 #: Named configurations: network keyword arguments and training hyper-parameters.
 CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": {
         "model": {"dims": 16, "depths": [1, 1], "depths_decoder": [1, 1], "d_state": 4,
                   "drop_path_rate": 0.0},
-        "input_size": 64, "batch_size": 4, "epochs": 3, "lr": 3e-3, "window": "multi_window",
-        "rotation_degrees": 15.0, "bce_pos_weight": 10.0,
+        "input_size": 64, "input_spacing_mm": 3.0, "batch_size": 4, "epochs": 3, "lr": 3e-3,
+        "window": "multi_window", "rotation_degrees": 15.0, "bce_pos_weight": 10.0,
     },
     "demo": {
         "model": {"dims": 32, "depths": [1, 1, 1], "depths_decoder": [1, 1, 1], "d_state": 8,
                   "drop_path_rate": 0.0},
-        "input_size": 128, "batch_size": 8, "epochs": 22, "lr": 1e-3, "window": "multi_window",
-        "rotation_degrees": 20.0, "bce_pos_weight": 10.0,
+        "input_size": 128, "input_spacing_mm": 1.875, "batch_size": 8, "epochs": 22, "lr": 1e-3,
+        "window": "multi_window", "rotation_degrees": 20.0, "bce_pos_weight": 10.0,
+    },
+    "demo2": {  # the demo weights v2: v1's three stages at 1.5x the width, 1.03 M parameters
+        "model": {"dims": 48, "depths": [1, 1, 1], "depths_decoder": [1, 1, 1], "d_state": 8,
+                  "drop_path_rate": 0.0},
+        "input_size": 128, "input_spacing_mm": 1.875, "batch_size": 8, "epochs": 24, "lr": 1e-3,
+        "window": "multi_window", "rotation_degrees": 20.0, "bce_pos_weight": 10.0,
     },
     "paper": {
         "model": {},  # VMUNet() defaults: the 27.43 M-parameter network of Table I
-        "input_size": 256, "batch_size": 16, "epochs": 300, "lr": 1e-3, "window": "soft_tissue",
-        "rotation_degrees": 180.0, "bce_pos_weight": 1.0,
+        "input_size": 256, "input_spacing_mm": 0.9375, "batch_size": 16, "epochs": 300, "lr": 1e-3,
+        "window": "soft_tissue", "rotation_degrees": 180.0, "bce_pos_weight": 1.0,
     },
+}
+#: Training recipes (see the module docstring): scheduler period, input scaling, output-bias prior.
+RECIPES: dict[str, dict[str, Any]] = {
+    "node": {"cosine_period": None, "normalisation": "unit", "prior_bias": True, "use_pos_weight": True,
+             "per_sample_dice": False},
+    "reference": {"cosine_period": 50, "normalisation": "reference", "prior_bias": False, "use_pos_weight": False,
+                  "per_sample_dice": True},
 }
 
 WEIGHT_DECAY = 1e-2
@@ -87,17 +119,17 @@ def settings_for(config: str = "demo", **overrides: Any) -> TrainSettings:
 
     Args:
         config: a key of :data:`CONFIGS`.
-        **overrides: ``input_size``, ``batch_size``, ``epochs``, ``lr``, ``window``,
-            ``rotation_degrees``, ``seed``, ``val_cases``, ``name``, ``version`` or ``model``;
-            None values keep the preset.
+        **overrides: ``recipe``, ``input_size``, ``input_spacing_mm``, ``batch_size``, ``epochs``,
+            ``lr``, ``window``, ``rotation_degrees``, ``bce_pos_weight``, ``seed``, ``val_cases``,
+            ``name``, ``version`` or ``model``; None values keep the preset.
 
     Raises:
         KeyError: unknown configuration or setting.
     """
     base = CONFIGS[config]
     settings = TrainSettings(
-        config=config, model=dict(base["model"]), input_size=base["input_size"],
-        batch_size=base["batch_size"], epochs=base["epochs"], lr=base["lr"], window=base["window"],
+        config=config, recipe="node", model=dict(base["model"]), input_size=base["input_size"],
+        input_spacing_mm=base["input_spacing_mm"], batch_size=base["batch_size"], epochs=base["epochs"], lr=base["lr"], window=base["window"],
         rotation_degrees=base["rotation_degrees"], bce_pos_weight=base["bce_pos_weight"], seed=0,
         val_cases=None, name="vmunet", version="0")
     for key, value in overrides.items():
@@ -106,6 +138,25 @@ def settings_for(config: str = "demo", **overrides: Any) -> TrainSettings:
         if value is not None:
             settings[key] = value
     return settings
+
+
+def bce_dice_loss(logits: torch.Tensor, targets: torch.Tensor, pos_weight: float = 1.0,
+                  per_sample: bool = True) -> torch.Tensor:
+    """BCE + Dice, the loss of AbscessHeNe's baselines (the VM-UNet reference's ``BceDiceLoss(wb=1, wd=1)``).
+
+    With ``per_sample`` (the reference) the Dice term is computed per sample on the sigmoid
+    probabilities with smoothing 1 (``1 - mean_i (2 |P_i T_i| + 1) / (|P_i| + |T_i| + 1)``), so a
+    slice without abscess is rewarded for an empty prediction; otherwise the batch is pooled
+    into one Dice (smoothing 1). The BCE is the mean over all pixels, abscess pixels weighted
+    ``pos_weight`` (1 in the reference).
+    """
+    probabilities = torch.sigmoid(logits).flatten(1 if per_sample else 0)
+    flat_targets = targets.flatten(1 if per_sample else 0)
+    intersection = (probabilities * flat_targets).sum(-1)
+    dice = (2.0 * intersection + 1.0) / (probabilities.sum(-1) + flat_targets.sum(-1) + 1.0)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, targets, pos_weight=torch.tensor([float(pos_weight)], device=logits.device))
+    return (1.0 - dice.mean()) + bce
 
 
 def _seed_everything(seed: int) -> None:
@@ -136,13 +187,14 @@ def _split_cases(case_ids: Sequence[str], val_cases: int | None) -> tuple[list[s
 
 
 @torch.no_grad()
-def _validation_dice(model: VMUNet, dataset: AbscessSliceDataset, batch_size: int) -> float:
+def _validation_dice(model: VMUNet, dataset: AbscessSliceDataset, batch_size: int, normalisation: str) -> float:
     """Dice of the thresholded predictions pooled over all validation slices (FPs count)."""
     model.eval()
     predictions, targets = [], []
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for batch in loader:
-        predictions.append((torch.sigmoid(model(batch["image"])) > 0.5).float())
+        images = normalise_input(batch["image"], normalisation)
+        predictions.append((torch.sigmoid(model(images)) > 0.5).float())
         targets.append(batch["mask"])
     model.train()
     # pooled: every slice becomes one plane of a single [1, 1, N, H, W] volume
@@ -184,16 +236,28 @@ def _meta(settings: TrainSettings, data_root: Path, description: dict[str, Any],
         f"VM-UNet trained with models.training.train on {data_root.name}; not validated for clinical use")
     training = {
         "data": str(data_root), "dataset_name": description.get("name", data_root.name),
+        "hosts": sorted(set(description.get("generator", {}).get("hosts", []))),
         "synthetic": synthetic, "image_kind": image_kind, "config": settings["config"],
         "epoch": epoch, "epochs": settings["epochs"], "batch_size": settings["batch_size"],
         "lr": settings["lr"], "seed": settings["seed"], "train_cases": train_cases, "val_cases": val_cases,
-        "loss": f"Dice (batch) + BCE with logits (pos_weight {settings.get('bce_pos_weight', 1.0)})",
-        "optimizer": "AdamW", "schedule": "cosine",
+        "recipe": settings["recipe"],
+        "loss": (f"BCE (pos_weight {_pos_weight(settings)}) + "
+                 f"{'per-sample' if RECIPES[settings['recipe']]['per_sample_dice'] else 'batch-pooled'} Dice (smooth 1)"),
+        "optimizer": "AdamW", "schedule": f"cosine, T_max {_cosine_period(settings)} epochs",
     }
     if image_kind == "windowed":
         training["note"] = "trained on 8-bit windowed PNGs; inference windows HU with soft_tissue"
     return make_meta(settings["name"], settings["version"], demo=synthetic, description=text, window=window,
-                     input_size=settings["input_size"], training=training, metrics=metrics)
+                     input_size=settings["input_size"], input_spacing_mm=settings["input_spacing_mm"],
+                     normalisation=RECIPES[settings["recipe"]]["normalisation"], training=training, metrics=metrics)
+
+
+def _pos_weight(settings: TrainSettings) -> float:
+    return float(settings["bce_pos_weight"]) if RECIPES[settings["recipe"]]["use_pos_weight"] else 1.0
+
+
+def _cosine_period(settings: TrainSettings) -> int:
+    return RECIPES[settings["recipe"]]["cosine_period"] or settings["epochs"]
 
 
 def train(data_root: Path | str, out_dir: Path | str, settings: TrainSettings, resume: bool = False,
@@ -223,7 +287,9 @@ def train(data_root: Path | str, out_dir: Path | str, settings: TrainSettings, r
     description = read_description(data_root)
     case_ids = list(dict.fromkeys(record.case_id for record in read_split(data_root, "train")))
     train_cases, val_cases = _split_cases(case_ids, settings["val_cases"])
-    common = {"input_size": settings["input_size"], "window": settings["window"]}
+    common = {"input_size": settings["input_size"], "input_spacing_mm": settings["input_spacing_mm"],
+              "window": settings["window"]}
+    recipe = RECIPES[settings["recipe"]]
     train_set = AbscessSliceDataset(data_root, "train", augment=True, case_ids=train_cases,
                                     rotation_degrees=settings["rotation_degrees"], seed=settings["seed"], **common)
     val_set = AbscessSliceDataset(data_root, "train", case_ids=val_cases, **common) if val_cases else None
@@ -233,20 +299,20 @@ def train(data_root: Path | str, out_dir: Path | str, settings: TrainSettings, r
         model = load_checkpoint(out / "last.pt").model.train()
     else:
         model = VMUNet(**settings["model"]).train()
-        with torch.no_grad():  # start at the background prior, not at p = 0.5 (see PRIOR_LOGIT)
-            model.final_conv.bias.fill_(PRIOR_LOGIT)
+        if recipe["prior_bias"]:
+            with torch.no_grad():  # start at the background prior, not at p = 0.5 (see PRIOR_LOGIT)
+                model.final_conv.bias.fill_(PRIOR_LOGIT)
     if settings["input_size"] % model.size_multiple:
         raise ValueError(f"input size {settings['input_size']} must be a multiple of {model.size_multiple}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=WEIGHT_DECAY)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings["epochs"], eta_min=MIN_LR)
-    dice_loss = DiceLoss(sigmoid=True, batch=True)
-    bce_loss = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([float(settings.get("bce_pos_weight", 1.0))]))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=_cosine_period(settings), eta_min=MIN_LR)
+    pos_weight = _pos_weight(settings)
     history: dict[str, Any] = {"settings": dict(settings), "epochs": [], "steps": [], "best": None}
     start_epoch = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scheduler.T_max = settings["epochs"]
+        scheduler.T_max = _cosine_period(settings)
         history = state["history"]
         history["settings"]["epochs"] = settings["epochs"]
         start_epoch = state["epoch"] + 1
@@ -267,8 +333,8 @@ def train(data_root: Path | str, out_dir: Path | str, settings: TrainSettings, r
         losses = []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{settings['epochs']}", disable=not progress, leave=False)
         for batch in bar:
-            logits = model(batch["image"])
-            loss = dice_loss(logits, batch["mask"]) + bce_loss(logits, batch["mask"])
+            logits = model(normalise_input(batch["image"], recipe["normalisation"]))
+            loss = bce_dice_loss(logits, batch["mask"], pos_weight, recipe["per_sample_dice"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -279,7 +345,7 @@ def train(data_root: Path | str, out_dir: Path | str, settings: TrainSettings, r
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
                "seconds": round(earlier_seconds + time.monotonic() - started, 1)}
         if val_set is not None:
-            row["val_dice"] = _validation_dice(model, val_set, settings["batch_size"])
+            row["val_dice"] = _validation_dice(model, val_set, settings["batch_size"], recipe["normalisation"])
         history["epochs"].append(row)
         score = row["val_dice"] if val_set is not None else -row["train_loss"]
         improved = history["best"] is None or score > history["best"]["score"]
@@ -305,10 +371,18 @@ def train(data_root: Path | str, out_dir: Path | str, settings: TrainSettings, r
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line entry point (see the module docstring)."""
-    parser = argparse.ArgumentParser(description="Train VM-UNet on an AbscessHeNe-layout dataset.")
+    parser = argparse.ArgumentParser(
+        description="Train VM-UNet on an AbscessHeNe-layout dataset.",
+        epilog=("--recipe reference reproduces AbscessHeNe Table I's VM-UNet recipe (the reference code's: "
+                "BCE + per-sample Dice with smooth 1, cosine T_max=50, per-image min-max input normalisation, "
+                "no output-bias prior); with --config paper on the AbscessHeNe data and a GPU: "
+                "python -m models.training.train --data AbscessHeNe --out RUN --config paper --recipe reference"))
     parser.add_argument("--data", type=Path, required=True, help="dataset root (AbscessHeNe layout)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="demo", help="network/training preset")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="node",
+                        help="training recipe: node (demo weights) or reference (VM-UNet reference code, Table I)")
+    parser.add_argument("--input-spacing", type=float, help="pixel spacing (mm) of the network input")
     parser.add_argument("--epochs", type=int, help="number of epochs (default: the preset's)")
     parser.add_argument("--input-size", type=int, help="square network input side (paper: 256)")
     parser.add_argument("--batch-size", type=int, help="batch size (default: the preset's)")
@@ -326,7 +400,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = settings_for(args.config, input_size=args.input_size, batch_size=args.batch_size,
+    settings = settings_for(args.config, recipe=args.recipe, input_size=args.input_size,
+                            input_spacing_mm=args.input_spacing, batch_size=args.batch_size,
                             epochs=args.epochs, lr=args.lr, window=args.window, seed=args.seed,
                             bce_pos_weight=args.bce_pos_weight,
                             val_cases=args.val_cases, name=args.name, version=args.version)

@@ -22,7 +22,8 @@ ARCHIVE = [("arch-1", "20190301"), ("arch-2", "20200715"), ("arch-3", "20211102"
 def test_backfill_processes_each_archived_study_once_and_resumes_after_an_interrupt(tmp_path, weights_path, ct_crop):
     # An archive the node never saw: Enabled false, so storing queues nothing (as if the studies
     # had arrived before the node was connected).
-    config = scratch_node_configuration(tmp_path, {"WeightsPath": str(weights_path), "Enabled": False, "ChunkSlices": 32})
+    config = scratch_node_configuration(tmp_path, {"WeightsPath": str(weights_path), "Enabled": False, "ChunkSlices": 32,
+                                                   "SeriesRules": {"RequireNeckCoverage": False}})  # 64 x 64 crops
     node = OrthancProcess(config, tmp_path).start()
     try:
         archive = {}

@@ -49,7 +49,8 @@ def similar_node(tmp_path_factory, weights_path, ct_crop):
     viewer_port = free_port()
     config = scratch_node_configuration(
         directory, {"WeightsPath": str(weights_path), "ChunkSlices": 32, "SimilarCasesTopK": 2,
-                    "AllowedSimilarCasesAets": [VIEWER], "SimilarCasesAet": SIMILAR_AET},
+                    "AllowedSimilarCasesAets": [VIEWER], "SimilarCasesAet": SIMILAR_AET,
+                    "SeriesRules": {"RequireNeckCoverage": False}},  # the studies are 64 x 64 crops
         DicomAet="ABSCESS_NODE",
         DicomModalities={"viewer": [VIEWER, "127.0.0.1", viewer_port], "stranger": [STRANGER, "127.0.0.1", 1]})
     config["RegisteredUsers"][CLERK] = "clerk-password-not-on-the-list"  # authenticated, not allowed similar cases
@@ -147,12 +148,14 @@ def test_findscu_study_query_gives_ranked_answers(similar_node, tmp_path):
         f"(0041,0010)={PRIVATE_CREATOR}", out=tmp_path)
     assert done.returncode == 0, done.stderr
     (tmp_path / "findscu.log").write_text(done.stderr)
-    assert len(answers) == 2  # SimilarCasesTopK
+    # at most SimilarCasesTopK: the studies that hold the nearest slice of some query slice (the
+    # hit table of Khun Jush et al. with one neighbour per query slice)
+    assert 1 <= len(answers) <= 2
     ranks = [int(private(a, 0x10)) for a in answers]
     scores = [float(private(a, 0x11)) for a in answers]
-    assert ranks == [1, 2] and scores == sorted(scores, reverse=True)
+    assert ranks == list(range(1, len(answers) + 1)) and scores == sorted(scores, reverse=True)
     others = {ds[0].StudyInstanceUID: ds[0] for seed, ds in similar_node.studies.items() if seed in ("sim-b", "sim-c")}
-    assert {a.StudyInstanceUID for a in answers} == set(others)
+    assert {a.StudyInstanceUID for a in answers} <= set(others)
     for answer in answers:
         source = others[answer.StudyInstanceUID]
         assert answer.PatientID == source.PatientID and str(answer.PatientName) == str(source.PatientName)
@@ -298,7 +301,7 @@ def test_rest_twin_matches_c_find_and_never_writes(similar_node):
     answers = [i for s, i in c_find(similar_node.dicom_port, study_query(query_uid)) if s.Status == 0xFF00]
     body = rest.json()
     assert [r["study_uid"] for r in body["results"]] == [a.StudyInstanceUID for a in answers]
-    assert [r["rank"] for r in body["results"]] == [1, 2]
+    assert [r["rank"] for r in body["results"]] == list(range(1, len(answers) + 1))
     assert (body["similar_cases_sr"] or {}).get("sop_instance_uid") == private_or_none(answers[0], 0x13)
     assert body["results"][0]["best_slices"] and "lesions" in body["results"][0]
     assert similar_node.http.get(url, params={"k": 2}, timeout=120).json() == body
@@ -306,7 +309,9 @@ def test_rest_twin_matches_c_find_and_never_writes(similar_node):
     bad = similar_node.http.get(url, params={"k": 0}, timeout=60)
     assert bad.status_code == 400 and "0xA900" in bad.text
     filtered = similar_node.http.get(url, params={"StudyDate": "20210101-20211231"}, timeout=60).json()
-    assert [r["study_uid"] for r in filtered["results"]] == [similar_node.studies["sim-b"][0].StudyInstanceUID]
+    sim_b = similar_node.studies["sim-b"][0].StudyInstanceUID
+    hit = [r["study_uid"] for r in body["results"]]
+    assert [r["study_uid"] for r in filtered["results"]] == [uid for uid in hit if uid == sim_b]
     by_lesion = similar_node.http.get(url, params={"filters": "loculi>=1,volume_ml>0"}, timeout=60)  # URL-encoded >=
     assert by_lesion.status_code == 200 and by_lesion.json()["query"]["filters"] == ["loculi>=1", "volume_ml>0"]
 
@@ -325,11 +330,12 @@ def test_rest_answers_only_listed_users(similar_node):
 def test_post_stores_the_report_once(similar_node):
     url = similar_url(similar_node, similar_node.studies["sim-b"][0].StudyInstanceUID, report=True)
     before = instance_count(similar_node)
-    first = similar_node.http.post(url, params={"k": 1, "mode": "study-count"}, timeout=120)
+    first = similar_node.http.post(url, json={"k": 1, "mode": "study-count"}, timeout=120)  # Orthanc drops POST query strings
     assert first.status_code == 200, first.text
     sr = first.json()["similar_cases_sr"]
     assert sr and instance_count(similar_node) == before + 1
-    again = similar_node.http.post(url, params={"k": 1, "mode": "study-count"}, timeout=120).json()
+    assert first.json()["query"]["k"] == 1 and first.json()["query"]["mode"] == "study-count"
+    again = similar_node.http.post(url, json={"k": 1, "mode": "study-count"}, timeout=120).json()
     assert again["similar_cases_sr"] == sr and instance_count(similar_node) == before + 1
     assert similar_node.http.get(url, timeout=30).status_code == 405  # the report route takes POST only
 
@@ -392,10 +398,11 @@ def test_standalone_ae_gives_the_same_answers_and_precise_statuses(similar_node,
     query_uid = similar_node.studies["sim-a"][0].StudyInstanceUID
     via_orthanc = [i for s, i in c_find(similar_node.dicom_port, study_query(query_uid)) if s.Status == 0xFF00]
     direct = c_find(standalone, study_query(query_uid), called="SIMILAR_SA")
-    assert [s.Status for s, _ in direct] == [0xFF00, 0xFF00, 0x0000]
-    assert [i.StudyInstanceUID for _, i in direct[:2]] == [a.StudyInstanceUID for a in via_orthanc]
-    assert [private(i, 0x11) for _, i in direct[:2]] == [private(a, 0x11) for a in via_orthanc]
-    assert all("SEG" in i.ModalitiesInStudy for _, i in direct[:2])  # looked up in Orthanc, authenticated
+    pending = len(via_orthanc)
+    assert pending >= 1 and [s.Status for s, _ in direct] == [0xFF00] * pending + [0x0000]
+    assert [i.StudyInstanceUID for _, i in direct[:pending]] == [a.StudyInstanceUID for a in via_orthanc]
+    assert [private(i, 0x11) for _, i in direct[:pending]] == [private(a, 0x11) for a in via_orthanc]
+    assert all("SEG" in i.ModalitiesInStudy for _, i in direct[:pending])  # looked up in Orthanc, authenticated
 
     refused = c_find(standalone, study_query(query_uid), called="SIMILAR_SA", calling=STRANGER)
     assert refused[0][0].Status == 0x0124 and "not allowed" in refused[0][0].ErrorComment
@@ -415,10 +422,11 @@ def test_standalone_ae_gives_the_same_answers_and_precise_statuses(similar_node,
 
 
 def test_deleting_a_study_erases_it_from_the_index(similar_node):
-    """Runs last in this module: it removes sim-c from the node."""
-    deleted_uid = similar_node.studies["sim-c"][0].StudyInstanceUID
+    """Runs last in this module: it removes from the node the study sim-a's query answers first
+    (sim-b or sim-c: the one-neighbour hit table need not reach both)."""
     query = similar_url(similar_node, similar_node.studies["sim-a"][0].StudyInstanceUID)
-    assert deleted_uid in {r["study_uid"] for r in similar_node.http.get(query, timeout=60).json()["results"]}
+    deleted_uid = similar_node.http.get(query, timeout=60).json()["results"][0]["study_uid"]
+    (remaining_uid,) = {similar_node.studies[seed][0].StudyInstanceUID for seed in ("sim-b", "sim-c")} - {deleted_uid}
     orthanc_id = similar_node.http.post(similar_node.url + "/tools/lookup", data=deleted_uid, timeout=30).json()[0]["ID"]
     assert similar_node.http.delete(f"{similar_node.url}/studies/{orthanc_id}", timeout=60).ok
     deadline = time.monotonic() + 30
@@ -428,8 +436,7 @@ def test_deleting_a_study_erases_it_from_the_index(similar_node):
             break
         time.sleep(0.5)
     assert deleted_uid not in found, "the deleted study is still returned"
-    answers = [i for s, i in c_find(similar_node.dicom_port, study_query(similar_node.studies["sim-b"][0].StudyInstanceUID))
-               if s.Status == 0xFF00]
+    answers = [i for s, i in c_find(similar_node.dicom_port, study_query(remaining_uid)) if s.Status == 0xFF00]
     assert deleted_uid not in {a.StudyInstanceUID for a in answers}
     audit = [json.loads(line) for line in (similar_node.directory / "logs" / "audit.jsonl").read_text().splitlines()]
     assert any(line["outcome"] == "erased" and line["query_study_uid"] == deleted_uid for line in audit)

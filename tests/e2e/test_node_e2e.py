@@ -90,11 +90,16 @@ def test_study_comes_back_as_seg_then_growth_replaces_it(node, head_ct, forward_
         position = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
         assert position == pytest.approx([float(v) for v in by_uid[referenced].ImagePositionPatient], abs=1e-3)
 
-    # Pixel-exact: the SEG holds what the network gives for these slices.
+    # Pixel-exact: the SEG holds what the network gives for these slices, less the candidates the
+    # plausibility rules reject (default LesionRules, the series' own anatomy).
+    from models.anatomy import analyse_neck
+    from models.plausibility import filter_candidates
     from models.segmenter import Segmenter
 
     geometry = read_geometry(files)
-    probabilities = Segmenter.load(weights_path, device="cpu").run(read_hu(geometry)).probabilities
+    volume_hu = read_hu(geometry)
+    probabilities = Segmenter.load(weights_path, device="cpu").run(
+        volume_hu, pixel_spacing_mm=geometry.spacing_mm[1:]).probabilities
     stored = np.stack([
         seg.get_pixels_by_source_instance(
             source_sop_instance_uids=[ds.SOPInstanceUID], combine_segments=True, skip_overlap_checks=True)[0]
@@ -102,8 +107,14 @@ def test_study_comes_back_as_seg_then_growth_replaces_it(node, head_ct, forward_
     assert stored.shape == probabilities.shape
     # exact wherever the network is not within float noise of the threshold (thread counts differ)
     decided = np.abs(probabilities - 0.5) > 1e-4
-    assert np.array_equal(stored[decided], probabilities[decided] > 0.5)
+    kept = filter_candidates(probabilities > 0.5, volume_hu, geometry.spacing_mm,
+                             analyse_neck(volume_hu, geometry.spacing_mm)).kept
+    assert np.array_equal(stored[decided], kept[decided])
     assert decided.mean() > 0.999
+    plausibility = second["result"]["plausibility"]
+    assert set(plausibility["removed_by_rule"]) == {"neck_soft_tissue", "min_volume", "core_attenuation",
+                                                    "rim_enhancement"}
+    assert all(lesion["space"] and lesion["side"] for lesion in second["result"]["lesions"])
 
     # The measurement SR and the similar-cases SR sit in the same study, valid, with the demo wording.
     for name, title in (("measurements", "Imaging Measurement Report"), ("similar_cases", "Similar cases")):

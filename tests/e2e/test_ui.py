@@ -83,7 +83,11 @@ def ui_node(tmp_path_factory, weights_path, forward_scp, receiver, ct_crop, samp
     config = scratch_node_configuration(
         directory, {"WeightsPath": str(weights_path), "ChunkSlices": 32, "ForwardTo": ["forward"], "SimilarCasesTopK": K,
                     "AllowedSimilarCasesUsers": [ADMIN], "NotificationBackoffSeconds": 1,
-                    "Notifications": [{"Url": receiver.url, "On": ["failed", "done"]}]},
+                    "Notifications": [{"Url": receiver.url, "On": ["failed", "done"]}],
+                    # 24-slice phantoms and crops show no whole neck; the demo weights mark a third
+                    # or less of these phantoms' abscesses (under the default 1 mL), and the pages
+                    # need lesions to show: the rules' defaults are tested in test_neck_rules.py
+                    "SeriesRules": {"RequireNeckCoverage": False}, "LesionRules": {"MinVolumeMl": 0.5}},
         DicomModalities={"forward": ["FORWARD_SCP", "127.0.0.1", forward_scp["port"]]})
     config["RegisteredUsers"][CLERK[0]] = CLERK[1]
     node = OrthancProcess(config, directory).start()
@@ -273,10 +277,12 @@ def test_gallery_of_the_demo_study(ui_node, tmp_path, browser_driver):
     shutil.rmtree(out, ignore_errors=True)
     result = browser_driver("check_ui.mjs", {"mode": "gallery", "url": f"{node.url}/abscess-node/ui/similar.html?study={demo_id}&mode=roi&k={K}",
                          "credentials": {"username": node.credentials[0], "password": node.credentials[1]},
-                         "refusedCredentials": {"username": CLERK[0], "password": CLERK[1]}, "cases": K,
+                         "refusedCredentials": {"username": CLERK[0], "password": CLERK[1]}, "cases": len(answer["cases"]),
                          "outDir": str(out)}, tmp_path)
     (out / "result.json").write_text(json.dumps(result, indent=1))
-    assert [card["rank"] for card in result["cards"]] == list(range(1, K + 1))
+    # at most K: the studies holding the nearest ROI slice of some query ROI slice (one-neighbour hit table)
+    assert 1 <= len(answer["cases"]) <= K
+    assert [card["rank"] for card in result["cards"]] == list(range(1, len(answer["cases"]) + 1))
     phantom_uids = {ui_node.studies[f"phantom-{seed}"][0].StudyInstanceUID for seed in PHANTOM_SEEDS}
     for card in result["cards"]:
         assert re.search(r"score \d\.\d{3} · roi", card["text"]) and "lesion" in card["text"] and "ml" in card["text"]

@@ -17,6 +17,7 @@ import time
 
 import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 from scipy import ndimage
@@ -35,10 +36,10 @@ def viewer_url(node, study_uid: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def demo_study(node, tmp_path_factory, sample, browser_driver):
+def demo_study(node, tmp_path_factory, sample):
     """The demo's head-and-neck CT sent to the node with storescu; its finished job and its SEG."""
     sample("ct_head")
-    datasets, _ = demo.demo_study()
+    datasets, inserted = demo.demo_study()
     directory = tmp_path_factory.mktemp("demo_ct")
     write_series(datasets, directory)
     sent = node.storescu(directory, calling_aet="DEMO_PACS")
@@ -50,7 +51,7 @@ def demo_study(node, tmp_path_factory, sample, browser_driver):
         "Level": "Instance", "Query": {"StudyInstanceUID": study_uid, "Modality": "SEG"}}, timeout=30).json()
     assert len(found) == 1, found
     seg = hd.seg.segread(io.BytesIO(node.http.get(f"{node.url}/instances/{found[0]}/file", timeout=60).content))
-    return datasets, seg
+    return datasets, seg, job, inserted
 
 
 def pixel_world(ds, row: float, column: float) -> list[float]:
@@ -88,9 +89,27 @@ def colour_at(image: np.ndarray, xy: list[float]) -> np.ndarray:
     return image[y - 1:y + 2, x - 1:x + 2, :3].reshape(-1, 3).astype(float).mean(axis=0)
 
 
+def test_demo_reports_the_inserted_abscess_in_its_space_and_little_else(node, demo_study):
+    """The radiologist's first look: the measurement SR lists the inserted abscess with its deep
+    neck space and side (right parapharyngeal), and at most one other lesion."""
+    datasets, _, job, inserted = demo_study
+    lesions = job["result"]["lesions"]
+    z, y, x = inserted["center_zyx"]
+    found = [lesion for lesion in lesions if lesion["first_slice"] <= z <= lesion["last_slice"]
+             and np.hypot(lesion["centroid_zyx"][1] - y, lesion["centroid_zyx"][2] - x) < 15]
+    assert found, f"the inserted abscess (slice {z}) is not among the reported lesions {lesions}"
+    assert (found[0]["space"], found[0]["side"]) == ("parapharyngeal", "right") == (inserted["space"], inserted["side"])
+    assert len(lesions) <= 2, f"{len(lesions)} lesions reported: {lesions}"
+    sr_id = job["result"]["measurements"]["orthanc_id"]
+    sr = pydicom.dcmread(io.BytesIO(node.http.get(f"{node.url}/instances/{sr_id}/file", timeout=60).content))
+    text = str(sr)
+    assert "Parapharyngeal space" in text and "Right" in text
+    assert "Candidates removed: core attenuation not fluid" in text
+
+
 def test_ohif_shows_our_seg_over_the_ct(node, demo_study, tmp_path, browser_driver):
     started = time.monotonic()
-    datasets, seg = demo_study
+    datasets, seg, _, _ = demo_study
     study_uid = datasets[0].StudyInstanceUID
 
     # The expectation, from the SEG the node stored: the slice where our mask is largest, a point

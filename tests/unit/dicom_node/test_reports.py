@@ -44,6 +44,7 @@ LESION_1 = Lesion(
     first_slice=2,
     last_slice=4,
     space="parapharyngeal",
+    side="right",
 )
 LESION_2 = Lesion(
     label=2,
@@ -212,7 +213,8 @@ def test_fixture_series_and_seg_are_valid(ct_series, segmentation, tmp_path):
 
 
 def test_measurement_report_content(ct_series, segmentation, tmp_path):
-    document = build_measurements(ct_series, segmentation)
+    removed = {"neck_soft_tissue": 4, "min_volume": 2, "core_attenuation": 5, "rim_enhancement": 0}
+    document = build_measurements(ct_series, segmentation, candidates_removed=removed)
     write_checked(document, tmp_path / "measurements.dcm")
     assert document.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurement Report"
 
@@ -234,7 +236,9 @@ def test_measurement_report_content(ct_series, segmentation, tmp_path):
 
     first = groups["Abscess 1"]
     assert first.finding_type == codes.ABSCESS
-    assert first.finding_sites[0].value == codes.NECK  # parapharyngeal space has no DICOM-listed code
+    # parapharyngeal space has no DICOM-listed code: the declared private one, with the side as laterality
+    assert first.finding_sites[0].value == codes.PARAPHARYNGEAL_SPACE
+    assert first.finding_sites[0].laterality == codes.LATERALITY["right"]
     assert first.referenced_segment is not None
     segment_item = content_items(first[0], "Referenced Segment")[0].ReferencedSOPSequence[0]
     assert segment_item.ReferencedSOPInstanceUID == segmentation.SOPInstanceUID
@@ -269,7 +273,7 @@ def test_measurement_report_content(ct_series, segmentation, tmp_path):
     for measurement in first.get_measurements():
         assert only(measurement[0], "Algorithm Name").TextValue == "VM-UNet"
         assert only(measurement[0], "Algorithm Version").TextValue == "0.1.0"
-    assert only(first[0], "Deep neck space").TextValue == "parapharyngeal"
+    assert only(first[0], "Deep neck space").TextValue == "right parapharyngeal"
     comment = only(first[0], "Comment").TextValue
     assert comment.startswith(DEMO_NOTICE) and DEMO_ALGORITHM.description in comment
 
@@ -277,6 +281,11 @@ def test_measurement_report_content(ct_series, segmentation, tmp_path):
     assert second.finding_sites[0].value == codes.DEEP_NECK_SPACE_SITES["submandibular"]
     assert second.get_measurements(name=codes.ATTENUATION_COEFFICIENT) == []  # core not measurable
     assert value(second, codes.VOLUME).value == pytest.approx(0.05)
+
+    rule_meanings = {code.meaning: rule for rule, code in codes.RULE_CODES.items()}
+    counts = {rule_meanings[item.ConceptNameCodeSequence[0].CodeMeaning]: int(item.MeasuredValueSequence[0].NumericValue)
+              for item in content_tree(written) if item.ConceptNameCodeSequence[0].CodeMeaning in rule_meanings}
+    assert counts == removed
 
 
 def test_measurement_report_from_index_lesions(ct_series, segmentation, tmp_path):

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node import phi
 from dicom_node.config import NodeConfig
-from dicom_node.http_security import authenticated_user, orthanc_security_problems, query_arguments
+from dicom_node.http_security import authenticated_user, body_arguments, orthanc_security_problems, query_arguments
 from dicom_node.identity import is_uid
 from dicom_node.jobs import open_job_store
 from dicom_node.private_files import create_secret
@@ -168,6 +168,19 @@ def test_safe_orthanc_configurations_pass():
 def test_query_arguments_are_url_decoded():
     assert query_arguments({"StudyDescription": "%2A%3FNECK+C%2B", "filters": "loculi%3E%3D2", "k": "3", "x": None}) == {
         "StudyDescription": "*?NECK C+", "filters": "loculi>=2", "k": "3"}
+
+
+def test_post_parameters_come_from_a_json_body():
+    json_headers = {"Content-Type": "application/json; charset=utf-8"}
+    body = json.dumps({"k": 1, "mode": "study-count", "filters": ["loculi>=2", "space=parapharyngeal"],
+                       "use_descriptors": True, "StudyDate": None}).encode()
+    assert body_arguments(body, json_headers) == {"k": "1", "mode": "study-count", "use_descriptors": "true",
+                                                  "filters": "loculi>=2,space=parapharyngeal"}
+    assert body_arguments(body, {"Content-Type": "text/plain"}) == {}  # a cross-site form cannot set a query
+    assert body_arguments(b"", json_headers) == {}
+    for bad in (b"[1, 2]", b"{not json"):
+        with pytest.raises(ValueError, match="JSON object|not JSON"):
+            body_arguments(bad, json_headers)
 
 
 def test_the_authenticated_user_is_read_from_basic_auth_only():

@@ -142,3 +142,25 @@ def test_seg_is_valid_and_pixel_exact(head_series, tmp_path, segmentation_type):
     assert back.ContentCreatorName == "abscess-node^VM-UNet"
     with pytest.raises(ValueError, match="does not match"):
         build_segmentation(geometry.headers, mask[:-1], ALGORITHM)
+
+
+@pytest.mark.parametrize("segmentation_type", ["BINARY", "FRACTIONAL"])
+def test_seg_can_keep_the_rejected_candidates_as_a_second_segment(head_series, tmp_path, segmentation_type):
+    datasets, paths = head_series
+    geometry = read_geometry(paths)
+    kept = np.zeros(geometry.shape, bool)
+    kept[10:14, 100:120, 60:80] = True
+    rejected = np.zeros(geometry.shape, bool)
+    rejected[45:48, 80:90, 120:130] = True  # e.g. a candidate in the petrous bone
+    values = kept if segmentation_type == "BINARY" else kept.astype(np.float32)
+    seg = build_segmentation(geometry.headers, values, ALGORITHM, segmentation_type, rejected=rejected)
+    path = tmp_path / "seg2.dcm"
+    seg.save_as(path, enforce_file_format=True)
+    assert_valid(path)
+    back = hd.seg.segread(io.BytesIO(path.read_bytes()))
+    assert [s.SegmentLabel for s in back.SegmentSequence] == ["Abscess", "Abscess candidate (rejected)"]
+    frames = np.stack([back.get_pixels_by_source_instance([h.SOPInstanceUID], combine_segments=False,
+                                                          rescale_fractional=True)[0] for h in geometry.headers])
+    assert np.array_equal(frames[..., 0] > 0.5, kept) and np.array_equal(frames[..., 1] > 0.5, rejected)
+    with pytest.raises(ValueError, match="rejected mask shape"):
+        build_segmentation(geometry.headers, kept, ALGORITHM, rejected=rejected[:-1])

@@ -329,7 +329,10 @@ def test_localization_ratio_eq_2_and_eq_7():
     # The paper's eq. 2 example: 12 of the 48 slices hit in the top volume contain the region.
     hit_slices = list(range(48))
     assert localization_ratio(hit_slices, set(range(12))) == pytest.approx(0.25)
-    assert localization_ratio([1, 1, 2, 9], {1, 2}) == pytest.approx(2 / 3)  # distinct hit slices
+    # eq. 2 divides by the hit count: a slice hit by two query slices counts twice
+    assert localization_ratio([1, 1, 2, 9], {1, 2}) == pytest.approx(3 / 4)
+    assert localization_ratio([1, 1, 2, 9], {1, 2}, distinct_hits=True) == pytest.approx(2 / 3)  # the option
     best_first = [5, 6, 7, 40, 41] + list(range(20, 30))
     assert localization_ratio(best_first, set(range(10)), 15) == pytest.approx(3 / 15)
     assert localization_ratio(best_first, set(range(10)), 3) == 1.0
+    assert localization_ratio([5, 6], set(range(10)), 15) == pytest.approx(2 / 15)  # eq. 7 divides by L

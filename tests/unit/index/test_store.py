@@ -389,6 +389,29 @@ def test_measured_lesions_are_stored_and_filterable(tmp_path):
     index.close()
 
 
+def test_lesion_side_is_stored_filterable_and_old_indexes_gain_the_column(tmp_path):
+    import sqlite3
+
+    index = CaseIndex.open(tmp_path)
+    add_study(index, 7)
+    slice_embeddings, _ = study_vectors(8)
+    left = Lesion(label=1, voxel_count=50, volume_ml=2.0, longest_axial_diameter_mm=20.0, core_mean_hu=20.0,
+                  core_sd_hu=5.0, loculi=1, first_slice=0, last_slice=1, space="parapharyngeal", side="left")
+    index.replace_study(StudyRecord("8.1"), [SliceRecord(i) for i in range(SLICES)], slice_embeddings, None, [left])
+    query = slice_embeddings + 0.05
+    assert [hit.study_uid for hit in index.search_studies(query, filters=["side=left", "space=parapharyngeal"])] == [
+        "8.1"]
+    assert index.search_studies(query, filters=["side=right"]) == []
+    mixed = index.search_studies(query, query_descriptors={"space": "parapharyngeal", "side": "left"}, top=5)
+    assert mixed[0].study_uid == "8.1" and mixed[0].descriptor_score == 1.0
+    index.close()
+    with sqlite3.connect(tmp_path / "index.sqlite") as db:  # an index written before lesions had a side
+        db.execute("ALTER TABLE lesions DROP COLUMN side")
+    reopened = CaseIndex.open(tmp_path)
+    assert reopened.lesions("8.1")[0].side == "left"
+    reopened.close()
+
+
 def file_stamps(directory: Path) -> dict[str, tuple[int, int]]:
     """(mtime, size) of the FAISS files, the database and its write-ahead log."""
     paths = [*directory.glob("*.faiss"), directory / "index.sqlite", directory / "index.sqlite-wal"]
@@ -420,7 +443,7 @@ def test_a_read_only_index_catches_up_incrementally_and_writes_nothing(tmp_path)
         expected_positions, expected = writer.study_embeddings(uid)
         assert positions.tolist() == expected_positions.tolist()
         np.testing.assert_array_equal(matrix, expected)
-    roi_hits = reader.similar_studies("1.2.826.0.1.1", space="roi", top=5)
+    roi_hits = reader.similar_studies("1.2.826.0.1.1", space="roi", top=5, k=10)  # both tiers reached
     assert {h.study_uid for h in roi_hits} == {"1.2.826.0.1.0", "1.2.826.0.1.3"}
     assert all(report.ok for report in reader.check_consistency())
 

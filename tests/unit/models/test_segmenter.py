@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models import VMUNet
-from models.preprocessing import resize_to_model, resize_to_source, window_hu
+from models.preprocessing import normalise_input, to_model_grid, to_source_grid, window_hu
 from models.segmenter import Segmenter, roi_pool
 from models.weights import DEMO_DESCRIPTION, CheckpointError, load_checkpoint, make_meta, save_checkpoint
 
@@ -152,7 +152,61 @@ def test_windowing_and_resizing() -> None:
     multi = window_hu(slices, "multi_window")
     assert multi.min() >= 0.0 and multi.max() <= 1.0
     assert not torch.equal(multi[0, 0], multi[0, 1])  # a different window per channel
-    images = torch.rand(2, 3, 37, 53)
-    resized = resize_to_model(images, 64)
-    assert resized.shape == (2, 3, 64, 64)
-    assert resize_to_source(resized, (37, 53)).shape == (2, 3, 37, 53)
+
+
+def _disk(shape: tuple[int, int], spacing: tuple[float, float], centre_mm: tuple[float, float], radius_mm: float) -> np.ndarray:
+    """A disk drawn in millimetres on a grid of ``spacing`` (origin at the grid's centre)."""
+    rows = (np.arange(shape[0]) - (shape[0] - 1) / 2) * spacing[0]
+    columns = (np.arange(shape[1]) - (shape[1] - 1) / 2) * spacing[1]
+    yy, xx = np.meshgrid(rows, columns, indexing="ij")
+    return (yy - centre_mm[0]) ** 2 + (xx - centre_mm[1]) ** 2 <= radius_mm**2
+
+
+@pytest.mark.parametrize("shape, spacing", [
+    ((300, 180), (0.6, 1.1)),   # non-square matrix, unequal row/column spacing
+    ((96, 160), (1.8, 1.2)),    # coarser than the network: upsampled
+    ((512, 512), (0.45, 0.45)), # fine square grid: shrunk with anti-aliasing
+])
+def test_geometry_keeps_millimetres_and_maps_back_pixel_exact(shape, spacing) -> None:
+    centre, radius, input_size, input_spacing = (12.0, -20.0), 15.0, 128, 1.5
+    source = _disk(shape, spacing, centre, radius)
+    on_model = to_model_grid(torch.from_numpy(source.astype(np.float32))[None, None], spacing, input_size, input_spacing)
+    expected = _disk((input_size, input_size), (input_spacing, input_spacing), centre, radius)
+    # on the network grid the disk is a disk of the same size in mm: not stretched into an ellipse
+    assert ((on_model[0, 0] > 0.5).numpy() == expected).mean() > 0.995
+    drawn = np.argwhere(on_model[0, 0].numpy() > 0.5)
+    extent_mm = (drawn.max(0) - drawn.min(0) + 1) * input_spacing
+    assert abs(extent_mm[0] - extent_mm[1]) <= 2 * input_spacing
+    # a mask made on the network grid comes back onto the source pixels where the anatomy is
+    back = to_source_grid(torch.from_numpy(expected.astype(np.float32))[None, None], shape, spacing, input_spacing)
+    back_mask = back[0, 0].numpy() > 0.5
+    assert back_mask.shape == shape
+    disagree = back_mask != source
+    boundary = source ^ np.asarray(torch.nn.functional.max_pool2d(
+        torch.from_numpy(source.astype(np.float32))[None, None], 3, 1, 1)[0, 0] > 0)
+    assert disagree.sum() <= 0.02 * source.sum() + boundary.sum()
+    assert np.abs(np.argwhere(back_mask).mean(0) - np.argwhere(source).mean(0)).max() < 0.5
+
+
+def test_pixels_outside_the_field_of_view_pad_with_air_and_come_back_empty() -> None:
+    slices = np.full((1, 400, 100), -1000.0, np.float32)
+    slices[0, 150:250, 30:70] = 40.0
+    images = window_hu(slices, "multi_window")
+    on_model = to_model_grid(images, (1.0, 1.0), 64, 2.0)  # 128 mm field of view, 400 mm long slice
+    assert on_model.shape == (1, 3, 64, 64)
+    assert float(on_model[0, :, :, :5].max()) == 0.0  # padded left and right: air in every window
+    back = to_source_grid(torch.ones(1, 1, 64, 64), (400, 100), (1.0, 1.0), 2.0)[0, 0]
+    assert float(back[:100].max()) == 0.0 and float(back[200, 50]) == 1.0  # cropped rows get no mask
+    normalised = normalise_input(on_model, "reference")
+    assert float(normalised.min()) == 0.0 and float(normalised.max()) == pytest.approx(255.0)
+
+
+def test_segmenter_maps_probabilities_back_with_the_series_spacing(tiny_model) -> None:
+    segmenter = Segmenter.from_model(tiny_model(final_bias=20.0), make_meta(
+        "t", "0", demo=True, input_size=INPUT_SIZE, input_spacing_mm=4.0))
+    slices = np.full((2, 120, 300), -1000.0, np.float32)
+    out = segmenter.run(slices, pixel_spacing_mm=(0.5, 1.0))  # 60 x 300 mm; the network sees 256 mm
+    assert out.probabilities.shape == (2, 120, 300)
+    columns_seen = out.probabilities[0, 60] > 0.5
+    assert columns_seen[150] and not columns_seen[0] and not columns_seen[-1]
+    assert abs(int(columns_seen.sum()) - 256) <= 2  # exactly the field of view, in source columns

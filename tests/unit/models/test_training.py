@@ -14,7 +14,7 @@ from models import scan
 from models.training.data import AbscessSliceDataset, DatasetLayoutError, load_image, read_split
 from tooling.phantoms import write_dataset
 from models.training.train import main as train_main
-from models.training.train import settings_for, train
+from models.training.train import bce_dice_loss, settings_for, train
 from models.weights import load_checkpoint
 
 
@@ -114,3 +114,36 @@ def test_resume_continues_exactly(dataset, tmp_path) -> None:
     assert [row["epoch"] for row in resumed["epochs"]] == [1, 2, 3]
     np.testing.assert_allclose(resumed["steps"], straight["steps"], rtol=1e-5)
     assert load_checkpoint(tmp_path / "resumed" / "last.pt").meta["training"]["epoch"] == 3
+
+
+def test_reference_recipe_is_the_vm_unet_reference_code(dataset, tmp_path, capsys) -> None:
+    """--recipe reference: cosine with T_max 50, per-sample Dice (smooth 1), min-max inputs, no bias prior."""
+    settings = settings_for("tiny", recipe="reference", epochs=2, batch_size=4, input_size=32, val_cases=0, seed=1)
+    train(dataset, tmp_path, settings, progress=False)
+    model, meta = load_checkpoint(tmp_path / "last.pt")
+    assert meta["preprocessing"]["normalisation"] == "reference"
+    assert meta["training"]["schedule"] == "cosine, T_max 50 epochs"
+    assert meta["training"]["loss"] == "BCE (pos_weight 1.0) + per-sample Dice (smooth 1)"
+    state = torch.load(tmp_path / "last.train.pt", weights_only=False)
+    assert state["scheduler"]["T_max"] == 50
+    node_settings = settings_for("tiny", epochs=1, batch_size=4, input_size=32, val_cases=0, seed=1)
+    train(dataset, tmp_path / "node", node_settings, progress=False)
+    node_model, _ = load_checkpoint(tmp_path / "node" / "last.pt")
+    # the node recipe starts the output bias at the background prior, the reference at PyTorch's init
+    assert float(node_model.final_conv.bias.detach()) < -2.0 < float(model.final_conv.bias.detach())
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    assert "--recipe reference reproduces AbscessHeNe Table I" in " ".join(capsys.readouterr().out.split())
+
+
+def test_per_sample_dice_rewards_empty_predictions_on_empty_slices() -> None:
+    targets = torch.zeros(2, 1, 8, 8)
+    targets[0, 0, 2:4, 2:4] = 1.0
+    confident = torch.where(targets > 0, 20.0, -20.0)
+    assert float(bce_dice_loss(confident, targets)) == pytest.approx(0.0, abs=1e-6)
+    assert float(bce_dice_loss(confident, targets, per_sample=False)) == pytest.approx(0.0, abs=1e-6)
+    # an empty output costs half as much per sample (the empty slice scores a Dice of 1): the
+    # pull towards empty outputs that made the node pool its Dice over the batch
+    nothing = torch.full_like(targets, -20.0)
+    per_sample, pooled = float(bce_dice_loss(nothing, targets)), float(bce_dice_loss(nothing, targets, per_sample=False))
+    assert pooled - per_sample == pytest.approx((1 - 1 / 5) - (1 - (1 / 5 + 1) / 2), abs=1e-3)  # same BCE, Dice 0.8 vs 0.4

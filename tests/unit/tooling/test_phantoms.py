@@ -84,7 +84,7 @@ def test_named_space_and_second_host() -> None:
 
 
 def test_dataset_layout(tmp_path) -> None:
-    description = write_dataset(tmp_path, cases=2, seed=3, slice_margin=1, progress=False)
+    description = write_dataset(tmp_path, cases=2, seed=3, slice_margin=1, outside_slices=2, progress=False)
     expected = {"train_images", "train_masks", "test_images", "test_masks", "abscesshene_train.csv",
                 "abscesshene_test.csv", "dataset.json"}
     assert {path.name for path in tmp_path.iterdir()} == expected
@@ -96,13 +96,18 @@ def test_dataset_layout(tmp_path) -> None:
         assert len({row["case_id"] for row in rows}) == 1  # whole cases per split
         assert sorted(path.name for path in (tmp_path / f"{split}_images").iterdir()) == sorted(r["image"] for r in rows)
         assert {row["has_lesion"] for row in rows} == {"0", "1"}  # lesion and lesion-free slices
+        first, last = next(c for c in description["cases"] if c["case_id"] == rows[0]["case_id"])["slices"]
+        outside = [int(row["slice_index"]) for row in rows if not first <= int(row["slice_index"]) <= last]
+        assert len(outside) == 2 and all(row["has_lesion"] == "0" for row in rows
+                                         if not first <= int(row["slice_index"]) <= last)
         lesion_row = next(row for row in rows if row["has_lesion"] == "1")
         assert lesion_row["deep_neck_space"] in SPACES and float(lesion_row["volume_ml"]) > 0
         with Image.open(tmp_path / f"{split}_images" / lesion_row["image"]) as image:
-            assert image.size == (512, 512) and image.mode.startswith("I;16")
+            assert image.size == (240, 240) and image.mode.startswith("I;16")  # the host's grid, not resampled
+            assert float(lesion_row["pixel_spacing_mm"]) == pytest.approx(1.01)
             hu = png16_to_hu(np.asarray(image))
         with Image.open(tmp_path / f"{split}_masks" / lesion_row["mask"]) as mask_image:
-            assert mask_image.size == (512, 512) and mask_image.mode == "L"
+            assert mask_image.size == (240, 240) and mask_image.mode == "L"
             mask = np.asarray(mask_image)
         assert set(np.unique(mask)) == {0, 255}
         assert -1024.0 <= hu.min() and 0.0 <= np.median(hu[mask > 0]) <= 150.0
