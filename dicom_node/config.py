@@ -105,7 +105,7 @@ class NodeConfig:
     enabled: bool = True
     worker_count: int = 1
     device: str = "auto"
-    weights_path: Path = CHECKOUT / "models" / "weights" / "vmunet-demo-v1.pt"
+    weights_path: Path = CHECKOUT / "models" / "weights" / "vmunet-demo-v2.pt"
     index_directory: Path = CHECKOUT / "runtime" / "index"
     index_vector_encoding: str = "flat"
     jobs_database: Path | str = CHECKOUT / "runtime" / "jobs.sqlite"

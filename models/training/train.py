@@ -235,7 +235,9 @@ def _meta(settings: TrainSettings, data_root: Path, description: dict[str, Any],
     text = DEMO_DESCRIPTION if synthetic else (
         f"VM-UNet trained with models.training.train on {data_root.name}; not validated for clinical use")
     training = {
-        "data": str(data_root), "dataset_name": description.get("name", data_root.name),
+        # what the data is and how it was made, never a path of the training machine (the meta ships)
+        "data": description.get("description") or data_root.name, "generator": description.get("generator"),
+        "dataset_name": description.get("name", data_root.name),
         "hosts": sorted(set(description.get("generator", {}).get("hosts", []))),
         "synthetic": synthetic, "image_kind": image_kind, "config": settings["config"],
         "epoch": epoch, "epochs": settings["epochs"], "batch_size": settings["batch_size"],

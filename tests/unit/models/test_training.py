@@ -95,6 +95,8 @@ def test_training_lowers_the_loss(dataset, tmp_path) -> None:
     _model, meta = load_checkpoint(tmp_path / "best.pt")
     assert meta["demo"] is True and meta["input_size"] == 64 and meta["preprocessing"]["window"] == "multi_window"
     assert meta["training"]["train_cases"] == ["case000", "case001"]
+    assert str(dataset) not in json.dumps(meta)  # the shipped meta names no path of the training machine
+    assert meta["training"]["generator"]["module"] == "tooling.phantoms"
     assert (tmp_path / "training_curve.png").stat().st_size > 1000
     assert json.loads((tmp_path / "history.json").read_text())["epochs"][-1]["epoch"] == 5
 

@@ -16,19 +16,19 @@ torch.set_num_threads(1)
 
 REFERENCE_PARAMETERS = 27_427_561  # JCruan519/VM-UNet default config; Table I: 27.43 M
 REFERENCE_GMACS = 4.11  # Table I (thop; skips the selective scan and the einsums)
-DEMO_WEIGHTS = Path(__file__).resolve().parents[3] / "models" / "weights" / "vmunet-demo-v1.pt"
+DEMO_WEIGHTS = Path(__file__).resolve().parents[3] / "models" / "weights" / "vmunet-demo-v2.pt"
 # Outputs of the shipped demo checkpoint on torch.rand(2, 3, 128, 96) seeded 0, computed with the
 # hand-written DropPath/trunc_normal_ and the unfused scan (commit c02c0da): logits[:, 0, 8::32, 8::32]
 # and the first 6 channels of the globally pooled deepest features.
 DEMO_LOGITS = [
-    [[-9.915581, -9.130239, -9.814693], [-9.763876, -9.915770, -9.500160],
-     [-9.956000, -9.957583, -9.902985], [-9.949762, -9.976985, -10.013523]],
-    [[-9.662657, -8.269613, -9.309196], [-9.921125, -9.457897, -10.163862],
-     [-10.248557, -10.288401, -9.889591], [-10.082292, -10.145351, -10.047592]],
+    [[-13.885073, -13.018804, -13.309062], [-12.048828, -14.221369, -13.342106],
+     [-13.652965, -14.275154, -12.118441], [-12.107334, -12.985402, -13.936754]],
+    [[-14.228930, -11.431690, -13.040435], [-13.477833, -11.858291, -13.197779],
+     [-11.827630, -12.818738, -13.706692], [-14.416648, -11.231633, -13.440643]],
 ]  # fmt: skip
 DEMO_POOLED_FEATURES = [
-    [-2.094615, 2.045165, -0.595840, -1.884062, -0.574057, -1.192508],
-    [-1.846779, 1.728401, -0.747037, -1.988057, -0.561870, -1.057310],
+    [-0.133079, -3.856272, 5.322251, -2.742814, 8.385113, -2.595599],
+    [-0.405251, -4.104945, 5.660471, -0.950427, 9.836106, -2.449001],
 ]
 
 TINY_CONFIGS = {
@@ -78,7 +78,9 @@ def test_shipped_demo_checkpoint_loads_and_gives_the_pinned_outputs() -> None:
         features.mean(dim=(2, 3))[:, :6], torch.tensor(DEMO_POOLED_FEATURES), rtol=0, atol=1e-4
     )
     training_path = checkpoint.model(images.clone().requires_grad_())  # autograd scan backend
-    assert (training_path.detach() - logits).abs().max().item() < 1e-4
+    # float32 sums in another order (autograd scan vs fused inference path): within 1e-3 of a logit
+    # (2.5e-4 of a probability at most), a wrong scan differs by whole units
+    torch.testing.assert_close(training_path.detach(), logits, rtol=1e-4, atol=1e-3)
 
 
 def test_default_config_macs_by_thop() -> None:
