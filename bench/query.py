@@ -15,8 +15,9 @@ for random query studies:
 - ``reopen``: the previous design, for comparison in the same run: every query opens the index
   under the workers' exclusive lock (``open_index``: both FAISS files read, full consistency
   check) and runs the same search;
-- both again while a writer process indexes new studies in a loop exactly as a worker does
-  (``open_index`` + ``replace_study`` + the ``find_similar`` of the similar-cases SR);
+- both again while a writer process indexes new studies in a loop as a worker does
+  (``open_index`` + ``replace_study`` + the ``find_similar`` of the similar-cases SR), leaving the
+  lock free ``--writer-pause`` seconds (0.5) between studies, where a worker segments the next one;
 - with ``--cfind``, the same query through Orthanc: an Orthanc with the plugin (no workers)
   serving the bench index, queried with dcmtk's ``findscu`` (process start included).
 
@@ -76,8 +77,13 @@ def fill(directory: Path, studies: int, dim: int, seed: int) -> float:
     return seconds
 
 
-def writer_loop(directory: Path, dim: int, seed: int) -> None:
-    """``--writer``: index new studies forever, as a worker does (lock, replace_study, find_similar)."""
+def writer_loop(directory: Path, dim: int, seed: int, pause: float) -> None:
+    """``--writer``: index new studies forever, as a worker does (lock, replace_study, find_similar).
+
+    Between two studies it leaves the lock free for ``pause`` seconds, where a worker segments its
+    next study (seconds at least): a loop that re-takes the lock at once would starve the previous
+    design's readers, which poll for it, and measure that instead of the query.
+    """
     synthetic = SyntheticStudies(dim, seed)
     for number in range(1, 1_000_000):
         uid = f"{WRITER_ROOT}.{seed}.{number}"
@@ -86,13 +92,14 @@ def writer_loop(directory: Path, dim: int, seed: int) -> None:
             index.replace_study(*synthetic.study(uid))
             find_similar(index, SimilarQuery(uid, k=5))
         print(f"indexed {uid} {time.perf_counter() - started:.3f}", flush=True)
+        time.sleep(pause)
 
 
 @contextmanager
-def running_writer(directory: Path, dim: int, seed: int) -> Iterator[list[float]]:
+def running_writer(directory: Path, dim: int, seed: int, pause: float) -> Iterator[list[float]]:
     """A writer process for the duration of the block; yields the seconds of each study it indexed."""
     process = subprocess.Popen([sys.executable, __file__, "--writer", str(directory), "--dim", str(dim),
-                                "--seed", str(seed)], stdout=subprocess.PIPE, text=True)
+                                "--seed", str(seed), "--writer-pause", str(pause)], stdout=subprocess.PIPE, text=True)
     seconds: list[float] = []
 
     def read() -> None:
@@ -187,10 +194,12 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=CHECKOUT / ".cache" / "bench" / "query")
     parser.add_argument("--refill", action="store_true", help="rebuild the cached indexes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--writer-pause", type=float, default=0.5,
+                        help="seconds the writer leaves the lock free between two studies (a worker segments then)")
     parser.add_argument("--writer", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.writer:
-        writer_loop(args.writer, args.dim, args.seed or os.getpid())
+        writer_loop(args.writer, args.dim, args.seed or os.getpid(), args.writer_pause)
         return
 
     rng = np.random.default_rng(args.seed)
@@ -213,7 +222,7 @@ def main() -> None:
         print(f"n={size}: the service opened its index in {time.perf_counter() - started:.2f} s (once)", flush=True)
         paths = {"service": (service_query(service), args.queries), "reopen": (reopen_query(config), args.reopen_queries)}
         for writer in ("idle", "writer"):
-            with running_writer(directory, args.dim, 1000 + size) if writer == "writer" else _nothing() as indexed:
+            with running_writer(directory, args.dim, 1000 + size, args.writer_pause) if writer == "writer" else _nothing() as indexed:
                 for path, (run, count) in paths.items():
                     rows.append((path, size, writer, latencies(run, uids, count, rng)))
                     _print_row(rows[-1])
@@ -226,7 +235,7 @@ def main() -> None:
                 run = findscu_query(node)
                 run(uids[0])  # warm-up: the service process opens its index
                 for writer in ("idle", "writer"):
-                    with running_writer(directory, args.dim, 2000 + size) if writer == "writer" else _nothing():
+                    with running_writer(directory, args.dim, 2000 + size, args.writer_pause) if writer == "writer" else _nothing():
                         rows.append(("cfind", size, writer, latencies(run, uids, args.cfind_queries, rng)))
                         _print_row(rows[-1])
             finally:
