@@ -21,6 +21,11 @@ for random query studies:
 - with ``--cfind``, the same query through Orthanc: an Orthanc with the plugin (no workers)
   serving the bench index, queried with dcmtk's ``findscu`` (process start included).
 
+Before timing, the top-5 answers of random queries at the node's ``IndexEfSearch`` are compared
+with those at efSearch 512 (a walk that is as good as exact here): the share that is identical,
+in order, is printed (``query_ef_agreement_<size>``). The service searches on
+``SimilarCasesThreads`` threads (one by default), as in the node.
+
 Printed: p50 / p99 / max in ms per size, path and writer state; the last lines are machine
 readable (``query_<path>_<size>_<writer>_p50_ms=...``). The issue's goal: p50 <= 100 ms and
 p99 <= 500 ms at 100k vectors with a writer running (``service``).
@@ -151,6 +156,23 @@ def reopen_query(config: NodeConfig) -> Callable[[str], None]:
     return run
 
 
+def ef_agreement(directory: Path, uids: list[str], ef_search: int, reference_ef: int, count: int,
+                 rng: np.random.Generator) -> tuple[int, int]:
+    """How many of ``count`` random queries get the same top-5 (same studies, same order) at the
+    node's efSearch as at a far larger one (the graph walk then is as good as exact)."""
+    from index.store import CaseIndex
+
+    same = 0
+    with CaseIndex.open(directory, read_only=True) as index:
+        for uid in rng.choice(uids, size=count):
+            answers = []
+            for ef in (ef_search, reference_ef):
+                index.ef_search = ef
+                answers.append([case.study_uid for case in find_similar(index, SimilarQuery(str(uid), k=5))])
+            same += answers[0] == answers[1]
+    return same, count
+
+
 def latencies(run: Callable[[str], None], uids: list[str], count: int, rng: np.random.Generator) -> np.ndarray:
     """Milliseconds of ``count`` queries on random studies, one after the other."""
     times = []
@@ -204,6 +226,7 @@ def main() -> None:
 
     rng = np.random.default_rng(args.seed)
     rows: list[tuple[str, int, str, np.ndarray]] = []
+    agreement: list[tuple[int, float]] = []
     print(f"similar-case STUDY query latency, {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f}), "
           f"dim {args.dim}, {SLICES_PER_STUDY} slices/study")
     for size in (int(value) for value in args.sizes.split(",")):
@@ -220,6 +243,10 @@ def main() -> None:
         started = time.perf_counter()
         service_query(service)(uids[0])
         print(f"n={size}: the service opened its index in {time.perf_counter() - started:.2f} s (once)", flush=True)
+        same, asked = ef_agreement(directory, uids, config.index_ef_search, 512, min(args.queries, 40), rng)
+        agreement.append((size, same / asked))
+        print(f"  top-5 answers at IndexEfSearch {config.index_ef_search} equal to those at efSearch 512: "
+              f"{same} / {asked}", flush=True)
         paths = {"service": (service_query(service), args.queries), "reopen": (reopen_query(config), args.reopen_queries)}
         for writer in ("idle", "writer"):
             with running_writer(directory, args.dim, 1000 + size, args.writer_pause) if writer == "writer" else _nothing() as indexed:
@@ -244,6 +271,8 @@ def main() -> None:
     for path, size, writer, times in rows:
         name = f"query_{path}_{_size_name(size)}_{writer}"
         print(f"{name}_p50_ms={np.percentile(times, 50):.1f} {name}_p99_ms={np.percentile(times, 99):.1f}")
+    for size, fraction in agreement:
+        print(f"query_ef_agreement_{_size_name(size)}={fraction:.3f}")
 
 
 @contextmanager

@@ -108,6 +108,7 @@ class NodeConfig:
     weights_path: Path = CHECKOUT / "models" / "weights" / "vmunet-demo-v2.pt"
     index_directory: Path = CHECKOUT / "runtime" / "index"
     index_vector_encoding: str = "flat"
+    index_ef_search: int = 32
     jobs_database: Path | str = CHECKOUT / "runtime" / "jobs.sqlite"
     index_database: str = ""
     orthanc_url: str = ""
@@ -123,6 +124,7 @@ class NodeConfig:
     allowed_similar_cases_aets: tuple[str, ...] = ()
     allowed_similar_cases_users: tuple[str, ...] = ()
     similar_cases_top_k: int = 5
+    similar_cases_threads: int = 1
     pseudonymize_similar_cases: bool = False
     similar_cases_report: str = "pseudonymized"
     forward_similar_cases_report: bool = False
@@ -368,6 +370,7 @@ KEYS: dict[str, Key] = {
     "WeightsPath": Key("weights_path", "path", "VM-UNet checkpoint. The shipped default is the demo checkpoint (not for clinical use)."),
     "IndexDirectory": Key("index_directory", "path", "Where the case index (FAISS + SQLite) lives."),
     "IndexVectorEncoding": Key("index_vector_encoding", "choice", "How the FAISS HNSW graphs store vectors: flat (float32) or sq8 (8-bit scalar quantised: about a third of the memory per vector, recall in bench/index.py). A change converts the index at the next indexing job.", choices=("flat", "sq8")),
+    "IndexEfSearch": Key("index_ef_search", "int", "HNSW efSearch of similar-case searches: how many candidates the graph walk keeps per query slice. Higher is closer to exact search and slower; 32 gave recall@10 0.997 at 1M vectors (bench/index.py) and the same top-5 answers as 128 (bench/query.py).", minimum=8, maximum=1024),
     "JobsDatabase": Key("jobs_database", "path-or-url", "The job store: a SQLite file (one machine), or a postgresql:// URL shared by several Orthancs and remote workers (docs/scale-out.md)."),
     "IndexDatabase": Key("index_database", "url", "Empty: the case index's rows live in IndexDirectory (SQLite). A postgresql:// URL: they live in PostgreSQL (the truth for every machine) and IndexDirectory holds this machine's FAISS cache, synced incrementally.", choices=DATABASE_URL_SCHEMES),
     "OrthancUrl": Key("orthanc_url", "url", "Remote workers (`python -m dicom_node worker --config FILE`): Orthanc's REST API (e.g. http://pacs-ingest:8042). Workers started by the plugin ignore it.", choices=("http://", "https://")),
@@ -386,6 +389,7 @@ KEYS: dict[str, Key] = {
     "SimilarCasesAet": Key("similar_cases_aet", "aet", "Called AE title that turns a C-FIND into a similar-case query."),
     "AllowedSimilarCasesAets": Key("allowed_similar_cases_aets", "aet-list", "Calling AE titles allowed to receive similar-case answers over C-FIND (empty: nobody). Orthanc also checks the AE's host (DicomCheckModalityHost)."),
     "AllowedSimilarCasesUsers": Key("allowed_similar_cases_users", "name-list", "Authenticated HTTP users allowed to receive similar-case answers over REST (empty: nobody; anonymous callers never)."),
+    "SimilarCasesThreads": Key("similar_cases_threads", "int", "CPU threads one similar-case search uses (FAISS and BLAS) in the similar-cases service. One keeps queries fast and steady beside workers that hold the other cores; more help only on a machine with idle cores.", minimum=1, maximum=64),
     "SimilarCasesTopK": Key("similar_cases_top_k", "int", "Results in the similar-cases report written after each study.", minimum=1, maximum=100),
     "PseudonymizeSimilarCases": Key("pseudonymize_similar_cases", "bool", "Answer similar-case queries with keyed pseudonyms instead of other patients' names, IDs, accession numbers and UIDs."),
     "SimilarCasesReport": Key("similar_cases_report", "choice", "The similar-cases SR written into each processed study: pseudonymized (other patients only as keyed case pseudonyms), identified (their IDs and UIDs; only where every reader of the study may see them) or off.", choices=("pseudonymized", "identified", "off")),

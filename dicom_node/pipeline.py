@@ -324,7 +324,7 @@ def _process(job: dict[str, Any], study: dict[str, Any], context: WorkerContext,
         keeper.check()
         with open_index(config.index_directory, config.index_lock_timeout_seconds,
                         on_rebuild=store.requeue_for_reindex, vector_encoding=config.index_vector_encoding,
-                        database_url=config.index_database) as index:
+                        database_url=config.index_database, ef_search=config.index_ef_search) as index:
             index.replace_study(
                 study_record(study, chosen.series_uid, chosen.orthanc_id, fingerprint),
                 [SliceRecord(i, str(h.SOPInstanceUID), float(z)) for i, (h, z) in enumerate(zip(geometry.headers, geometry.positions))],

@@ -164,7 +164,8 @@ class IndexBusy(RuntimeError):
 
 @contextlib.contextmanager
 def open_index(directory: Path, lock_timeout_seconds: float = 120.0, on_rebuild: Callable[[], None] | None = None,
-               vector_encoding: str | None = None, database_url: str = "") -> Iterator[CaseIndex]:
+               vector_encoding: str | None = None, database_url: str = "",
+               ef_search: int | None = None) -> Iterator[CaseIndex]:
     """Open the case index to write, under an exclusive lock (one writer across worker processes).
 
     ``vector_encoding`` (``IndexVectorEncoding``: flat or sq8) converts the index when it differs
@@ -175,7 +176,8 @@ def open_index(directory: Path, lock_timeout_seconds: float = 120.0, on_rebuild:
     in PostgreSQL. A database that SQLite cannot read (corrupt, or not a database at all) is
     moved aside to ``<directory>.corrupt-<time>`` with a loud error, a fresh index is opened, and
     ``on_rebuild`` is called (the worker queues every processed study again so that it is
-    re-indexed; not for a shared index, which is whole in PostgreSQL).
+    re-indexed; not for a shared index, which is whole in PostgreSQL). ``ef_search``
+    (``IndexEfSearch``) sets the HNSW efSearch of its searches (None: the index's default).
 
     Raises:
         IndexBusy: the lock was not free within ``lock_timeout_seconds``.
@@ -206,6 +208,8 @@ def open_index(directory: Path, lock_timeout_seconds: float = 120.0, on_rebuild:
                 index = _open(directory, database_url, vector_encoding=vector_encoding)
                 if on_rebuild is not None and not database_url:  # a shared index is whole in PostgreSQL
                     on_rebuild()
+            if ef_search is not None:
+                index.ef_search = ef_search
             try:
                 yield index
             finally:
@@ -227,7 +231,7 @@ _query_indexes_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def query_index(directory: Path, database_url: str = "") -> Iterator[CaseIndex]:
+def query_index(directory: Path, database_url: str = "", ef_search: int | None = None) -> Iterator[CaseIndex]:
     """The process's read-only case index for similar-case queries, kept open between queries.
 
     The first call opens it (loads the graphs and checks them); later calls hand out the same
@@ -236,7 +240,8 @@ def query_index(directory: Path, database_url: str = "") -> Iterator[CaseIndex]:
 
     With ``database_url`` (a shared index) it is this process's own cache of PostgreSQL's rows,
     in ``<directory>-query`` (the workers of this machine keep theirs in ``directory``): it
-    applies the change log before each search.
+    applies the change log before each search. ``ef_search`` (``IndexEfSearch``) sets the HNSW
+    efSearch of its searches (None: the index's default).
     """
     directory = Path(directory)
     if database_url:
@@ -245,6 +250,8 @@ def query_index(directory: Path, database_url: str = "") -> Iterator[CaseIndex]:
             if index is None:
                 index = _open(directory.with_name(f"{directory.name}-query"), database_url)
                 _query_indexes[directory] = (index, None)
+        if ef_search is not None:
+            index.ef_search = ef_search
         yield index
         return
     with _query_indexes_lock:
@@ -257,6 +264,8 @@ def query_index(directory: Path, database_url: str = "") -> Iterator[CaseIndex]:
             directory.mkdir(parents=True, exist_ok=True)
             index = CaseIndex.open(directory, read_only=True)
             _query_indexes[directory] = (index, _file_identity(directory / "index.sqlite"))
+        if ef_search is not None:
+            index.ef_search = ef_search
     yield index
 
 

@@ -49,6 +49,7 @@ from dicom_node.similar.request import (
     passes_standard_keys,
     status_dataset,
 )
+from index.vectors import limit_search_threads
 
 log = logging.getLogger("abscess_node.similar_find")
 
@@ -86,6 +87,7 @@ class SimilarCaseService:
         self.policy = AccessPolicy(config)
         self.audit = AuditLog(config.log_directory)
         self.metrics = MetricsStore(open_job_store(config.jobs_database))
+        limit_search_threads(config.similar_cases_threads)
 
     def answer(self, request: ParsedRequest, caller: Caller, *, store_report: bool = False) -> Answer:
         """The one way to similar cases: access policy, search, report, pseudonymisation, audit.
@@ -242,7 +244,8 @@ class SimilarCaseService:
             QueryError: 0xC001 (not indexed), 0xA900 (bad filter), 0xA700 (index unusable).
         """
         try:
-            with query_index(self.config.index_directory, self.config.index_database) as index:
+            with query_index(self.config.index_directory, self.config.index_database,
+                             ef_search=self.config.index_ef_search) as index:
                 query = self.resolve(request, index)
                 try:
                     results = find_similar(index, query)

@@ -263,7 +263,8 @@ def _cosine_period(settings: TrainSettings) -> int:
 
 
 def train(data_root: Path | str, out_dir: Path | str, settings: TrainSettings, resume: bool = False,
-          max_minutes: float | None = None, progress: bool = True) -> dict[str, Any]:
+          max_minutes: float | None = None, progress: bool = True,
+          init_from: Path | str | None = None) -> dict[str, Any]:
     """Train (or resume training) and return the history.
 
     Args:
@@ -273,6 +274,8 @@ def train(data_root: Path | str, out_dir: Path | str, settings: TrainSettings, r
         resume: continue from ``out_dir/last.pt`` + ``last.train.pt`` when they exist.
         max_minutes: stop after the epoch during which this much time has passed (in this call).
         progress: show tqdm progress bars.
+        init_from: start from these weights (a checkpoint of the same architecture) with a fresh
+            optimizer and schedule: a warm restart, unlike ``resume``, whose schedule has ended.
 
     Returns:
         The history dict (also written to ``history.json``).
@@ -299,6 +302,10 @@ def train(data_root: Path | str, out_dir: Path | str, settings: TrainSettings, r
 
     if state is not None:
         model = load_checkpoint(out / "last.pt").model.train()
+    elif init_from is not None:
+        model = VMUNet(**settings["model"]).train()
+        model.load_state_dict(load_checkpoint(init_from).model.state_dict())
+        print(f"warm start from {init_from}", file=sys.stderr)
     else:
         model = VMUNet(**settings["model"]).train()
         if recipe["prior_bias"]:
@@ -310,6 +317,8 @@ def train(data_root: Path | str, out_dir: Path | str, settings: TrainSettings, r
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=_cosine_period(settings), eta_min=MIN_LR)
     pos_weight = _pos_weight(settings)
     history: dict[str, Any] = {"settings": dict(settings), "epochs": [], "steps": [], "best": None}
+    if init_from is not None and state is None:
+        history["settings"]["init_from"] = str(init_from)
     start_epoch = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -398,6 +407,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this time")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    parser.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
+                        help="warm restart: start from these weights with a fresh optimizer and schedule")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.threads:
@@ -408,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                             bce_pos_weight=args.bce_pos_weight,
                             val_cases=args.val_cases, name=args.name, version=args.version)
     history = train(args.data, args.out, settings, resume=args.resume, max_minutes=args.max_minutes,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, init_from=args.init_from)
     best = history["best"]
     print(f"best epoch {best['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in best.items()
                                                       if isinstance(v, float)) + f"; checkpoints in {args.out}")

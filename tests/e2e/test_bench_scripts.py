@@ -33,6 +33,8 @@ def test_query_bench_prints_every_path_and_writer_state(tmp_path: Path) -> None:
     assert expected <= figures.keys(), output
     assert all(float(value) > 0 for value in figures.values())
     assert re.search(r"the writer indexed [1-9]\d* studies meanwhile", output), "the writer never indexed a study"
+    agreement = re.search(r"query_ef_agreement_1k=([0-9.]+)", output)
+    assert agreement and 0.0 <= float(agreement[1]) <= 1.0, output
 
 
 @pytest.mark.parametrize("encoding", ["flat", "sq8"])

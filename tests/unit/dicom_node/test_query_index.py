@@ -114,6 +114,19 @@ def test_the_configured_vector_encoding_reaches_the_writer(tmp_path: Path):
         assert index.vector_encoding == "sq8"
 
 
+def test_the_configured_ef_search_reaches_readers_and_writers(tmp_path: Path):
+    config = NodeConfig.from_section({"IndexEfSearch": 48, "IndexDirectory": str(tmp_path / "index")})
+    assert config.index_ef_search == 48 and NodeConfig().index_ef_search == 32
+    distribution = ClusteredEmbeddings(DIM, np.random.default_rng(5), clusters=3)
+    with open_index(config.index_directory, ef_search=config.index_ef_search) as index:
+        index_study(index, 1, distribution)
+        assert index.ef_search == 48
+    with query_index(config.index_directory, ef_search=config.index_ef_search) as index:
+        assert index.ef_search == 48 and index.read_only
+    with pytest.raises(Exception, match="IndexEfSearch"):
+        NodeConfig.from_section({"IndexEfSearch": 2})
+
+
 @pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
 def test_node_processes_let_openmp_threads_sleep_unless_the_admin_chose(given, expected):
     import os

@@ -549,3 +549,22 @@ def test_an_index_written_before_tombstone_generations_is_migrated(tmp_path):
     assert reader.tombstone_count() == 2 * SLICES
     reader.close()
     writer.close()
+
+
+def test_search_threads_are_limited_for_faiss_and_blas() -> None:
+    """The similar-cases service searches on SimilarCasesThreads threads (FAISS and BLAS)."""
+    import faiss
+    from threadpoolctl import threadpool_info
+
+    from index.vectors import limit_search_threads
+
+    before = faiss.omp_get_max_threads()
+    try:
+        limit_search_threads(1)
+        assert faiss.omp_get_max_threads() == 1
+        blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+        assert blas and all(pool["num_threads"] == 1 for pool in blas)
+    finally:
+        limit_search_threads(before)
+    with pytest.raises(ValueError):
+        limit_search_threads(0)

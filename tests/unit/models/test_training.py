@@ -118,6 +118,23 @@ def test_resume_continues_exactly(dataset, tmp_path) -> None:
     assert load_checkpoint(tmp_path / "resumed" / "last.pt").meta["training"]["epoch"] == 3
 
 
+def test_init_from_is_a_warm_restart(dataset, tmp_path) -> None:
+    """--init-from starts from given weights (not from scratch) with a fresh schedule: the first
+    epoch's loss is the end of the earlier run's, and the run records where it started."""
+    common = {"batch_size": 4, "input_size": 32, "val_cases": 0, "seed": 5}
+    first = train(dataset, tmp_path / "first", settings_for("tiny", epochs=3, **common), progress=False)
+    arguments = ["--data", str(dataset), "--config", "tiny", "--epochs", "1", "--input-size", "32",
+                 "--batch-size", "4", "--val-cases", "0", "--seed", "5", "--no-progress"]
+    train_main(arguments + ["--out", str(tmp_path / "warm"), "--init-from", str(tmp_path / "first" / "last.pt")])
+    train_main(arguments + ["--out", str(tmp_path / "cold")])
+    warm = json.loads((tmp_path / "warm" / "history.json").read_text())
+    cold = json.loads((tmp_path / "cold" / "history.json").read_text())
+    assert warm["settings"]["init_from"].endswith("last.pt") and "init_from" not in cold["settings"]
+    assert warm["epochs"][0]["lr"] == cold["epochs"][0]["lr"]  # a fresh schedule, not the ended one
+    assert warm["epochs"][0]["train_loss"] < cold["epochs"][0]["train_loss"]
+    assert warm["epochs"][0]["train_loss"] < first["epochs"][0]["train_loss"]
+
+
 def test_reference_recipe_is_the_vm_unet_reference_code(dataset, tmp_path, capsys) -> None:
     """--recipe reference: cosine with T_max 50, per-sample Dice (smooth 1), min-max inputs, no bias prior."""
     settings = settings_for("tiny", recipe="reference", epochs=2, batch_size=4, input_size=32, val_cases=0, seed=1)
