@@ -26,6 +26,16 @@ load from other processes hits all of them alike. Printed:
       vmunet_over_monai_unet_1_thread=<ratio>
       vmunet_over_basic_unet_1_thread=<ratio>
 
+Where VM-UNet's time goes, and what the goal asks of the scan: at VM-UNet's best batch size one
+forward is timed with the Numba four-direction scan measured separately. Printed: the scan's
+state updates per slice (``4 directions x L x d_inner x N``, each an ``exp`` and three
+multiply-adds; 327 M for the paper config), its rate in G updates/s, numpy's vectorised
+``exp`` alone in G/s on the same threads for scale, the time of everything else (linear
+layers, convolutions, norms), and the scan rate that the goal (0.5x MONAI UNet) would need with
+everything else unchanged (``vmunet_scan_g_updates_per_s_<threads>`` and
+``vmunet_scan_needed_g_updates_per_s_<threads>``; "impossible" when everything else alone is
+already over the goal).
+
 ``--profile`` also prints torch.profiler's top operators of one VM-UNet forward per thread
 setting and batch size (the Numba scan shows up as ``selective_scan_numba``).
 
@@ -54,6 +64,8 @@ VMUNET = "VM-UNet (numba scan)"
 MONAI_UNET = "MONAI UNet 64..1024 s2 ru2"
 BASIC_UNET = "BasicUNet 64..1024 (paper U-Net)"
 RATIO_KEYS = {MONAI_UNET: "monai_unet", BASIC_UNET: "basic_unet"}
+GOAL_RATIO = 0.5
+"""Issue 13's goal: VM-UNet at most this fraction of MONAI UNet's time per slice."""
 
 
 def build_models() -> dict[str, torch.nn.Module]:
@@ -135,6 +147,49 @@ def time_models(
     return {name: seconds / batch_size for name, seconds in best.items()}
 
 
+def scan_budget(model: torch.nn.Module, batch_size: int, repeats: int) -> tuple[float, float, float]:
+    """(scan seconds, other seconds, state updates), per slice, of VM-UNet's best forward."""
+    import models.vmunet as vmunet
+
+    original = vmunet.four_direction_scan_numba
+    spent = {"seconds": 0.0, "updates": 0.0}
+
+    def timed(x: torch.Tensor, projections: torch.Tensor, dt_weight: torch.Tensor, A: torch.Tensor, *rest, **options):
+        start = time.perf_counter()
+        result = original(x, projections, dt_weight, A, *rest, **options)
+        spent["seconds"] += time.perf_counter() - start
+        batch, height, width, _ = x.shape
+        directions, channels, states = A.shape
+        spent["updates"] += batch * height * width * directions * channels * states
+        return result
+
+    images = torch.rand(batch_size, 3, INPUT_SIZE, INPUT_SIZE)
+    vmunet.four_direction_scan_numba = timed
+    best = (float("inf"), 0.0, 0.0)
+    try:
+        with torch.inference_mode():
+            model(images)
+            for _ in range(repeats):
+                spent.update(seconds=0.0, updates=0.0)
+                start = time.perf_counter()
+                model(images)
+                total = time.perf_counter() - start
+                if total < best[0] + best[1]:
+                    best = (spent["seconds"], total - spent["seconds"], spent["updates"])
+    finally:
+        vmunet.four_direction_scan_numba = original
+    return best[0] / batch_size, best[1] / batch_size, best[2] / batch_size
+
+
+def exp_rate(repeats: int) -> float:
+    """G exp/s of numpy's vectorised float32 exp (one thread: numpy does not thread it)."""
+    import numpy as np
+
+    values = -np.random.default_rng(0).random(8_000_000, dtype=np.float32)
+    out = np.empty_like(values)
+    return values.size / 1e9 / best_seconds(lambda: np.exp(values, out=out), repeats)
+
+
 def print_profile(model: torch.nn.Module, batch_size: int, rows: int) -> None:
     """torch.profiler's top operators (self CPU time) of one forward."""
     from torch.profiler import ProfilerActivity, profile
@@ -184,6 +239,19 @@ def main() -> None:
             ratio = best[VMUNET] / best[name]
             print(f"VM-UNet / {name} at best batch sizes: {ratio:.3f}")
             ratio_lines.append(f"vmunet_over_{key}_{label}={ratio:.3f}")
+        vm_size = min(batch_sizes, key=lambda size: times[size][VMUNET])
+        scan_seconds, other_seconds, updates = scan_budget(models[VMUNET], vm_size, args.repeats)
+        goal = GOAL_RATIO * best[MONAI_UNET]
+        rate = updates / scan_seconds / 1e9
+        needed = updates / (goal - other_seconds) / 1e9 if goal > other_seconds else float("inf")
+        print(f"VM-UNet at b={vm_size}: scan {1000 * scan_seconds:.1f} ms/slice for {updates / 1e6:.0f} M state "
+              f"updates ({rate:.2f} G updates/s; numpy exp alone {exp_rate(args.repeats):.2f} G/s), everything else "
+              f"{1000 * other_seconds:.1f} ms/slice; goal {GOAL_RATIO}x MONAI UNet = {1000 * goal:.1f} ms/slice needs "
+              + (f"{needed:.1f} G updates/s ({needed / rate:.1f}x the scan's rate)" if needed < float("inf")
+                 else "less than everything else alone takes: impossible without changing the network"))
+        ratio_lines.append(f"vmunet_scan_g_updates_per_s_{label}={rate:.2f}")
+        ratio_lines.append(f"vmunet_scan_needed_g_updates_per_s_{label}="
+                           + (f"{needed:.2f}" if needed < float("inf") else "impossible"))
         if args.profile:
             for size in batch_sizes:
                 print(f"\ntorch.profiler, VM-UNet, {threads} thread(s), batch {size}:")
