@@ -229,7 +229,8 @@ def _plot_curve(history: dict[str, Any], path: Path) -> None:
 
 
 def _meta(settings: TrainSettings, data_root: Path, description: dict[str, Any], image_kind: str,
-          epoch: int, train_cases: list[str], val_cases: list[str], metrics: dict[str, Any]) -> dict[str, Any]:
+          epoch: int, train_cases: list[str], val_cases: list[str], metrics: dict[str, Any],
+          warm_start: dict[str, Any] | None = None) -> dict[str, Any]:
     synthetic = bool(description.get("synthetic"))
     window = settings["window"] if image_kind == "hu" else "soft_tissue"
     text = DEMO_DESCRIPTION if synthetic else (
@@ -247,6 +248,8 @@ def _meta(settings: TrainSettings, data_root: Path, description: dict[str, Any],
                  f"{'per-sample' if RECIPES[settings['recipe']]['per_sample_dice'] else 'batch-pooled'} Dice (smooth 1)"),
         "optimizer": "AdamW", "schedule": f"cosine, T_max {_cosine_period(settings)} epochs",
     }
+    if warm_start:
+        training["warm_start_from"] = warm_start
     if image_kind == "windowed":
         training["note"] = "trained on 8-bit windowed PNGs; inference windows HU with soft_tissue"
     return make_meta(settings["name"], settings["version"], demo=synthetic, description=text, window=window,
@@ -304,7 +307,8 @@ def train(data_root: Path | str, out_dir: Path | str, settings: TrainSettings, r
         model = load_checkpoint(out / "last.pt").model.train()
     elif init_from is not None:
         model = VMUNet(**settings["model"]).train()
-        model.load_state_dict(load_checkpoint(init_from).model.state_dict())
+        start = load_checkpoint(init_from)
+        model.load_state_dict(start.model.state_dict())
         print(f"warm start from {init_from}", file=sys.stderr)
     else:
         model = VMUNet(**settings["model"]).train()
@@ -318,7 +322,10 @@ def train(data_root: Path | str, out_dir: Path | str, settings: TrainSettings, r
     pos_weight = _pos_weight(settings)
     history: dict[str, Any] = {"settings": dict(settings), "epochs": [], "steps": [], "best": None}
     if init_from is not None and state is None:
-        history["settings"]["init_from"] = str(init_from)
+        history["settings"]["init_from"] = str(init_from)  # history.json stays on the training machine
+        history["settings"]["warm_start"] = {  # this goes into the shipped meta: names, no path
+            "name": start.meta.get("name"), "version": start.meta.get("version"),
+            "epoch": start.meta.get("training", {}).get("epoch")}
     start_epoch = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -361,7 +368,8 @@ def train(data_root: Path | str, out_dir: Path | str, settings: TrainSettings, r
         score = row["val_dice"] if val_set is not None else -row["train_loss"]
         improved = history["best"] is None or score > history["best"]["score"]
         metrics = {"val_dice_pooled": row.get("val_dice"), "train_loss": row["train_loss"]}
-        meta = _meta(settings, data_root, description, image_kind, epoch + 1, train_cases, val_cases, metrics)
+        meta = _meta(settings, data_root, description, image_kind, epoch + 1, train_cases, val_cases, metrics,
+                     history["settings"].get("warm_start"))
         save_checkpoint(out / "last.pt", model, meta)
         if improved:
             history["best"] = {"epoch": epoch + 1, "score": score, **metrics}

@@ -133,6 +133,9 @@ def test_init_from_is_a_warm_restart(dataset, tmp_path) -> None:
     assert warm["epochs"][0]["lr"] == cold["epochs"][0]["lr"]  # a fresh schedule, not the ended one
     assert warm["epochs"][0]["train_loss"] < cold["epochs"][0]["train_loss"]
     assert warm["epochs"][0]["train_loss"] < first["epochs"][0]["train_loss"]
+    shipped = load_checkpoint(tmp_path / "warm" / "last.pt").meta["training"]
+    assert shipped["warm_start_from"] == {"name": "vmunet", "version": "0", "epoch": 3}
+    assert str(tmp_path) not in json.dumps(shipped)  # names the weights it started from, not their path
 
 
 def test_reference_recipe_is_the_vm_unet_reference_code(dataset, tmp_path, capsys) -> None:
