@@ -105,7 +105,7 @@ class NodeConfig:
     enabled: bool = True
     worker_count: int = 1
     device: str = "auto"
-    weights_path: Path = CHECKOUT / "models" / "weights" / "vmunet-demo-v2.pt"
+    weights_path: Path = CHECKOUT / "models" / "weights" / "vmunet-demo-v3.pt"
     index_directory: Path = CHECKOUT / "runtime" / "index"
     index_vector_encoding: str = "flat"
     index_ef_search: int = 32

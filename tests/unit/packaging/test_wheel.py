@@ -27,7 +27,7 @@ def test_the_wheel_holds_the_product_and_no_tooling(tmp_path):
     packages = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert packages == {"orthanc_plugin", "dicom_node", "index", "models"}
     assert not [name for name in names if "tooling" in name or name.startswith("tests/")]
-    assert "models/weights/vmunet-demo-v2.pt" in names  # the default WeightsPath
+    assert "models/weights/vmunet-demo-v3.pt" in names  # the default WeightsPath
     assert {"dicom_node/ui/static/index.html", "dicom_node/ui/static/similar.html"} <= set(names)  # the pages
     requirements = re.findall(r"^Requires-Dist: (.+)$", metadata, re.MULTILINE)
     runtime = {re.split(r"[ ;=<>\[]", line)[0].lower() for line in requirements if "extra ==" not in line}
