@@ -55,7 +55,11 @@ def test_backfill_processes_each_archived_study_once_and_resumes_after_an_interr
                    "--max-queued", "2"]
 
         # Interrupted (Ctrl-C) while it waits for room in its shallow queue (two studies queued).
-        first = subprocess.Popen(command, cwd=CHECKOUT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Ctrl-C reaches it even when this test itself was started in the background by a
+        # non-interactive shell, which sets SIGINT to ignored for its children (Python then
+        # installs no KeyboardInterrupt handler).
+        first = subprocess.Popen(command, cwd=CHECKOUT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         wait_until(lambda: len(node.get("/abscess-node/jobs")) >= 2, 300, "two backfilled jobs")
         time.sleep(1)  # it would queue a third now if it did not wait for the queue
         first.send_signal(signal.SIGINT)
