@@ -250,22 +250,19 @@ def query_index(directory: Path, database_url: str = "", ef_search: int | None =
             if index is None:
                 index = _open(directory.with_name(f"{directory.name}-query"), database_url)
                 _query_indexes[directory] = (index, None)
-        if ef_search is not None:
-            index.ef_search = ef_search
-        yield index
-        return
-    with _query_indexes_lock:
-        index, identity = _query_indexes.get(directory, (None, None))
-        current = _file_identity(directory / "index.sqlite")
-        if index is not None and identity != current:  # the index was moved aside and rebuilt: reopen
-            index.close()
-            index = None
-        if index is None:
-            directory.mkdir(parents=True, exist_ok=True)
-            index = CaseIndex.open(directory, read_only=True)
-            _query_indexes[directory] = (index, _file_identity(directory / "index.sqlite"))
-        if ef_search is not None:
-            index.ef_search = ef_search
+    else:
+        with _query_indexes_lock:
+            index, identity = _query_indexes.get(directory, (None, None))
+            current = _file_identity(directory / "index.sqlite")
+            if index is not None and identity != current:  # the index was moved aside and rebuilt: reopen
+                index.close()
+                index = None
+            if index is None:
+                directory.mkdir(parents=True, exist_ok=True)
+                index = CaseIndex.open(directory, read_only=True)
+                _query_indexes[directory] = (index, _file_identity(directory / "index.sqlite"))
+    if ef_search is not None:
+        index.ef_search = ef_search
     yield index
 
 
